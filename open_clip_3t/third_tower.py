@@ -1,0 +1,106 @@
+"""The third tower h: a frozen pretrained timm image model, read at its pre-logits embedding."""
+import os
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ThreeTowersCfg:
+    """The `three_towers` section of a 3T model config."""
+    timm_model_name: str                     # e.g. "vit_base_patch16_224.augreg_in21k"
+    embed_dim: int                           # width of h's pre-logits embedding (the input of heads h_f, h_g)
+    timm_model_pretrained: bool = True       # load h's weights from timm's hub (ignored when `weights` is set)
+    weights: Optional[str] = None            # local weights file for h (timm's pretrained_cfg_overlay file door)
+    image_size: Optional[int] = None         # h's input size; default: timm's pretrained_cfg
+    mean: Optional[Sequence[float]] = None   # h's normalisation; default: timm's pretrained_cfg
+    std: Optional[Sequence[float]] = None
+    interpolation: Optional[str] = None      # "bicubic" / "bilinear"; default: timm's pretrained_cfg
+    crop_pct: Optional[float] = None         # h's eval center crop (used by the cache); default: timm's
+    timm_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. {"img_size": 32}
+    head_type: str = "linear"                # "linear" or "mlp" for f_h, g_h, h_f, h_g
+    head_dim: Optional[int] = None           # width of the two shared 3T spaces; default: the CLIP embed_dim
+    loss_weights: Sequence[float] = (1.0, 1.0, 1.0)  # L(f,g), L(f_h,h_f), L(g_h,h_g)
+    transfer: str = "contrastive"            # "contrastive" or "l2" for the two transfer terms
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in the three_towers config section: valid keys are {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.head_type not in ("linear", "mlp"):
+            raise ValueError(f"three_towers.head_type={cfg.head_type!r}: use 'linear' or 'mlp'")
+        if cfg.transfer not in ("contrastive", "l2"):
+            raise ValueError(f"three_towers.transfer={cfg.transfer!r}: use 'contrastive' or 'l2'")
+        return cfg
+
+
+def check_timm_model(cfg: ThreeTowersCfg):
+    """Fail fast, before any weights are read, on a bad third-tower name or weights file."""
+    arch = cfg.timm_model_name.split(".")[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"third tower {cfg.timm_model_name!r} is not a timm model: pick a name from "
+                         f"timm.list_models() (e.g. 'vit_base_patch16_224.augreg_in21k')")
+    if cfg.weights is not None and not os.path.isfile(cfg.weights):
+        raise FileNotFoundError(f"third-tower weights file {cfg.weights!r} does not exist: pass an existing file "
+                                f"(three_towers.weights in the config, or third_tower_weights=...)")
+
+
+class ThirdTower(nn.Module):
+    """h: frozen, always in eval mode, fed through its own preprocessing, output = pre-logits embedding."""
+
+    def __init__(self, cfg: ThreeTowersCfg, load_weights: bool = True):
+        super().__init__()
+        check_timm_model(cfg)
+        pretrained = load_weights and (cfg.weights is not None or cfg.timm_model_pretrained)
+        overlay = dict(file=cfg.weights) if cfg.weights else None
+        self.model = timm.create_model(cfg.timm_model_name, pretrained=pretrained, num_classes=0,
+                                       pretrained_cfg_overlay=overlay, **cfg.timm_kwargs)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+        width = getattr(self.model, "head_hidden_size", self.model.num_features)
+        if width != cfg.embed_dim:
+            raise ValueError(f"third tower {cfg.timm_model_name} has a {width}-d pre-logits embedding but "
+                             f"three_towers.embed_dim is {cfg.embed_dim}: set embed_dim to {width}")
+
+        # timm's pretrained_cfg is not updated when img_size is overridden: the config's size wins.
+        data_cfg = timm.data.resolve_model_data_config(self.model)
+        size = cfg.image_size or data_cfg["input_size"][-1]
+        self.image_size = (size, size)
+        self.interpolation = cfg.interpolation or data_cfg.get("interpolation", "bicubic")
+        self.crop_pct = cfg.crop_pct if cfg.crop_pct is not None else data_cfg.get("crop_pct", 1.0)
+        self.mean = tuple(cfg.mean or data_cfg["mean"])
+        self.std = tuple(cfg.std or data_cfg["std"])
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # h is frozen: dropout, batch-norm statistics etc. stay in eval mode
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pre-logits embedding of images already preprocessed for h (see `from_f_input`, `eval_transform`)."""
+        x = pixels.to(next(self.model.parameters()).dtype)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    @torch.no_grad()
+    def from_f_input(self, image: torch.Tensor, f_mean: torch.Tensor, f_std: torch.Tensor) -> torch.Tensor:
+        """Turn f's normalised batch into h's input: undo f's mean/std, resize to h's size, apply h's mean/std."""
+        x = image.float() * f_std + f_mean  # resize in fp32: antialiased bicubic has no half CPU kernel
+        if tuple(x.shape[-2:]) != self.image_size:
+            mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
+            x = F.interpolate(x, size=self.image_size, mode=mode, antialias=True, align_corners=False)
+        return (x - self._mean) / self._std
+
+    def eval_transform(self):
+        """h's own deterministic eval preprocessing of a PIL image (resize, center crop, normalise)."""
+        return timm.data.create_transform(
+            input_size=(3, *self.image_size), interpolation=self.interpolation, mean=self.mean, std=self.std,
+            crop_pct=self.crop_pct, is_training=False)

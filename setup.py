@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="open_clip_3t",
+    version="0.1.0",
+    description="Three Towers (3T): contrastive learning with a frozen pretrained third tower, as an OpenCLIP plugin",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["open_clip_3t", "open_clip_3t.*", "training", "training.*"]),
+    package_data={"open_clip_3t": ["model_configs/*.json"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "open_clip_torch>=3.3,<3.4",
+        "torch>=2.1",
+        "torchvision",
+        "timm>=1.0",
+        "webdataset>=0.2.5,<=0.2.86",  # open_clip_torch 3.3's pipeline breaks on webdataset 1.x
+        "braceexpand",
+        "pandas",
+        "safetensors",
+        "numpy<2.4",  # open_clip_torch 3.3's zero-shot accuracy() breaks on numpy >= 2.4
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "plot": ["matplotlib"],
+    },
+)

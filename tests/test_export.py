@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from open_clip_3t import ThreeTowersCLIP, ThreeTowersLoss, export_clip
+from tests.conftest import REPO, run_python
+
+
+def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True):
+    """A few optimizer steps of 3T-tiny, saved the way open_clip_train saves epoch_N.pt (module. prefixes)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("3T-tiny", third_tower_weights=h_weights, output_dict=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    images, texts = torch.randn(8, 3, 32, 32), open_clip.get_tokenizer("3T-tiny")(["a red circle"] * 8)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        ThreeTowersLoss()(**model(images, texts)).backward()
+        opt.step()
+    model.eval()
+    sd = model.state_dict()
+    if ddp_prefix:
+        sd = {"module." + k: v for k, v in sd.items()}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "params.txt").write_text("lr: 0.001\nmodel: 3T-tiny\nprecision: fp32\n")
+    path = run / "checkpoints" / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "run", "state_dict": sd, "optimizer": opt.state_dict()}, path)
+    return model, path
+
+
+def test_export_round_trip_in_vanilla_openclip(tmp_path, h_weights):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+    out = tmp_path / "released"
+    proc = subprocess.run([sys.executable, "-m", "open_clip_3t.export", str(ckpt), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert "three_towers" not in json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+
+    images = torch.randn(3, 3, 32, 32)
+    texts = open_clip.get_tokenizer("3T-tiny")(["a blue square", "two stars", "a dot"])
+    torch.save({"images": images, "texts": texts}, tmp_path / "inputs.pt")
+    code = f"""
+import sys, torch, open_clip
+m, _, val = open_clip.create_model_and_transforms('local-dir:{out}')
+m.eval()
+x = torch.load('{tmp_path / "inputs.pt"}')
+with torch.no_grad():
+    torch.save({{'image': m.encode_image(x['images'], normalize=True), 'text': m.encode_text(x['texts'], normalize=True),
+                'scale': m.logit_scale, 'cls': type(m).__name__, 'size': val.transforms[0].size,
+                'plugin': 'open_clip_3t' in sys.modules}}, '{tmp_path / "vanilla.pt"}')
+"""
+    run_python(code)
+    vanilla = torch.load(tmp_path / "vanilla.pt")
+    assert vanilla["cls"] == "CLIP" and vanilla["plugin"] is False and vanilla["size"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(vanilla["image"], model.encode_image(images, normalize=True))
+        torch.testing.assert_close(vanilla["text"], model.encode_text(texts, normalize=True))
+    assert torch.equal(vanilla["scale"], model.logit_scale.detach())
+
+
+def test_export_api_takes_a_bare_state_dict(tmp_path, h_weights):
+    model, _ = trained_checkpoint(tmp_path, h_weights)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    with pytest.raises(ValueError, match="pass --model 3T-NAME"):
+        export_clip(bare, tmp_path / "a")
+    out = export_clip(bare, tmp_path / "a", model_name="3T-tiny")
+    plain = open_clip.create_model(f"local-dir:{out}")
+    assert type(plain) is open_clip.CLIP
+    assert torch.equal(plain.visual.conv1.weight, model.visual.conv1.weight)
+
+
+def test_export_refuses_bad_input_and_never_leaves_half_folders(tmp_path, h_weights):
+    _, ckpt = trained_checkpoint(tmp_path, h_weights)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty: choose another --out or pass --overwrite"):
+        export_clip(ckpt, taken)
+    assert (taken / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_clip(tmp_path / "missing.pt", tmp_path / "x")
+    plain_sd = tmp_path / "plain.pt"
+    torch.save({"logit_scale": torch.tensor(1.0)}, plain_sd)
+    with pytest.raises(ValueError, match="not a 3T checkpoint"):
+        export_clip(plain_sd, tmp_path / "y", model_name="3T-tiny")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left
+    proc = subprocess.run([sys.executable, "-m", "open_clip_3t.export", str(ckpt), "--out", str(taken)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: export folder") \
+        and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(tmp_path, h_weights, monkeypatch):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+    import timm.models._builder as builder
+    monkeypatch.setattr(builder, "load_pretrained", lambda *a, **k: pytest.fail("h weights fetched again"))
+    loaded = open_clip.create_model("3T-tiny", pretrained=str(ckpt))
+    assert isinstance(loaded, ThreeTowersCLIP) and loaded.third_tower is not None
+    reference = model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_f_and_g_initialise_from_a_plain_clip_checkpoint(tmp_path, h_weights):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+    out = export_clip(ckpt, tmp_path / "clip")
+    torch.manual_seed(1)
+    fresh = open_clip.create_model("3T-tiny", third_tower_weights=h_weights)
+    torch.manual_seed(1)
+    init = open_clip.create_model("3T-tiny", pretrained=str(out / "open_clip_model.safetensors"),
+                                  third_tower_weights=h_weights)
+    assert torch.equal(init.visual.conv1.weight, model.visual.conv1.weight)
+    assert torch.equal(init.text_projection, model.text_projection)
+    assert torch.equal(init.logit_scale, model.logit_scale)
+    assert torch.equal(init.f_h.weight, fresh.f_h.weight)  # heads stay new
+    assert not torch.equal(init.f_h.weight, model.f_h.weight)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "logit_scale": torch.tensor(1.0)}, wrong)
+    with pytest.raises((ValueError, RuntimeError)):
+        open_clip.create_model("3T-tiny", pretrained=str(wrong))

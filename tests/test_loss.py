@@ -152,3 +152,27 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(local_loss):
     for rank, _, _, grad in results:
         torch.testing.assert_close(grad, world_size * x["image_features"].grad[rank * B:(rank + 1) * B],
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_openclip_create_loss_returns_the_3t_loss_for_3t_models():
+    from argparse import Namespace
+
+    import open_clip
+    args = Namespace(model="3T-tiny", local_loss=True, gather_with_grad=True, rank=1, world_size=4, horovod=False,
+                     distill=False, siglip=False, three_towers_loss_weights=[1.0, 0.5, 2.0],
+                     three_towers_transfer="l2")
+    loss = open_clip.create_loss(args)
+    assert isinstance(loss, ThreeTowersLoss)
+    assert (loss.weights, loss.transfer, loss.local_loss, loss.rank, loss.world_size) == ((1.0, 0.5, 2.0), "l2", True, 1, 4)
+    defaults = open_clip.create_loss(Namespace(**{**vars(args), "three_towers_loss_weights": None,
+                                                  "three_towers_transfer": None}))
+    assert (defaults.weights, defaults.transfer) == ((1.0, 1.0, 1.0), "contrastive")  # from the 3T-tiny config
+    plain = open_clip.create_loss(Namespace(**{**vars(args), "model": "ViT-B-32"}))
+    assert type(plain) is ClipLoss
+
+
+def test_trainer_imported_first_still_gets_the_3t_loss():
+    from tests.conftest import run_python
+    out = run_python("import open_clip, open_clip_train.main as m, open_clip_3t; "
+                     "print(m.create_loss is open_clip.create_loss, open_clip.create_loss.__module__)")
+    assert out.split() == ["True", "open_clip_3t._openclip"]

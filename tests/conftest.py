@@ -29,3 +29,7 @@ def run_python(code, env=None, timeout=300):
                           env={**os.environ, **(env or {})}, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+# Session-wide local SLURM cluster (scripts/slurm/local_cluster.sh); see tests/slurm_cluster.py.
+from tests.slurm_cluster import slurm_cluster  # noqa: E402,F401

@@ -1,0 +1,132 @@
+"""Pretrain a small timm image model on a synthetic labelled set, to serve as the frozen 3T third tower.
+
+The checkpoint is a plain state_dict, loadable the way a real ImageNet-21k checkpoint is:
+    timm.create_model(model_name, pretrained=True, num_classes=0, img_size=image_size,
+                      pretrained_cfg_overlay=dict(file=out_file))
+A sidecar out_file + ".json" records the model, preprocessing, class names and accuracies.
+
+    python -m open_clip_3t.pretrain --labelled data/pretrain --out tower.pth --model test_vit --image-size 32 --epochs 15
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+from .synthetic import LABELLED_FILE, ArgumentParser, positive_int
+
+MEAN = STD = (0.5, 0.5, 0.5)  # timm's test models' pretrained_cfg values
+
+
+def load_labelled_set(path):
+    """(uint8 images (N, H, W, 3), int64 labels, class names, attribute names) from a labelled dir or .npz."""
+    if os.path.isdir(path):
+        path = os.path.join(path, LABELLED_FILE)
+    with np.load(path) as d:
+        return d["images"], d["labels"], d["class_names"].tolist(), d["attributes"].tolist()
+
+
+def preprocess(images, image_size):
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, image_size, image_size)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def create_model(model_name, num_classes, image_size, **kwargs):
+    """timm.create_model, passing img_size only to models that take it (ViTs)."""
+    try:
+        return timm.create_model(model_name, num_classes=num_classes, img_size=image_size, **kwargs)
+    except TypeError:
+        return timm.create_model(model_name, num_classes=num_classes, **kwargs)
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch_size=512):
+    model.eval()
+    correct = sum((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    return correct / max(len(x), 1)
+
+
+def pretrain_third_tower(labelled_set, out_file, model_name="test_vit", image_size=32, epochs=15, batch_size=128,
+                         lr=1e-3, weight_decay=0.05, heldout_fraction=0.1, seed=0, device="cpu", progress=True):
+    """Train model_name from scratch on the labelled set, save its state_dict to out_file; return the summary dict."""
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm model {model_name!r}")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    images, labels, class_names, attributes = load_labelled_set(labelled_set)
+    x, y = preprocess(images, image_size).to(device), torch.from_numpy(labels).to(device)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
+    n_heldout = max(1, int(len(x) * heldout_fraction))
+    (x_held, y_held), (x_train, y_train) = (x[perm[:n_heldout]], y[perm[:n_heldout]]), (x[perm[n_heldout:]], y[perm[n_heldout:]])
+
+    torch.manual_seed(seed)
+    model = create_model(model_name, len(class_names), image_size).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train), device=device)
+        total = 0.0
+        for i in range(0, len(x_train), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        if progress:
+            print(f"epoch {epoch + 1}/{epochs}  loss {total / len(x_train):.3f}  "
+                  f"heldout acc {accuracy(model, x_held, y_held):.3f}  {time.time() - start:.0f}s", flush=True)
+
+    summary = {
+        "model_name": model_name, "image_size": image_size, "num_classes": len(class_names),
+        "class_names": class_names, "attributes": attributes, "mean": list(MEAN), "std": list(STD),
+        "train_accuracy": accuracy(model, x_train, y_train), "heldout_accuracy": accuracy(model, x_held, y_held),
+        "epochs": epochs, "seed": seed,
+    }
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state_dict, out_file + ".tmp")
+    os.replace(out_file + ".tmp", out_file)
+    with open(out_file + ".json.tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(out_file + ".json.tmp", out_file + ".json")
+    return summary
+
+
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m open_clip_3t.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--labelled", required=True, help="directory from `synthetic labelled` (or its .npz)")
+    parser.add_argument("--out", required=True, help="checkpoint file to write (plain state_dict)")
+    parser.add_argument("--model", default="test_vit", help="timm model name")
+    parser.add_argument("--image-size", type=positive_int, default=32)
+    parser.add_argument("--epochs", type=positive_int, default=15)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.labelled):
+        parser.error(f"labelled set {args.labelled} does not exist")
+    if not timm.is_model(args.model):
+        parser.error(f"unknown timm model {args.model!r}")
+    torch.set_num_threads(args.threads)
+    summary = pretrain_third_tower(args.labelled, args.out, args.model, args.image_size, args.epochs, args.batch_size,
+                                   args.lr, seed=args.seed, device=args.device)
+    print(f"train acc {summary['train_accuracy']:.3f}  heldout acc {summary['heldout_accuracy']:.3f}  "
+          f"({summary['num_classes']} classes) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -120,25 +120,30 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
     _check_supported(model_name, model_config(model_name), opts["force_custom_text"])
 
     checkpoint = checkpoint_path_for(model_name, pretrained) if opts["load_weights"] else None
-    clip_init = None  # a plain CLIP checkpoint that initialises f and g only
     if checkpoint is not None:
         keys = checkpoint_keys(checkpoint)
-        if not any(k.startswith(HEAD_KEYS) for k in keys):
-            clip_init, opts["load_weights"], opts["require_pretrained"] = checkpoint, False, False
-        elif "third_tower" not in model_kwargs and model_kwargs.get("third_tower_weights") is None:
+        has_heads = any(k.startswith(HEAD_KEYS) for k in keys)
+        if has_heads and "third_tower" not in model_kwargs and model_kwargs.get("third_tower_weights") is None:
             # A full 3T checkpoint carries h's weights when it was trained with h online: never fetch them again.
             has_h = any(k.startswith("third_tower.") for k in keys)
             model_kwargs["third_tower"] = "random" if has_h else False
+        # We load the checkpoint ourselves (below), since a strict load cannot take what legitimately differs.
+        opts["load_weights"], opts["require_pretrained"] = False, False
 
     with _factory_builds(ThreeTowersCLIP):
         model = _original["create_model"](**opts, **model_kwargs)
 
-    if clip_init is not None:
-        result = load_openclip_checkpoint(model, clip_init, strict=False)
-        foreign = list(result.unexpected_keys) + [k for k in result.missing_keys if not is_three_towers_key(k)]
-        if foreign:
-            raise ValueError(f"checkpoint {clip_init} does not fit {model_name}: mismatched keys {foreign[:5]}; "
-                             f"pass a checkpoint of the same CLIP architecture")
+    if checkpoint is not None:
+        result = load_openclip_checkpoint(model, checkpoint, strict=False)
+        # A plain CLIP checkpoint lacks the heads (they stay new); a 3T checkpoint trained from cached embeddings
+        # lacks h (built from its own weights); a model built without h ignores h's weights.
+        missing = [k for k in result.missing_keys
+                   if not (is_three_towers_key(k) and (not has_heads or k.startswith("third_tower.")))]
+        unexpected = [k for k in result.unexpected_keys
+                      if not (k.startswith("third_tower.") and model.third_tower is None)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}): pass a 3T checkpoint of this model or a CLIP checkpoint of its f and g")
     if model.third_tower is not None and opts["precision"] in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
         # OpenCLIP's low-precision conversion touches only some layer types: cast h as a whole.
         model.third_tower.to(torch.float16 if "fp16" in opts["precision"] else torch.bfloat16)
@@ -171,3 +176,109 @@ def register():
         module.create_loss = _create_loss
     if "open_clip_train.main" in sys.modules:
         sys.modules["open_clip_train.main"].create_loss = _create_loss
+
+
+# --- trainer (training/) --------------------------------------------------------------------------------------
+# `python -m training.main` runs open_clip_train.main.main (distributed set-up, logging, optimizer, scheduler,
+# checkpoints, resume) with a few of its helpers replaced. That function imports its helpers by name, so a
+# replacement means rebinding the name in the `open_clip_train.main` module, for the duration of one call.
+
+TRAINER_HELPERS = ("parse_args", "create_model_and_transforms", "get_data", "train_one_epoch", "evaluate")
+
+
+def openclip_parse_args(argv):
+    """OpenCLIP's own argument parser (every open_clip_train flag, its defaults and lr/beta defaults)."""
+    from open_clip_train.params import parse_args
+    return parse_args(argv)
+
+
+def openclip_get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    """OpenCLIP's data pipeline: webdataset shards (braceexpand, `::`, resampling), CSV, synthetic, ImageNet."""
+    from open_clip_train.data import get_data
+    return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+
+
+def openclip_evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
+    from open_clip_train.train import evaluate
+    return evaluate(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+
+
+def openclip_autocast(precision, device_type):
+    from open_clip_train.precision import get_autocast
+    return get_autocast(precision, device_type=device_type)
+
+
+class _DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """OpenCLIP 3.3 passes `device_ids=[device]` even for a CPU model, which torch refuses: drop it on CPU."""
+
+    def __init__(self, module, device_ids=None, *args, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def openclip_trainer(**helpers):
+    """Yields open_clip_train.main.main with the named helpers (see TRAINER_HELPERS) replaced by ours."""
+    import open_clip_train.main as oc_main
+    for name in helpers:
+        if name not in TRAINER_HELPERS or not hasattr(oc_main, name):
+            raise ImportError(f"open_clip_train.main has no helper {name!r} to replace: this trainer was written "
+                              f"for open_clip_torch 3.3 (found {open_clip.__version__})")
+    saved = {name: getattr(oc_main, name) for name in helpers}
+    saved_ddp = torch.nn.parallel.DistributedDataParallel
+    try:
+        for name, fn in helpers.items():
+            setattr(oc_main, name, fn)
+        torch.nn.parallel.DistributedDataParallel = _DistributedDataParallel
+        yield oc_main.main
+    finally:
+        for name, fn in saved.items():
+            setattr(oc_main, name, fn)
+        torch.nn.parallel.DistributedDataParallel = saved_ddp
+
+
+# --- third-tower cache (open_clip_3t/cache.py, training/cached_data.py) -------------------------------------
+# The cache join edits the webdataset pipeline OpenCLIP 3.3's get_wds_dataset builds, instead of copying that
+# function: shuffling, resampling, `::` sources, workers and node split all stay OpenCLIP's. We identify stages by
+# the functions OpenCLIP and webdataset (<=0.2.86) use, and fail loudly if the pipeline looks different.
+
+def openclip_get_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False, tokenizer=None):
+    from open_clip_train.data import get_wds_dataset
+    return get_wds_dataset(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
+
+
+def openclip_has_caption_and_image(sample):
+    """OpenCLIP's sample filter (open_clip_train.data.filter_no_caption_or_no_image): the samples it trains on."""
+    from open_clip_train.data import filter_no_caption_or_no_image
+    return filter_no_caption_or_no_image(sample)
+
+
+def wds_join_field(data_info, join_stage, field):
+    """Insert `join_stage` (samples -> samples with `field` set) right after the tar-to-samples stage of a
+    DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and make batches (image, text, field)."""
+    import webdataset as wds
+    from open_clip_train.data import tarfile_to_samples_nothrow
+    from webdataset.filters import FilterFunction, _to_tuple
+
+    def fail(what):
+        raise RuntimeError(f"OpenCLIP's webdataset pipeline is not the one open_clip_3t's cache join was written for "
+                           f"(open_clip_torch 3.3, webdataset<=0.2.86): {what}; found open_clip_torch "
+                           f"{open_clip.__version__}, webdataset {getattr(wds, '__version__', '?')}")
+
+    loader = data_info.dataloader
+    if not isinstance(loader, wds.DataPipeline) or not isinstance(loader.pipeline[0], torch.utils.data.DataLoader):
+        fail("the train dataloader is not a wds.WebLoader")
+    dataset = loader.pipeline[0].dataset
+    if not isinstance(dataset, wds.DataPipeline):
+        fail("the WebLoader's dataset is not a wds.DataPipeline")
+    stages = dataset.pipeline
+    tar = [i for i, s in enumerate(stages) if s is tarfile_to_samples_nothrow]
+    to_tuple = [i for i, s in enumerate(stages) if isinstance(s, FilterFunction) and s.f is _to_tuple]
+    if len(tar) != 1:
+        fail(f"expected one tarfile_to_samples_nothrow stage, found {len(tar)}")
+    if len(to_tuple) != 1 or stages[to_tuple[0]].args != ("image", "text") or to_tuple[0] < tar[0]:
+        fail("expected one to_tuple('image', 'text') stage after the tar stage")
+    stages[to_tuple[0]] = wds.to_tuple("image", "text", field)
+    stages.insert(tar[0] + 1, join_stage)
+    return data_info

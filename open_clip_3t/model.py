@@ -69,14 +69,21 @@ class ThreeTowersCLIP(CLIP):
             for p in (self.logit_scale, self.logit_scale_image_third, self.logit_scale_text_third):
                 p.clamp_(0, max_scale)
 
+    def _f_normalisation(self, device):
+        """f's mean/std as [1, 3, 1, 1] tensors, made once per device (the factory sets them after __init__)."""
+        pp = getattr(self.visual, "preprocess_cfg", {})
+        key = (tuple(pp.get("mean", OPENAI_DATASET_MEAN)), tuple(pp.get("std", OPENAI_DATASET_STD)), device)
+        if getattr(self, "_f_norm_key", None) != key:
+            self._f_norm = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in key[:2])
+            self._f_norm_key = key
+        return self._f_norm
+
     def encode_third(self, image: torch.Tensor) -> torch.Tensor:
         """h's pre-logits embedding of a batch preprocessed for f."""
         if self.third_tower is None:
             raise RuntimeError("this 3T model was built without its third tower (third_tower=False): "
                                "pass precomputed embeddings as third_embeddings=...")
-        pp = getattr(self.visual, "preprocess_cfg", {})  # set by OpenCLIP's factory after __init__
-        mean = torch.tensor(pp.get("mean", OPENAI_DATASET_MEAN), device=image.device).view(1, 3, 1, 1)
-        std = torch.tensor(pp.get("std", OPENAI_DATASET_STD), device=image.device).view(1, 3, 1, 1)
+        mean, std = self._f_normalisation(image.device)
         return self.third_tower(self.third_tower.from_f_input(image, mean, std))
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,

@@ -125,3 +125,15 @@ def test_f_and_g_initialise_from_a_plain_clip_checkpoint(tmp_path, h_weights):
     torch.save({"visual.conv1.weight": torch.zeros(1), "logit_scale": torch.tensor(1.0)}, wrong)
     with pytest.raises((ValueError, RuntimeError)):
         open_clip.create_model("3T-tiny", pretrained=str(wrong))
+
+
+def test_a_3t_checkpoint_loads_without_h_and_h_loads_beside_a_cache_trained_checkpoint(tmp_path, h_weights):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+    no_h = open_clip.create_model("3T-tiny", pretrained=str(ckpt), third_tower=False)
+    assert no_h.third_tower is None and torch.equal(no_h.f_h.weight, model.f_h.weight)
+    # a checkpoint trained from cached embeddings has no h: h then comes from its own weights file
+    cache_trained = tmp_path / "cache_trained.pt"
+    torch.save(no_h.state_dict(), cache_trained)
+    with_h = open_clip.create_model("3T-tiny", pretrained=str(cache_trained), third_tower_weights=h_weights)
+    assert torch.equal(with_h.h_g.weight, model.h_g.weight)
+    assert torch.equal(with_h.third_tower.model.blocks[0].mlp.fc1.weight, model.third_tower.model.blocks[0].mlp.fc1.weight)

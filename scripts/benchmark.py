@@ -1,0 +1,200 @@
+"""Step time and memory of 3T against the CLIP baseline and OpenCLIP's distillation, same f, g and batch.
+
+    python scripts/benchmark.py --model 3T-tiny --device cpu --batch-size 64 --steps 20
+    python scripts/benchmark.py --model 3T-ViT-B-16 --device cuda --batch-size 256 --steps 30   # h: random weights
+
+Variants, one training step each (forward, loss, backward, AdamW step) on one batch of random data:
+  clip        the CLIP baseline: f and g, OpenCLIP's ClipLoss
+  3t-fed      3T with h's embeddings fed in (as from a cache): f, g, four heads, three loss terms; h not built
+  3t-online   3T with h run online in the step
+  distill     OpenCLIP's --distill: the student CLIP + DistillClipLoss with a teacher CLIP whose image tower is h's
+              architecture (as large as h) and whose text tower is g's
+  h-forward   h's forward alone (no grad), to compare 3t-online with clip + h-forward
+Timing: warm-up steps first, then rounds in which the variants take turns (rotating order) so that drift
+(clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
+Memory (CUDA only): the peak allocated during one step above what was allocated before it, and the persistent
+weights + gradients + optimizer state of the variant.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import open_clip
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from open_clip_3t import ThreeTowersLoss, clip_state_dict  # noqa: E402  (registers the 3T family)
+from open_clip_3t._openclip import SECTION, model_config, openclip_autocast  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="3T-tiny", help="a 3T model config (3T-tiny, 3T-ViT-B-16, ...)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--rounds", type=int, default=5, help="rounds the timed steps are split into")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--precision", default=None, choices=["fp32", "amp", "amp_bf16"],
+                   help="default: amp on CUDA, fp32 on CPU")
+    p.add_argument("--third-tower-weights", default=None, help="h's weights (default: random, nothing is read)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if open_clip_3t_section(args.model) is None:
+        p.error(f"--model {args.model} is not a 3T model: pass one of "
+                f"{[m for m in open_clip.list_models() if m.startswith('3T-')]}")
+    if args.steps < args.rounds or args.batch_size < 2:
+        p.error("--steps must be >= --rounds and --batch-size >= 2")
+    args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def open_clip_3t_section(name):
+    cfg = model_config(name)
+    return None if cfg is None else cfg.get(SECTION)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(model, optimizer):
+    params = [p for p in model.parameters()]
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)  # gradients
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+class Variant:
+    def __init__(self, name, model, loss, inputs, teacher=None, train=True):
+        self.name, self.model, self.loss, self.inputs, self.teacher, self.train = name, model, loss, inputs, teacher, train
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5) if train else None
+        self.times = []
+
+    def step(self, autocast):
+        if not self.train:  # h's forward alone
+            with torch.no_grad(), autocast():
+                self.model.encode_third(self.inputs["image"])
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            out = self.model(**self.inputs)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = self.teacher(self.inputs["image"], self.inputs["text"])
+                out.update({f"dist_{k}": v for k, v in teacher_out.items()})
+            total = sum(self.loss(**out, output_dict=True).values())
+        total.backward()
+        self.optimizer.step()
+
+
+def build_variants(args, device):
+    torch.manual_seed(args.seed)
+    cfg = model_config(args.model)
+    section = cfg[SECTION]
+    clip_cfg = {k: v for k, v in cfg.items() if k != SECTION}
+    h_kwargs = {"third_tower_weights": args.third_tower_weights} if args.third_tower_weights else {"third_tower": "random"}
+
+    online = open_clip.create_model(args.model, device=device, output_dict=True, **h_kwargs)
+    fed = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False)
+    fed.load_state_dict(online.state_dict(), strict=False)  # same f, g, heads; no h
+    clip = open_clip.CLIP(**clip_cfg, output_dict=True).to(device)
+    clip.load_state_dict(clip_state_dict(online.state_dict()))  # same f and g
+    student = open_clip.CLIP(**clip_cfg, output_dict=True).to(device)
+    student.load_state_dict(clip.state_dict())
+    teacher_vision = {"image_size": clip_cfg["vision_cfg"].get("image_size", 224),
+                      "timm_model_name": section["timm_model_name"], "timm_model_pretrained": False,
+                      "timm_pool": "", "timm_proj": "linear"}
+    teacher = open_clip.CLIP(embed_dim=clip_cfg["embed_dim"], vision_cfg=teacher_vision,
+                             text_cfg=clip_cfg["text_cfg"], output_dict=True).to(device).eval()
+    teacher.requires_grad_(False)
+
+    size = clip_cfg["vision_cfg"].get("image_size", 224)
+    ctx = clip_cfg["text_cfg"].get("context_length", 77)
+    vocab = clip_cfg["text_cfg"].get("vocab_size", 49408)
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
+    texts = torch.randint(1, vocab - 1, (args.batch_size, ctx), device=device)
+    texts[:, -1] = vocab - 1  # an end-of-text token (the largest id) where the text tower pools
+    autocast = openclip_autocast(args.precision, device.type)
+    online.train(), fed.train(), clip.train(), student.train()
+    with torch.no_grad(), autocast():
+        third = online.encode_third(images).float()
+
+    variants = [
+        Variant("clip", clip, open_clip.ClipLoss(), {"image": images, "text": texts}),
+        Variant("3t-fed", fed, ThreeTowersLoss(), {"image": images, "text": texts, "third_embeddings": third}),
+        Variant("3t-online", online, ThreeTowersLoss(), {"image": images, "text": texts}),
+        Variant("distill", student, open_clip.DistillClipLoss(), {"image": images, "text": texts}, teacher=teacher),
+        Variant("h-forward", online, None, {"image": images}, train=False),
+    ]
+    n_params = {"f+g": sum(p.numel() for p in clip.parameters()),
+                "heads": sum(p.numel() for n, p in fed.named_parameters() if n.startswith(("f_h", "g_h", "h_f", "h_g"))),
+                "h": sum(p.numel() for p in online.third_tower.parameters()),
+                "teacher": sum(p.numel() for p in teacher.parameters())}
+    return variants, autocast, n_params
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip_train.main does
+        torch.backends.cudnn.benchmark = True
+    variants, autocast, n_params = build_variants(args, device)
+    print(f"model {args.model}, batch {args.batch_size}, precision {args.precision}, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch threads {torch.get_num_threads()}")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_params.items()))
+
+    for v in variants:
+        for _ in range(args.warmup):
+            v.step(autocast)
+    sync(device)
+
+    memory = {}
+    if device.type == "cuda":
+        for v in variants:
+            sync(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            v.step(autocast)
+            sync(device)
+            persistent = state_bytes(v.model, v.optimizer) if v.train else 0
+            memory[v.name] = (torch.cuda.max_memory_allocated(device) - before, persistent)
+
+    per_round = args.steps // args.rounds
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            for _ in range(per_round):
+                sync(device)
+                t0 = time.perf_counter()
+                v.step(autocast)
+                sync(device)
+                v.times.append(time.perf_counter() - t0)
+
+    median = {v.name: statistics.median(v.times) for v in variants}
+    print(f"\n{'variant':<22}{'median step (ms)':>18}{'vs clip':>10}{'step peak (MiB)':>18}{'state (MiB)':>14}")
+    rows = list(median.items()) + [("clip + h-forward", median["clip"] + median["h-forward"])]
+    for name, t in rows:
+        mem = memory.get(name)
+        mem_cols = f"{mem[0] / 2**20:>18.1f}{mem[1] / 2**20:>14.1f}" if mem else f"{'-':>18}{'-':>14}"
+        print(f"{name:<22}{t * 1e3:>18.2f}{t / median['clip']:>10.3f}{mem_cols}")
+    if device.type != "cuda":
+        print("(memory: measured on CUDA only; CPU has no allocator peak statistics)")
+    fed_ratio = median["3t-fed"] / median["clip"]
+    online_ratio = median["3t-online"] / (median["clip"] + median["h-forward"])
+    print(f"\n3T fed-in / CLIP             = {fed_ratio:.3f}  (target <= 1.03)")
+    print(f"3T online / (CLIP + h fwd)   = {online_ratio:.3f}  (target <= 1.02)")
+    print(f"distill / CLIP               = {median['distill'] / median['clip']:.3f}")
+    return {"median_s": median, "memory_bytes": memory, "fed_ratio": fed_ratio, "online_ratio": online_ratio}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""`python -m training.main`: 3T, CLIP and LiT train on generated LAION-style shards; resume is exact; 3T's
+gradient accumulation equals the full batch; torchrun with 2 CPU processes keeps h out of DDP."""
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+
+from open_clip_3t import ThreeTowersLoss
+from open_clip_3t.synthetic import draw_sample, write_classification_folder, write_shards
+from tests.conftest import REPO
+
+STEP_LINE = re.compile(r"Train Epoch: (\d+) \[")
+NUMBER = r"([-+0-9.eE]+|nan|inf)"
+
+
+def run(cmd, cwd, env=None, timeout=240):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def train(tmp_path, name, *flags, env=None):
+    """One `python -m training.main` run on CPU; returns its run folder."""
+    logs = tmp_path / "logs"
+    run([sys.executable, "-m", "training.main", "--logs", str(logs), "--name", name, "--device", "cpu",
+         "--precision", "fp32", "--workers", "0", "--log-every-n-steps", "1", "--seed", "0", *flags],
+        cwd=tmp_path, env=env)
+    return logs / name
+
+
+def step_logs(log_text):
+    """Per-step values of every 'Name: value' pair of the 'Train Epoch' lines (losses: current value)."""
+    steps = []
+    for line in log_text.splitlines():
+        if not STEP_LINE.search(line):
+            continue
+        values = {"epoch": int(STEP_LINE.search(line).group(1))}
+        for key, val in re.findall(r"((?:Logit Scale[A-Za-z ]*)|[A-Z][a-z_]*loss|Loss): " + NUMBER, line):
+            values[key.strip()] = float(val)
+        steps.append(values)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two LAION-style shards of 16 samples (32 px jpg + txt + json) and sizes.json."""
+    out = tmp_path_factory.mktemp("shards")
+    paths = write_shards(str(out), num_samples=32, samples_per_shard=16, seed=0, image_size=32)
+    assert [os.path.basename(p) for p in paths] == ["00000.tar", "00001.tar"]
+    return out
+
+
+# One 16-sample shard, 8 steps of the same 16 samples: an overfit run.
+OVERFIT = ["--train-num-samples", "128", "--batch-size", "16", "--epochs", "1", "--lr", "2e-3", "--warmup", "1",
+           "--wd", "0"]
+
+
+def check_overfit(steps, terms):
+    assert len(steps) == 8
+    for term in terms + ["Loss"]:
+        values = [s[term] for s in steps]
+        assert all(math.isfinite(v) for v in values), (term, values)
+        assert values[-1] < 0.85 * values[0], (term, values)
+    for s in steps:  # the total is the sum of the logged terms (5 significant digits)
+        assert s["Loss"] == pytest.approx(sum(s[t] for t in terms), rel=1e-3)
+
+
+def test_3t_trains_logs_its_terms_and_checkpoints(shards, h_weights, tmp_path):
+    run_dir = train(tmp_path, "3t", "--model", "3T-tiny", "--third-tower-weights", h_weights,
+                    "--train-data", str(shards / "00000.tar"), *OVERFIT)
+    steps = step_logs((run_dir / "out.log").read_text())
+    check_overfit(steps, ["Contrastive_loss", "Image_third_loss", "Text_third_loss"])
+    scales = ["Logit Scale", "Logit Scale Image Third", "Logit Scale Text Third"]
+    assert all(set(scales) <= set(s) for s in steps)
+
+    ckpt = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and len(ckpt["optimizer"]["state"]) > 0
+    sd = ckpt["state_dict"]
+    # the logged temperatures are exp of the saved log-parameters (as of the last step's forward; the cosine
+    # schedule has the learning rate near 0 at that step, so its update moves them by < 1e-3)
+    for scale, key in zip(scales, ["logit_scale", "logit_scale_image_third", "logit_scale_text_third"]):
+        assert sd[key].exp().item() == pytest.approx(steps[-1][scale], abs=2e-3)
+        assert steps[-1][scale] != steps[0][scale]  # they are learned
+    # h is frozen: its weights in the checkpoint are the file's
+    h = torch.load(h_weights, map_location="cpu")
+    assert torch.equal(sd["third_tower.model.blocks.0.attn.qkv.weight"], h["blocks.0.attn.qkv.weight"])
+    # params.txt records the model: export needs nothing else
+    assert "model: 3T-tiny\n" in (run_dir / "params.txt").read_text()
+    from open_clip_3t import export_clip
+    out = export_clip(run_dir / "checkpoints" / "epoch_1.pt", tmp_path / "released")
+    clip = open_clip.create_model("local-dir:" + str(out))
+    assert torch.equal(clip.state_dict()["visual.conv1.weight"], sd["visual.conv1.weight"])
+
+
+def test_clip_baseline_trains_and_evaluates(shards, tmp_path):
+    folder = write_classification_folder(str(tmp_path / "shape"), "shape", 2, seed=0, image_size=32)
+    run_dir = train(tmp_path, "clip", "--model", "CLIP-tiny", "--train-data", str(shards / "00000.tar"), *OVERFIT,
+                    "--zeroshot-data", folder, "--zeroshot-frequency", "1")
+    steps = step_logs((run_dir / "out.log").read_text())
+    check_overfit(steps, ["Contrastive_loss"])
+    assert set(steps[0]) == {"epoch", "Logit Scale", "Contrastive_loss", "Loss"}
+    sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    assert not any("third" in k or k.startswith(("f_h", "g_h")) for k in sd)
+    # evaluation sets that open_clip_train.main does not know still run after each epoch (training/evaluation.py)
+    results = [json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 1 and 0.0 <= results[0]["shape-zeroshot-top1"] <= 1.0
+
+
+def test_openclip_distill_path_for_plain_clip(shards, tmp_path):
+    torch.manual_seed(1)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(open_clip.create_model("CLIP-tiny").state_dict(), teacher)
+    run_dir = train(tmp_path, "distill", "--model", "CLIP-tiny", "--distill-model", "CLIP-tiny",
+                    "--distill-pretrained", str(teacher), "--train-data", str(shards / "00000.tar"), *OVERFIT)
+    steps = step_logs((run_dir / "out.log").read_text())
+    check_overfit(steps, ["Contrastive_loss", "Distill_loss"])
+
+
+def test_lit_trains_on_h_weights(shards, h_weights, tmp_path):
+    run_dir = train(tmp_path, "lit", "--model", "LiT-tiny", "--lock-image", "--image-tower-weights", h_weights,
+                    "--train-data", str(shards / "00000.tar"), *OVERFIT)
+    log = (run_dir / "out.log").read_text()
+    check_overfit(step_logs(log), ["Contrastive_loss"])
+    assert "image normalisation of test_vit: mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in log
+    sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    h = torch.load(h_weights, map_location="cpu")
+    # the locked image tower holds h's weights, untouched by 8 steps of training
+    for key in ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "norm.weight"]:
+        assert torch.equal(sd["visual.trunk." + key], h[key]), key
+
+
+def write_csv_dataset(root, n=24):
+    lines = ["filepath\ttitle"]
+    for i in range(n):
+        image, _, caption = draw_sample(i, seed=0, split="train", image_size=32)
+        path = root / f"{i:03d}.jpg"
+        image.save(path)
+        lines.append(f"{path}\t{caption}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root / "train.csv"
+
+
+def test_resume_continues_with_identical_state(h_weights, tmp_path):
+    """Stopped after epoch 1 and resumed (--resume latest) == never stopped: model (heads, temperatures) and
+    optimizer state identical to the last bit. CSV data: its shuffle and crops come from the seeded RNGs."""
+    csv = write_csv_dataset(tmp_path)
+    flags = ["--model", "3T-tiny", "--third-tower-weights", h_weights, "--train-data", str(csv),
+             "--dataset-type", "csv", "--batch-size", "8", "--lr", "1e-3", "--lr-scheduler", "const",
+             "--warmup", "2"]
+    straight = train(tmp_path, "straight", *flags, "--epochs", "2")
+    stopped = train(tmp_path, "stopped", *flags, "--epochs", "1")
+    resumed = train(tmp_path, "stopped", *flags, "--epochs", "2", "--resume", "latest")
+    assert resumed == stopped
+    log = (resumed / "out.log").read_text()
+    assert "=> resuming checkpoint" in log and "epoch 1)" in log
+    assert [s["epoch"] for s in step_logs(log)] == [0] * 3 + [1] * 3  # the resumed run trained epoch 1 only
+
+    a = torch.load(straight / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("f_h.") for k in a["state_dict"])
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    # and epoch 1 really moved the weights (the comparison above is not between two untouched models)
+    first = torch.load(stopped / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
+    assert not torch.equal(first["state_dict"]["f_h.weight"], a["state_dict"]["f_h.weight"])
+
+
+class Loader(list):
+    num_batches = 2
+    num_samples = 16
+
+
+def test_gradient_accumulation_equals_full_batch(h_weights):
+    """--accum-freq 2 with batches of 8 moves every weight as one batch of 16 does (SGD, lr 0.1); the
+    temperatures get accum_freq x the full-batch gradient (each micro-step's loss uses them, as in OpenCLIP)."""
+    from training.train import train_one_epoch
+    torch.manual_seed(0)
+    model = open_clip.create_model("3T-tiny", third_tower_weights=h_weights, output_dict=True)
+    images = torch.randn(16, 3, 32, 32)
+    texts = open_clip.get_tokenizer("3T-tiny")([f"{i} red circles on the left" for i in range(16)])
+    loss = ThreeTowersLoss()
+
+    reference = copy.deepcopy(model).train()
+    sum(loss(**reference(images, texts), output_dict=True).values()).backward()
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    args = SimpleNamespace(device="cpu", precision="fp32", seed=0, rank=0, world_size=1, distributed=False,
+                           distill=False, accum_freq=2, skip_scheduler=True, horovod=False, grad_clip_norm=None,
+                           log_every_n_steps=1, batch_size=8, wandb=False)
+    data = {"train": SimpleNamespace(dataloader=Loader([(images[:8], texts[:8]), (images[8:], texts[8:])]),
+                                     set_epoch=lambda epoch: None)}
+    train_one_epoch(model, data, loss, 0, optimizer, None, None, None, args)
+
+    scales = {"logit_scale", "logit_scale_image_third", "logit_scale_text_third"}
+    assert set(grads) > scales
+    for name, p in model.named_parameters():
+        if name not in grads:
+            assert torch.equal(p, before[name]), name  # h: frozen
+            continue
+        expected = before[name] - 0.1 * grads[name] * (2 if name in scales else 1)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unused_heads_and_temperatures_are_frozen(h_weights):
+    from training.main import create_student
+    from training.params import parse_args
+    args = parse_args(["--model", "3T-tiny", "--third-tower-weights", h_weights,
+                       "--three-towers-loss-weights", "1", "0", "1", "--three-towers-transfer", "l2",
+                       "--three-towers-head", "mlp"])
+    model = create_student(args, args.model, None, {"output_dict": True})[0]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("third_tower.")}
+    assert frozen == {"f_h.0.weight", "f_h.0.bias", "f_h.2.weight", "f_h.2.bias",
+                      "h_f.0.weight", "h_f.0.bias", "h_f.2.weight", "h_f.2.bias",
+                      "logit_scale_image_third", "logit_scale_text_third"}
+    assert model.three_towers_cfg.loss_weights == [1.0, 0.0, 1.0] and model.three_towers_cfg.head_type == "mlp"
+    args.rank, args.world_size = 0, 1
+    assert open_clip.create_loss(args).weights == (1.0, 0.0, 1.0)
+
+
+def test_init_image_from_third_tower(h_weights):
+    from training.main import create_student
+    from training.params import parse_args
+    args = parse_args(["--model", "3T-tiny-timm", "--third-tower-weights", h_weights,
+                       "--init-image-from-third-tower"])
+    model = create_student(args, args.model, None, {"output_dict": True})[0]
+    f, h = model.visual.trunk.state_dict(), model.third_tower.model.state_dict()
+    assert f.keys() == h.keys() and len(f) > 10
+    assert all(torch.equal(f[k], h[k]) for k in f)
+    assert all(p.requires_grad for p in model.visual.parameters())  # f is trained, h stays frozen
+    assert not any(p.requires_grad for p in model.third_tower.parameters())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "CLIP-tiny", "--three-towers-transfer", "l2"], "apply to 3T models only"),
+    (["--model", "3T-tiny", "--third-tower-weights", "/nonexistent.pth"], "--third-tower-weights /nonexistent.pth"),
+    (["--model", "3T-tiny", "--three-towers-loss-weights", "0", "0", "0"], "not all 0"),
+    (["--model", "3T-tiny", "--init-image-from-third-tower"], "is not h's architecture (test_vit)"),
+    (["--model", "3T-tiny", "--cache-missing", "skip"], "needs --third-tower-cache"),
+    (["--model", "3T-tiny", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "plain CLIP models"),
+    (["--model", "CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
+])
+def test_bad_flags_fail_before_any_work(argv, message, capsys):
+    from training.params import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+SPY = """
+import sys, torch, training.main as tm
+out, argv = sys.argv[1], sys.argv[2:]
+train_one_epoch = tm.train_one_epoch
+def spy(model, data, loss, epoch, optimizer, *rest, **kw):
+    train_one_epoch(model, data, loss, epoch, optimizer, *rest, **kw)
+    rank = torch.distributed.get_rank()
+    torch.save({"ddp": type(model).__name__, "state": model.module.state_dict(),
+                "trainable": [n for n, p in model.module.named_parameters() if p.requires_grad]},
+               f"{out}/rank{rank}.pt")
+tm.train_one_epoch = spy
+tm.main(argv)
+"""
+
+
+def test_torchrun_two_cpu_processes(shards, h_weights, tmp_path):
+    """2 ranks on gloo: the same steps on each, identical weights after training (gradients all-reduced), h
+    outside DDP's gradients and unchanged; a term with weight 0 (its heads unused) does not break DDP."""
+    (tmp_path / "spy.py").write_text(SPY)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(tmp_path / "spy.py"), "--", str(tmp_path),  # "--": torchrun would take --logs for its --logs-specs
+                "--logs", str(tmp_path / "logs"), "--name", "ddp", "--model", "3T-tiny",
+                "--third-tower-weights", h_weights, "--three-towers-loss-weights", "1", "0", "1",
+                "--train-data", str(shards / "{00000..00001}.tar"), "--train-num-samples", "64",
+                "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--device", "cpu",
+                "--dist-backend", "gloo", "--precision", "fp32", "--workers", "0", "--local-loss",
+                "--gather-with-grad", "--seed", "0"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"done on rank {rank}: 4 steps, 32 samples" in output
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1))
+    assert r0["ddp"] == "_DistributedDataParallel"
+    assert not any(n.startswith(("third_tower.", "f_h.", "h_f.", "logit_scale_image_third"))
+                   for n in r0["trainable"])
+    assert {"g_h.weight", "h_g.weight", "logit_scale", "visual.conv1.weight"} <= set(r0["trainable"])
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    h = torch.load(h_weights, map_location="cpu")
+    assert torch.equal(r0["state"]["third_tower.model.blocks.0.attn.qkv.weight"], h["blocks.0.attn.qkv.weight"])
+    ckpt = tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_1.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(saved["module.g_h.weight"], r0["state"]["g_h.weight"])
+    assert not torch.equal(saved["module.g_h.weight"], torch.zeros_like(saved["module.g_h.weight"]))
+

@@ -1,0 +1,312 @@
+"""Standalone evaluator: a training checkpoint or an exported folder, alone or as the paper's 3T + LiT ensemble.
+
+    python -m training.eval --model 3T-ViT-B-16 --checkpoint logs/RUN/checkpoints/epoch_32.pt \\
+        --zeroshot-data data/places365_val data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/3t
+    python -m training.eval --model local-dir:released/ --zeroshot-data data/pets_test --out results/released
+    python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --combine-with logs/LiT/checkpoints/epoch_32.pt \\
+        --alphas 0 0.25 0.5 0.75 1 --zeroshot-data data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/mix
+
+Writes OUT/results.csv and OUT/results.md: one row for the model, or one row per alpha with --combine-with, where
+p = alpha * p_model + (1 - alpha) * p_combine_with (softmax probabilities; see training/evaluation.py for the exact
+definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image_to_text_R@k, text_to_image_R@k,
+mean and median ranks.
+"""
+import argparse
+import io
+import logging
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from typing import Optional
+
+import braceexpand
+import open_clip
+import pandas as pd
+import torch
+from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
+
+import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
+from open_clip_3t._openclip import load_state_dict, three_towers_config
+from open_clip_3t.export import _model_name_from_run  # params.txt beside the run's checkpoints/ names the model
+
+from .evaluation import (ZeroShotTask, add_eval_args, build_classifier, check_eval_args, class_folders,
+                         encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs, retrieval_metrics,
+                         topk_correct, zero_shot_batches)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # OpenCLIP's webdataset pipeline takes the same
+PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSpec:
+    label: str                 # how the model is named in the table
+    name: str                  # OpenCLIP model name, or local-dir:DIR
+    checkpoint: Optional[str]  # training checkpoint (None for local-dir:)
+
+
+def resolve_spec(spec, model_name, flag, model_flag):
+    """A model given as local-dir:DIR, an exported folder, or a checkpoint file (+ its model name)."""
+    if spec.startswith("local-dir:") or os.path.isdir(spec):
+        folder = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            raise FileNotFoundError(f"{flag} {spec}: {folder} holds no open_clip_config.json; pass a folder written "
+                                    f"by `python -m open_clip_3t.export` (or any OpenCLIP local-dir folder)")
+        return ModelSpec(f"local-dir:{folder}", f"local-dir:{folder}", None)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"{flag} {spec}: no such checkpoint file or folder; pass epoch_N.pt, an exported "
+                                f"folder or local-dir:DIR")
+    model_name = model_name or _model_name_from_run(spec)
+    if model_name is None:
+        raise ValueError(f"cannot tell which model {spec} holds (no params.txt beside its run): pass {model_flag} NAME")
+    return ModelSpec(f"{model_name} {spec}", model_name, spec)
+
+
+def load_model(spec: ModelSpec, device, precision):
+    """(model in eval mode, its eval preprocessing, its tokenizer)."""
+    if spec.checkpoint is None:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
+    elif three_towers_config(spec.name) is not None:
+        # Evaluation needs f and g only: build without h and load the checkpoint minus h's weights (a checkpoint
+        # trained with h online holds them; create_model(pretrained=...) would load them strictly).
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, third_tower=False, device=device,
+                                                                     precision=precision)
+        state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if not k.startswith("third_tower.")}
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"checkpoint {spec.checkpoint} does not fit {spec.name} "
+                             f"({first[1].strip() if len(first) > 1 else first[0]}): pass the --model it was trained "
+                             f"with") from None
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
+                                                                     device=device, precision=precision)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(spec.name)
+
+
+# --- retrieval shards -----------------------------------------------------------------------------------------
+
+def expand_shards(spec):
+    """Shard paths of a webdataset spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist."""
+    shards = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"--val-data: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing); "
+                                f"pass existing local .tar shards, e.g. 'data/val/{{00000..00009}}.tar'")
+    return shards
+
+
+def read_pairs(shards):
+    """Yields (RGB PIL image, caption) from LAION-style shards, in shard order then tar order.
+
+    Members sharing a key (path up to the first dot of the file name, webdataset's rule) form a sample; samples
+    without an image or a txt are skipped, as OpenCLIP's pipeline does."""
+    def pair(sample):
+        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image is None or "txt" not in sample:
+            return None
+        return Image.open(io.BytesIO(image)).convert("RGB"), sample["txt"].decode("utf-8")
+
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            key, sample = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                prefix, _, ext = base.partition(".")
+                if (folder, prefix) != key:
+                    if sample and (p := pair(sample)):
+                        yield p
+                    key, sample = (folder, prefix), {}
+                ext = ext.lower()
+                if ext in IMAGE_EXTENSIONS or ext == "txt":
+                    sample[ext] = tar.extractfile(member).read()
+            if sample and (p := pair(sample)):
+                yield p
+
+
+def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):
+    """(images, tokenized captions) batches of the first `num_samples` pairs (all when None)."""
+    images, texts, n = [], [], 0
+    for image, text in read_pairs(shards):
+        if num_samples is not None and n >= num_samples:
+            break
+        images.append(preprocess(image))
+        texts.append(text)
+        n += 1
+        if len(images) == batch_size:
+            yield torch.stack(images), tokenizer(texts)
+            images, texts = [], []
+    if images:
+        yield torch.stack(images), tokenizer(texts)
+
+
+# --- scores and table -----------------------------------------------------------------------------------------
+
+def model_scores(spec: ModelSpec, tasks, shards, args):
+    """One model's raw scores: {task prefix: (scores (N, C), targets (N,))} and the (N, N) retrieval scores."""
+    model, preprocess, tokenizer = load_model(spec, args.device, args.precision)
+    logging.info(f"evaluating {spec.label}")
+    zeroshot = {}
+    for task in tasks:
+        classifier = build_classifier(model, tokenizer, task.classnames, task.templates, args.device, args.precision)
+        loader = folder_dataloader(task.root, preprocess, args.batch_size, args.workers)
+        batches = list(zero_shot_batches(model, classifier, loader, args.device, args.precision))
+        zeroshot[task.prefix] = (torch.cat([s for s, _ in batches]), torch.cat([t for _, t in batches]))
+    retrieval = None
+    if shards:
+        batches = pair_batches(shards, preprocess, tokenizer, args.batch_size, args.val_num_samples)
+        image, text, _ = encode_pairs(model, batches, args.device, args.precision)
+        retrieval = logit_scale_of(model) * image @ text.t()
+    return {"zeroshot": zeroshot, "retrieval": retrieval}
+
+
+def metrics_row(zeroshot, retrieval, ks):
+    """zeroshot: {prefix: (scores, targets)}; retrieval: (image->text scores, text->image scores) or None."""
+    row = {}
+    for prefix, (scores, targets) in zeroshot.items():
+        top1, top5 = topk_correct(scores, targets, (1, 5))
+        row[f"{prefix}-top1"], row[f"{prefix}-top5"] = top1 / len(targets), top5 / len(targets)
+    if retrieval is not None:
+        row.update(retrieval_metrics(*retrieval, ks=ks))
+    return row
+
+
+def single_row(scores, ks):
+    retrieval = None if scores["retrieval"] is None else (scores["retrieval"], None)
+    return metrics_row(scores["zeroshot"], retrieval, ks)
+
+
+def combined_row(a, b, alpha, ks):
+    """Metrics of p = alpha * p_a + (1 - alpha) * p_b (see training/evaluation.py)."""
+    zeroshot = {prefix: (mix_log_probs(scores, b["zeroshot"][prefix][0], alpha, dim=1), targets)
+                for prefix, (scores, targets) in a["zeroshot"].items()}
+    retrieval = None
+    if a["retrieval"] is not None:
+        image_to_text = mix_log_probs(a["retrieval"], b["retrieval"], alpha, dim=1)  # softmax over texts
+        text_to_image = mix_log_probs(a["retrieval"], b["retrieval"], alpha, dim=0).t()  # softmax over images
+        retrieval = (image_to_text, text_to_image)
+    return metrics_row(zeroshot, retrieval, ks)
+
+
+def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None) -> pd.DataFrame:
+    """The results table: one row for `spec`, or one row per alpha of its convex combination with `combine_spec`."""
+    ks = args.retrieval_k
+    scores = model_scores(spec, tasks, shards, args)
+    if combine_spec is None:
+        return pd.DataFrame([{"model": spec.label, **single_row(scores, ks)}])
+    other = model_scores(combine_spec, tasks, shards, args)
+    label = f"{spec.label} + {combine_spec.label}"
+    return pd.DataFrame([{"model": label, "alpha": float(a), **combined_row(scores, other, a, ks)} for a in alphas])
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub pipe table (our own writer: pandas' to_markdown needs the optional `tabulate`)."""
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(df: pd.DataFrame, out_dir):
+    """OUT/results.csv (full precision) and OUT/results.md, each written to a temporary name and renamed."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, text in (("results.csv", df.to_csv(index=False)), ("results.md", markdown_table(df))):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--model", default=None,
+                        help="OpenCLIP/3T model name of --checkpoint (default: read from the run's params.txt), or "
+                             "local-dir:DIR for an exported folder.")
+    parser.add_argument("--checkpoint", default=None, metavar="FILE", help="Training checkpoint (epoch_N.pt).")
+    parser.add_argument("--combine-with", default=None, metavar="SPEC",
+                        help="Second model (the paper's LiT) for the convex combination: a checkpoint file, an "
+                             "exported folder or local-dir:DIR.")
+    parser.add_argument("--combine-model", default=None, metavar="NAME",
+                        help="Model name of a --combine-with checkpoint (default: read from its run's params.txt).")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A",
+                        help="Weights a of p = a * p_model + (1 - a) * p_combine_with, one table row each.")
+    add_eval_args(parser)
+    parser.add_argument("--imagenet-val", default=None, metavar="DIR",
+                        help="ImageNet validation folder (1000 class sub-folders): zero-shot with OpenCLIP's class "
+                             "names and templates.")
+    parser.add_argument("--val-data", default=None, metavar="SHARDS",
+                        help="LAION-style webdataset shards (jpg/png/webp + txt) for image<->text retrieval.")
+    parser.add_argument("--val-num-samples", type=int, default=None, help="Use only the first N pairs.")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4, help="Dataloader workers for the zero-shot folders.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--out", required=True, metavar="DIR", help="Writes DIR/results.csv and DIR/results.md.")
+    return parser, parser.parse_args(argv)
+
+
+def check_args(args):
+    """Every input checked before a model is built; returns (spec, combine_spec, tasks, shards)."""
+    if args.checkpoint is not None:
+        spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
+    elif args.model is not None and (args.model.startswith("local-dir:") or os.path.isdir(args.model)):
+        spec = resolve_spec(args.model, None, "--model", "--model")
+    else:
+        raise ValueError("nothing to evaluate: pass --checkpoint FILE (with --model NAME unless the run's params.txt "
+                         "names it) or --model local-dir:DIR")
+    combine_spec = None
+    if args.combine_with is not None:
+        combine_spec = resolve_spec(args.combine_with, args.combine_model, "--combine-with", "--combine-model")
+        bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"--alphas: {bad[0]} is outside [0, 1]; the convex combination needs 0 <= a <= 1")
+    elif args.combine_model is not None:
+        raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
+    tasks = check_eval_args(args)
+    if args.imagenet_val is not None:
+        if not os.path.isdir(args.imagenet_val):
+            raise FileNotFoundError(f"--imagenet-val {args.imagenet_val}: no such folder")
+        found = len(class_folders(args.imagenet_val))
+        if found != len(IMAGENET_CLASSNAMES):
+            raise ValueError(f"--imagenet-val {args.imagenet_val} has {found} class sub-folders, not ImageNet's "
+                             f"{len(IMAGENET_CLASSNAMES)}: pass other class sets with --zeroshot-data")
+        tasks.append(ZeroShotTask("imagenet", args.imagenet_val, list(IMAGENET_CLASSNAMES),
+                                  list(OPENAI_IMAGENET_TEMPLATES), prefix="imagenet-zeroshot-val"))
+    shards = expand_shards(args.val_data) if args.val_data else []
+    if not tasks and not shards:
+        raise ValueError("no evaluation data: pass --zeroshot-data DIR, --imagenet-val DIR and/or --val-data SHARDS")
+    if args.val_num_samples is not None and args.val_num_samples < 1:
+        raise ValueError(f"--val-num-samples {args.val_num_samples}: must be >= 1")
+    return spec, combine_spec, tasks, shards
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    try:
+        spec, combine_spec, tasks, shards = check_args(args)
+        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    paths = write_results(df, args.out)
+    print(markdown_table(df), end="")
+    print(f"wrote {' and '.join(paths)}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""`python -m training.main`: OpenCLIP's trainer for 3T, LiT and the CLIP baseline.
+
+This runs `open_clip_train.main.main` (distributed set-up, logging, optimizer, scheduler, checkpoints, resume,
+TensorBoard/W&B) with five of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
+- parse_args: adds the 3T flags and rejects inconsistent ones before any work (training/params.py);
+- create_model_and_transforms: passes the 3T options to the factory (h's weights, a cache instead of h, head
+  type...), loads local timm weights into a LiT image tower, copies h into f for 3T finetuning, and freezes the
+  heads and temperatures that no loss term uses (DDP fails on parameters that never get a gradient);
+- get_data: joins cached h embeddings to the shards and adds evaluation sets (training/data.py);
+- train_one_epoch: batches with h embeddings, three temperatures, 3T gradient accumulation (training/train.py);
+- evaluate: training/evaluation.py's when present, else OpenCLIP's.
+"""
+import logging
+import sys
+
+import open_clip
+import timm
+import torch
+
+import open_clip_3t  # noqa: F401  (registers the 3T model family)
+from open_clip_3t._openclip import openclip_trainer, three_towers_config
+
+from .data import get_data
+from .params import is_three_towers, parse_args
+from .train import evaluate, train_one_epoch
+
+# Parameters each loss term needs; a term with weight 0 leaves them without gradient.
+TERM_PARAMETERS = (("logit_scale",),
+                   ("f_h", "h_f", "logit_scale_image_third"),
+                   ("g_h", "h_g", "logit_scale_text_third"))
+TRANSFER_TEMPERATURES = ("logit_scale_image_third", "logit_scale_text_third")  # unused under l2 transfer
+
+
+def three_towers_kwargs(args):
+    """create_model keywords for a 3T model from the 3T flags."""
+    section = dict(three_towers_config(args.model))
+    if args.three_towers_loss_weights is not None:
+        section["loss_weights"] = list(args.three_towers_loss_weights)
+    if args.three_towers_transfer is not None:
+        section["transfer"] = args.three_towers_transfer
+    if args.three_towers_head is not None:
+        section["head_type"] = args.three_towers_head
+    kwargs = {"three_towers": section}
+    if args.third_tower_weights is not None:
+        kwargs["third_tower_weights"] = args.third_tower_weights
+    if args.third_tower_cache and args.cache_missing != "online" and not args.init_image_from_third_tower:
+        kwargs["third_tower"] = False  # h's embeddings come from the cache: do not build h, read no weights
+    return kwargs
+
+
+def freeze_unused(model):
+    """requires_grad=False on the heads/temperatures of terms with weight 0 and on temperatures unused by l2
+    transfer, before DDP and the optimizer are created."""
+    cfg = model.three_towers_cfg
+    names = [name for weight, term in zip(cfg.loss_weights, TERM_PARAMETERS) if not weight for name in term]
+    if cfg.transfer == "l2":
+        names += TRANSFER_TEMPERATURES
+    names = list(dict.fromkeys(names))
+    for name in names:
+        part = getattr(model, name)
+        for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
+            p.requires_grad_(False)
+    if names:
+        logging.info(f"3T: frozen, used by no loss term (loss weights {list(cfg.loss_weights)}, "
+                     f"transfer {cfg.transfer}): {', '.join(names)}")
+    return names
+
+
+def init_image_from_third_tower(model):
+    """3T finetuning: f's timm trunk starts from h's weights (same architecture required)."""
+    trunk = getattr(model.visual, "trunk", None)
+    h = model.third_tower.model
+    if trunk is None:
+        raise ValueError("--init-image-from-third-tower: f is not a timm tower; use a 3T config whose "
+                         "vision_cfg.timm_model_name is h's timm model")
+    h_state, f_state = h.state_dict(), trunk.state_dict()
+    differ = sorted(k for k in set(h_state) | set(f_state)
+                    if k not in h_state or k not in f_state or h_state[k].shape != f_state[k].shape)
+    if differ:
+        raise ValueError(f"--init-image-from-third-tower: f and h have different weights ({len(differ)} keys, "
+                         f"e.g. {differ[:3]}); f must be built exactly like h (same timm model and image size)")
+    trunk.load_state_dict(h_state)
+    logging.info(f"3T finetuning: f's trunk initialised from h ({len(h_state)} tensors)")
+
+
+def load_image_tower_weights(model, timm_name, path):
+    """LiT: a local timm weights file into the timm image tower, through timm's own file door (which drops the
+    classifier and resizes position embeddings as it does for hub weights)."""
+    source = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)
+    result = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"--image-tower-weights {path}: keys {result.unexpected_keys[:3]} do not fit the image "
+                         f"tower {timm_name}; pass weights of that timm model")
+    logging.info(f"image tower initialised from {path} ({timm_name}); left as built: {result.missing_keys}")
+
+
+def create_student(args, model_name, pretrained, kwargs):
+    vision_cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
+    timm_name = vision_cfg.get("vision_cfg", {}).get("timm_model_name")
+    if timm_name and (args.image_tower_weights or args.pretrained_image) and kwargs.get("image_mean") is None:
+        # A pretrained timm tower expects its own normalisation, as h does (unless --image-mean/--image-std).
+        data_cfg = timm.models.get_pretrained_cfg(timm_name)
+        kwargs.update(image_mean=data_cfg.mean, image_std=data_cfg.std)
+        logging.info(f"image normalisation of {timm_name}: mean {data_cfg.mean}, std {data_cfg.std}")
+    three_towers = is_three_towers(args)
+    if three_towers:
+        kwargs.update(three_towers_kwargs(args))
+
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
+
+    if args.image_tower_weights:
+        load_image_tower_weights(model, timm_name, args.image_tower_weights)
+    if three_towers:
+        if args.init_image_from_third_tower:
+            init_image_from_third_tower(model)
+            if args.third_tower_cache and args.cache_missing != "online":
+                model.third_tower = None  # h was built only to initialise f: the cache replaces it
+        freeze_unused(model)
+    return model, preprocess_train, preprocess_val
+
+
+def model_factory(args):
+    """Replacement for open_clip_train.main's create_model_and_transforms: the first call builds the model being
+    trained; a second one (the --distill teacher) takes OpenCLIP's path untouched."""
+    calls = []
+
+    def create_model_and_transforms(model_name, pretrained=None, **kwargs):
+        calls.append(model_name)
+        if len(calls) > 1:
+            return open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
+        return create_student(args, model_name, pretrained, kwargs)
+    return create_model_and_transforms
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # our checks run here, before any process group, model or data
+    with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
+                          get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate) as run:
+        result = run(argv)
+    if result == -1:  # OpenCLIP returns -1 (after printing why) instead of raising, e.g. when the run exists
+        raise SystemExit(f"training.main: stopped without training (see the message above); for an existing "
+                         f"run pass a new --name or --resume latest")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Command line of `python -m training.main`: every open_clip_train flag, plus the 3T flags below.
+
+Our flags are parsed first (exact names only, so they never swallow an abbreviated OpenCLIP flag); the rest goes
+to OpenCLIP's own parser, which keeps its defaults and rejects unknown flags. Evaluation flags come from
+training/evaluation.py (`add_eval_args`) when that module exists.
+"""
+import argparse
+import os
+import sys
+
+from open_clip_3t._openclip import model_config, openclip_parse_args, three_towers_config
+
+from .data import evaluation_module
+
+
+def add_three_towers_args(parser):
+    group = parser.add_argument_group("Three Towers (3T)")
+    group.add_argument("--third-tower-weights", type=str, default=None, metavar="FILE",
+                       help="Local weights file for the third tower h (timm's pretrained_cfg_overlay file door); "
+                            "default: the config's three_towers.weights, else timm's hub.")
+    group.add_argument("--three-towers-loss-weights", type=float, nargs=3, default=None, metavar=("W1", "W2", "W3"),
+                       help="Weights of L(f,g), L(f_h,h_f), L(g_h,h_g); a weight of 0 drops that term (its heads and "
+                            "temperature are frozen). Default: the config's three_towers.loss_weights (1 1 1).")
+    group.add_argument("--three-towers-transfer", choices=["contrastive", "l2"], default=None,
+                       help="Loss of the two transfer terms: contrastive (the paper) or l2 regression (ablation).")
+    group.add_argument("--three-towers-head", choices=["linear", "mlp"], default=None,
+                       help="Type of the four 3T heads f_h, g_h, h_f, h_g. Default: the config's head_type.")
+    group.add_argument("--init-image-from-third-tower", action="store_true", default=False,
+                       help="3T finetuning: copy h's weights into f before training (f must be a timm tower of h's "
+                            "architecture, i.e. vision_cfg.timm_model_name = h's timm model).")
+    group.add_argument("--third-tower-cache", type=str, default=None, metavar="DIR",
+                       help="Read h's embeddings from this precomputed cache (python -m open_clip_3t.cache build) "
+                            "instead of running h: h is not built at all.")
+    group.add_argument("--cache-missing", choices=["error", "skip", "online"], default="error",
+                       help="With --third-tower-cache: what to do with a sample missing from the cache "
+                            "(online builds h and computes it).")
+    group = parser.add_argument_group("LiT baseline")
+    group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
+                       help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
+                            "pretrained_cfg_overlay file door; the local-file twin of --pretrained-image.")
+    return parser
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m training.main", add_help=False, allow_abbrev=False)
+    add_three_towers_args(parser)
+    evaluation = evaluation_module()
+    if evaluation is not None and hasattr(evaluation, "add_eval_args"):
+        evaluation.add_eval_args(parser)
+    if "-h" in argv or "--help" in argv:
+        print(parser.format_help())
+        print("OpenCLIP's flags (open_clip_train):")
+    ours, rest = parser.parse_known_args(argv)
+    args = openclip_parse_args(rest)
+    for name, value in vars(ours).items():
+        setattr(args, name, value)
+    check_args(args)
+    return args
+
+
+def is_three_towers(args):
+    return three_towers_config(args.model) is not None
+
+
+def fail(message):
+    print(f"training.main: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args):
+    """Reject inconsistent flags before any model, data or process group is created."""
+    three_towers = is_three_towers(args)
+    if not three_towers:
+        used = [flag for flag, value in (
+            ("--third-tower-weights", args.third_tower_weights),
+            ("--three-towers-loss-weights", args.three_towers_loss_weights),
+            ("--three-towers-transfer", args.three_towers_transfer),
+            ("--three-towers-head", args.three_towers_head),
+            ("--init-image-from-third-tower", args.init_image_from_third_tower),
+            ("--third-tower-cache", args.third_tower_cache)) if value]
+        if used:
+            fail(f"{', '.join(used)} apply to 3T models only, but --model {args.model} has no three_towers section: "
+                 f"use a 3T model (e.g. --model 3T-ViT-B-16) or drop these flags")
+    for flag, path in (("--third-tower-weights", args.third_tower_weights),
+                       ("--image-tower-weights", args.image_tower_weights)):
+        if path is not None and not os.path.isfile(path):
+            fail(f"{flag} {path}: no such file; pass an existing timm weights file")
+    if args.three_towers_loss_weights is not None:
+        if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
+            fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+
+    if three_towers:
+        if args.distill_model or args.distill_pretrained:
+            fail("--distill-model/--distill-pretrained are for plain CLIP models: 3T's third tower already is the "
+                 "teacher; drop the distill flags")
+        if args.siglip:
+            fail("--siglip is not supported with 3T (its loss is the softmax CLIP loss): drop --siglip")
+        if args.horovod:
+            fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
+        if args.init_image_from_third_tower:
+            h_arch = three_towers_config(args.model)["timm_model_name"].split(".")[0]
+            f_arch = (model_config(args.model)["vision_cfg"].get("timm_model_name") or "").split(".")[0]
+            if f_arch != h_arch:
+                fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
+                     f"({f_arch or 'an OpenCLIP ViT'}) is not h's architecture ({h_arch}); use a 3T config whose "
+                     f"vision_cfg.timm_model_name is {h_arch}")
+    if args.third_tower_cache is not None:
+        if not os.path.isdir(args.third_tower_cache):
+            fail(f"--third-tower-cache {args.third_tower_cache}: no such directory; build it with "
+                 f"`python -m open_clip_3t.cache build`")
+        if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
+            fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
+                 "(and --dataset-type webdataset or auto)")
+    elif args.cache_missing != "error":
+        fail(f"--cache-missing {args.cache_missing} needs --third-tower-cache DIR")
+    if args.image_tower_weights is not None:
+        if not (model_config(args.model) or {}).get("vision_cfg", {}).get("timm_model_name"):
+            fail(f"--image-tower-weights needs a timm image tower, but --model {args.model} has none: use a model "
+                 f"whose vision_cfg has timm_model_name (e.g. LiT-ViT-B-16)")
+        if args.pretrained_image:
+            fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")

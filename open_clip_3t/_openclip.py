@@ -8,6 +8,7 @@ Every other model takes OpenCLIP's own path, untouched.
 """
 import contextlib
 import inspect
+import logging
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,20 @@ def _factory_builds(model_class):
         oc_factory.CLIP = saved
 
 
+@contextlib.contextmanager
+def _hide_no_weights_warning(active):
+    """OpenCLIP warns 'No pretrained weights loaded' when we load the checkpoint ourselves: drop that one line."""
+    def keep(record):
+        return not record.getMessage().startswith("No pretrained weights loaded")
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _check_supported(model_name, cfg, force_custom_text):
     if cfg.get("custom_text") or force_custom_text or "hf_model_name" in cfg.get("text_cfg", {}) \
             or "multimodal_cfg" in cfg:
@@ -130,7 +145,7 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
         # We load the checkpoint ourselves (below), since a strict load cannot take what legitimately differs.
         opts["load_weights"], opts["require_pretrained"] = False, False
 
-    with _factory_builds(ThreeTowersCLIP):
+    with _factory_builds(ThreeTowersCLIP), _hide_no_weights_warning(checkpoint is not None):
         model = _original["create_model"](**opts, **model_kwargs)
 
     if checkpoint is not None:

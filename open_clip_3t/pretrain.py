@@ -57,6 +57,7 @@ def accuracy(model, x, y, batch_size=512):
 def pretrain_third_tower(labelled_set, out_file, model_name="test_vit", image_size=32, epochs=15, batch_size=128,
                          lr=1e-3, weight_decay=0.05, heldout_fraction=0.1, seed=0, device="cpu", progress=True):
     """Train model_name from scratch on the labelled set, save its state_dict to out_file; return the summary dict."""
+    out_file = str(out_file)
     if not timm.is_model(model_name):
         raise ValueError(f"unknown timm model {model_name!r}")
     if not 0 < heldout_fraction < 1:

@@ -8,7 +8,7 @@ TensorBoard/W&B) with five of its helpers replaced (see open_clip_3t._openclip.o
   heads and temperatures that no loss term uses (DDP fails on parameters that never get a gradient);
 - get_data: joins cached h embeddings to the shards and adds evaluation sets (training/data.py);
 - train_one_epoch: batches with h embeddings, three temperatures, 3T gradient accumulation (training/train.py);
-- evaluate: training/evaluation.py's when present, else OpenCLIP's.
+- evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py).
 """
 import logging
 import sys
@@ -22,7 +22,8 @@ from open_clip_3t._openclip import openclip_trainer, three_towers_config
 
 from .data import get_data
 from .params import is_three_towers, parse_args
-from .train import evaluate, train_one_epoch
+from .evaluation import evaluate
+from .train import train_one_epoch
 
 # Parameters each loss term needs; a term with weight 0 leaves them without gradient.
 TERM_PARAMETERS = (("logit_scale",),

@@ -2,15 +2,17 @@
 
 Our flags are parsed first (exact names only, so they never swallow an abbreviated OpenCLIP flag); the rest goes
 to OpenCLIP's own parser, which keeps its defaults and rejects unknown flags. Evaluation flags come from
-training/evaluation.py (`add_eval_args`) when that module exists.
+training/evaluation.py (`add_eval_args`).
 """
 import argparse
 import os
 import sys
 
 from open_clip_3t._openclip import model_config, openclip_parse_args, three_towers_config
+from open_clip_3t.cache import CacheError
 
-from .data import evaluation_module
+from .cached_data import validate_cache
+from .evaluation import add_eval_args
 
 
 def add_three_towers_args(parser):
@@ -44,9 +46,7 @@ def add_three_towers_args(parser):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m training.main", add_help=False, allow_abbrev=False)
     add_three_towers_args(parser)
-    evaluation = evaluation_module()
-    if evaluation is not None and hasattr(evaluation, "add_eval_args"):
-        evaluation.add_eval_args(parser)
+    add_eval_args(parser)
     if "-h" in argv or "--help" in argv:
         print(parser.format_help())
         print("OpenCLIP's flags (open_clip_train):")
@@ -111,6 +111,10 @@ def check_args(args):
         if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
             fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
                  "(and --dataset-type webdataset or auto)")
+        try:  # cheap (sidecar headers, the weights file's hash): a mismatch stops the run before any model is built
+            validate_cache(args)
+        except CacheError as e:
+            fail(str(e))
     elif args.cache_missing != "error":
         fail(f"--cache-missing {args.cache_missing} needs --third-tower-cache DIR")
     if args.image_tower_weights is not None:

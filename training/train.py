@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from open_clip import get_input_dtype, get_tokenizer
 
-from open_clip_3t._openclip import openclip_autocast, openclip_evaluate
+from open_clip_3t._openclip import openclip_autocast
 
-from .data import cached_data_module, evaluation_module
+from .cached_data import fill_missing_third
+from .evaluation import evaluate
 
 try:
     import wandb
@@ -56,13 +57,6 @@ def seed_epoch(seed, rank, epoch):
     torch.manual_seed(int(state[0]))
     np.random.seed(int(state[1]))
     random.seed(int(state[1]))
-
-
-def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-    """training/evaluation.py's evaluate when that module exists, else OpenCLIP's."""
-    evaluation = evaluation_module()
-    fn = evaluation.evaluate if evaluation is not None and hasattr(evaluation, "evaluate") else openclip_evaluate
-    return fn(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
 
 
 def unpack(batch, device, input_dtype):
@@ -151,7 +145,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
         images, texts, third = unpack(batch, device, input_dtype)
         if third is not None:  # NaN rows: samples missing from the cache under --cache-missing online
-            third, _ = cached_data_module().fill_missing_third(model, images, third)
+            third, _ = fill_missing_third(model, images, third)
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
 

@@ -33,8 +33,8 @@ class Scale:
     samples_per_shard: int = 1000
     val_samples: int = 1000
     per_class: int = 30              # zero-shot images per class
-    pretrain_samples: int = 8000
-    pretrain_epochs: int = 6
+    pretrain_samples: int = 12000
+    pretrain_epochs: int = 8
     epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
@@ -131,7 +131,8 @@ def train(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, 
            "--precision", "fp32", "--device", "cpu", "--seed", seed, "--logs", logs, "--name", name,
            "--log-every-n-steps", "5", "--save-frequency", scale.epochs, "--report-to", "none", *extra]
     if kind == "LiT":
-        cmd += ["--lock-image", "--image-tower-weights", weights]
+        # LiT: h's weights, locked entirely (batch-norm statistics included), only the projection and g train.
+        cmd += ["--lock-image", "--lock-image-freeze-bn-stats", "--image-tower-weights", weights]
     if kind == "3T":
         # With a cache, h is not built: its weights file only identifies the third tower the cache must match.
         cmd += ["--third-tower-weights", weights] + (["--third-tower-cache", cache] if cache else [])

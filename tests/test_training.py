@@ -311,3 +311,36 @@ def test_torchrun_two_cpu_processes(shards, h_weights, tmp_path):
     assert torch.equal(saved["module.g_h.weight"], r0["state"]["g_h.weight"])
     assert not torch.equal(saved["module.g_h.weight"], torch.zeros_like(saved["module.g_h.weight"]))
 
+
+
+def test_3t_trains_from_the_cache_without_building_h(shards, h_weights, tmp_path):
+    from open_clip_3t import cache
+    cache.build(str(shards / "{00000..00001}.tar"), "3T-tiny", str(tmp_path / "cache"), h_weights, batch_size=16,
+                workers=0, device="cpu")
+    run_dir = train(tmp_path, "cached", "--model", "3T-tiny", "--third-tower-weights", h_weights,
+                    "--third-tower-cache", str(tmp_path / "cache"), "--train-data", str(shards / "{00000..00001}.tar"),
+                    "--train-num-samples", "32", "--batch-size", "8", "--epochs", "1", "--lr", "1e-3")
+    log = (run_dir / "out.log").read_text()
+    steps = step_logs(log)
+    assert len(steps) == 4 and all(math.isfinite(s["Image_third_loss"]) for s in steps)
+    joined = int(re.search(r"Third-tower cache after epoch 0 on rank 0: (\d+) joined, 0 missing", log).group(1))
+    assert joined >= 32  # every sample of the epoch came with its cached embedding (plus read-ahead)
+    state = torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=False)["state_dict"]
+    assert not any("third_tower" in k for k in state) and any(k.endswith("h_f.weight") for k in state)
+
+
+def test_a_cache_for_another_third_tower_stops_the_run_before_any_model(shards, h_weights, tmp_path):
+    from open_clip_3t import cache
+    cache.build(str(shards / "00000.tar"), "3T-tiny", str(tmp_path / "cache"), h_weights, batch_size=16,
+                workers=0, device="cpu")
+    other = tmp_path / "other.pth"
+    weights = torch.load(h_weights)
+    weights["cls_token"] = weights["cls_token"] + 1
+    torch.save(weights, other)
+    proc = subprocess.run([sys.executable, "-m", "training.main", "--model", "3T-tiny", "--third-tower-weights",
+                           str(other), "--third-tower-cache", str(tmp_path / "cache"), "--train-data",
+                           str(shards / "00000.tar"), "--train-num-samples", "16", "--device", "cpu",
+                           "--logs", str(tmp_path / "logs")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("training.main: error: third-tower cache")
+    assert not (tmp_path / "logs").exists()  # stopped before OpenCLIP created the run

@@ -231,6 +231,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
     # Every rank says how far it went (ranks that disagree point at uneven data).
     logging.info(f"Train Epoch: {epoch} done on rank {args.rank}: {steps_done} steps, {samples_done} samples")
+    cache_stats = getattr(data["train"], "cache_stats", None)
+    if cache_stats is not None:  # counted by the loader's workers, including samples read ahead into the shuffle buffer
+        logging.info(f"Third-tower cache after epoch {epoch} on rank {args.rank}: {cache_stats.joined} joined, "
+                     f"{cache_stats.missing} missing (--cache-missing {args.cache_missing}), "
+                     f"{cache_stats.corrupt} corrupt samples skipped")
 
     # open_clip_train.main evaluates after an epoch only when it sees one of its own eval sets; evaluation sets
     # added by training/evaluation.py alone would never run, so run them here (before the checkpoint is saved).

@@ -234,7 +234,9 @@ def plot_curves(curves, path, title="training loss"):
         colour = colours[i % len(colours)]
         if len(curve) > 1:
             draw.line([xy(x, y) for x, y in curve], fill=colour, width=2)
-        draw.text((width - margin - 120, margin + 10 + 16 * i), f"— {name}", fill=colour)
+        y = margin + 16 + 16 * i
+        draw.line([(width - margin - 130, y), (width - margin - 110, y)], fill=colour, width=3)
+        draw.text((width - margin - 104, y - 6), name, fill=colour)
     tmp = Path(f"{path}.tmp.png")
     image.save(tmp)
     os.replace(tmp, path)

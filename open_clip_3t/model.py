@@ -46,7 +46,7 @@ class ThreeTowersCLIP(CLIP):
         h = ThirdTower(cfg, load_weights=third_tower != "random") if third_tower is not False else None
         super().__init__(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale, **clip_kwargs)
         self.three_towers_cfg = cfg
-        self.third_tower = h
+        self.third_tower = h  # stays in eval mode through model.train() (see ThirdTower.train)
 
         head_dim = cfg.head_dim or embed_dim
         self.f_h = make_head(embed_dim, head_dim, cfg.head_type)      # f -> space shared with h
@@ -56,12 +56,6 @@ class ThreeTowersCLIP(CLIP):
         # One learnable temperature per loss term; L(f, g) uses CLIP's own `logit_scale`.
         self.logit_scale_image_third = nn.Parameter(torch.full_like(self.logit_scale, init_logit_scale))
         self.logit_scale_text_third = nn.Parameter(torch.full_like(self.logit_scale, init_logit_scale))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.third_tower is not None:
-            self.third_tower.eval()
-        return self
 
     def clamp_logit_scales_(self, max_scale: float = np.log(100)):
         """Clamp all three temperatures to [0, ln 100] in place, as OpenCLIP does after each step."""

@@ -137,8 +137,9 @@ def test_train_sbatch_two_tasks_gloo(trained):
     assert done_lines(t.log) == {(0, 0): (4, 32), (0, 1): (4, 32)}, tail(t.log)
     assert sorted(r for k, r, _ in t.record if k == "start") == ["0", "1"], t.record
     saves = [(r, v) for k, r, v in t.record if k == "save"]
-    assert saves == [("0", str(t.run_dir / "checkpoints" / "epoch_1.pt"))], saves  # rank 1 writes nothing
-    assert sorted(os.listdir(t.run_dir / "checkpoints")) == ["epoch_1.pt"]
+    # rank 1 writes nothing; rank 0 writes epoch_1.pt, and epoch_latest.pt through tmp.pt (--save-most-recent)
+    assert saves == [("0", str(t.run_dir / "checkpoints" / name)) for name in ("epoch_1.pt", "tmp.pt")], saves
+    assert sorted(os.listdir(t.run_dir / "checkpoints")) == ["epoch_1.pt", "epoch_latest.pt"]
     ckpt = torch.load(t.run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["name"] == f"3t-3T-tiny-{t.job_id}"
 
@@ -224,8 +225,8 @@ def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluste
         found = RESUMED_RE.findall(run)
         return int(found[0][1]) if len(found) == 2 else None  # each rank logs it
 
-    # A requeue comes once an epoch has begun after a save: the checkpoint is complete then (torch.save writes
-    # epoch_N.pt in place, so a kill during the save would leave a truncated newest checkpoint).
+    # A requeue comes once an epoch has begun after a save (the launcher's --save-most-recent makes a requeue
+    # during a save safe too: epoch_latest.pt is renamed into place, and --resume latest reads it).
     try:
         t1 = wait_for("2nd epoch in run 1", lambda r: len(r) == 1 and "Train Epoch: 1 [" in r[0])
         slurm_cluster.run("scontrol", "requeue", job_id)
@@ -256,11 +257,11 @@ def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluste
     k2, k3 = resumed_epoch(run2), resumed_epoch(run3)
     assert k3 is not None and 1 <= k2 < k3 < epochs, (k2, k3, tail(run3))
     for run, k in ((run2, k2), (run3, k3)):
-        assert RESUMED_RE.search(run).group(1) == str(ckpts / f"epoch_{k}.pt"), tail(run)
+        assert RESUMED_RE.search(run).group(1) == str(ckpts / "epoch_latest.pt"), tail(run)
         started = {int(e) for e in re.findall(r"Train Epoch: (\d+) \[", run)}
         assert min(started) == k, (k, sorted(started))  # nothing before the checkpoint is trained again
     assert done_lines(run3) == {(e, r): (20, 160) for e in range(k3, epochs) for r in (0, 1)}, tail(run3)
-    assert sorted(os.listdir(ckpts)) == [f"epoch_{e}.pt" for e in range(1, epochs + 1)]
+    assert sorted(os.listdir(ckpts)) == [f"epoch_{e}.pt" for e in range(1, epochs + 1)] + ["epoch_latest.pt"]
     assert torch.load(ckpts / f"epoch_{epochs}.pt", map_location="cpu", weights_only=False)["epoch"] == epochs
 
 

@@ -78,7 +78,7 @@ def test_sbatch_launcher_with_stub_srun(h_weights, tmp_path):
         assert f"Process (global: {rank}, local {rank}), total 2." in log
         assert f"done on rank {rank}: 4 steps, 32 samples" in log  # 64 samples / (2 ranks x 8)
     run_dir = tmp_path / "logs" / f"3t-3T-tiny-{job_id}"
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch_1.pt"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch_1.pt", "epoch_latest.pt"]  # --save-most-recent
     assert tasks[0].count("Train Epoch: 0 [") == 4 and "Train Epoch: 0 [" not in tasks[1]  # rank 0 logs
 
     # A requeued job runs the same script again under the same job id: it resumes from epoch 1.
@@ -90,5 +90,5 @@ def test_sbatch_launcher_with_stub_srun(h_weights, tmp_path):
     assert "Train Epoch: 0 [" not in tasks[0] and tasks[0].count("Train Epoch: 1 [") == 4
     for rank, log in enumerate(tasks):
         assert f"Train Epoch: 1 done on rank {rank}: 4 steps, 32 samples" in log
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch_1.pt", "epoch_2.pt"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"]
     assert torch.load(run_dir / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)["epoch"] == 2

@@ -23,7 +23,7 @@ from open_clip import get_input_dtype, get_tokenizer
 from open_clip_3t._openclip import openclip_autocast
 
 from .cached_data import fill_missing_third
-from .evaluation import evaluate
+from .evaluation import evaluate, unwrap_model
 
 try:
     import wandb
@@ -46,10 +46,6 @@ class AverageMeter:
         self.sum += val * n
         self.count += n
         self.avg = self.sum / self.count
-
-
-def unwrap_model(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def seed_epoch(seed, rank, epoch):

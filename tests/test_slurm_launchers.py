@@ -97,17 +97,6 @@ def train_env(data, h_weights, tmp, **overrides):
     return {**env, **overrides}
 
 
-def wait_until_final(cluster, job_id, timeout):
-    deadline = time.monotonic() + timeout
-    state = None
-    while time.monotonic() < deadline:
-        state = cluster.job_state(job_id)
-        if state in FINAL_STATES:
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still {state} after {timeout}s")
-
-
 # --- 1. training: 2 tasks, gloo -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -234,7 +223,7 @@ def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluste
                       lambda r: len(r) == 2 and resumed_epoch(r[1]) is not None
                       and f"Train Epoch: {resumed_epoch(r[1]) + 1} [" in r[1])
         slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-        state = wait_until_final(slurm_cluster, job_id, timeout=240)
+        state = slurm_cluster.wait_for_state(job_id, tuple(FINAL_STATES), timeout=240, poll=0.5)
     finally:
         if slurm_cluster.job_state(job_id) not in FINAL_STATES:
             slurm_cluster.cancel(job_id)

@@ -12,10 +12,12 @@ Variants, one training step each (forward, loss, backward, AdamW step) on one ba
   h-forward   h's forward alone (no grad), to compare 3t-online with clip + h-forward
 Timing: warm-up steps first, then rounds in which the variants take turns (rotating order) so that drift
 (clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
-Memory (CUDA only): the peak allocated during one step above what was allocated before it, and the persistent
-weights + gradients + optimizer state of the variant.
+Memory: the peak allocated during one step above what was allocated before it (on CUDA the caching allocator's
+peak statistics; on CPU the profiler's allocation events, each a signed size, summed in time order), and the
+persistent weights + gradients + optimizer state of the variant.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -68,6 +70,40 @@ def state_bytes(model, optimizer):
     for state in optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     return total
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (Kineto prints its start/stop and a 'no GPU' line there from C++)."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_step_peak(fn):
+    """Peak bytes the CPU allocator held during fn() above what it held before: the CPU counterpart of
+    torch.cuda.max_memory_allocated, from the profiler's allocation events (+size on malloc, -size on free)."""
+    from torch._C._profiler import _EventType  # the profiler's event tree: torch has no public CPU peak statistic
+
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    held = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        held += size
+        peak = max(peak, held)
+    return peak
 
 
 class Variant:
@@ -158,15 +194,17 @@ def main(argv=None):
     sync(device)
 
     memory = {}
-    if device.type == "cuda":
-        for v in variants:
+    for v in variants:
+        persistent = state_bytes(v.model, v.optimizer) if v.train else 0
+        if device.type == "cuda":
             sync(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             v.step(autocast)
             sync(device)
-            persistent = state_bytes(v.model, v.optimizer) if v.train else 0
             memory[v.name] = (torch.cuda.max_memory_allocated(device) - before, persistent)
+        else:
+            memory[v.name] = (cpu_step_peak(lambda: v.step(autocast)), persistent)
 
     per_round = args.steps // args.rounds
     for r in range(args.rounds):
@@ -186,8 +224,9 @@ def main(argv=None):
         mem = memory.get(name)
         mem_cols = f"{mem[0] / 2**20:>18.1f}{mem[1] / 2**20:>14.1f}" if mem else f"{'-':>18}{'-':>14}"
         print(f"{name:<22}{t * 1e3:>18.2f}{t / median['clip']:>10.3f}{mem_cols}")
-    if device.type != "cuda":
-        print("(memory: measured on CUDA only; CPU has no allocator peak statistics)")
+    print(f"step peak / clip's: 3t-fed {memory['3t-fed'][0] / memory['clip'][0]:.3f}, "
+          f"3t-online {memory['3t-online'][0] / memory['clip'][0]:.3f}, "
+          f"distill {memory['distill'][0] / memory['clip'][0]:.3f}")
     fed_ratio = median["3t-fed"] / median["clip"]
     online_ratio = median["3t-online"] / (median["clip"] + median["h-forward"])
     print(f"\n3T fed-in / CLIP             = {fed_ratio:.3f}  (target <= 1.03)")

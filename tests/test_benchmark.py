@@ -1,0 +1,53 @@
+"""scripts/benchmark.py: its memory figures are exact where they can be computed by hand."""
+import importlib.util
+import os
+
+import torch
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "scripts", "benchmark.py"))
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+MiB = 2**20
+
+
+def test_cpu_step_peak_counts_what_is_held_at_once():
+    kept = []
+
+    def step():
+        kept.append(torch.empty(MiB, dtype=torch.uint8))  # held: 1 MiB
+        scratch = torch.empty(3 * MiB, dtype=torch.uint8)  # held: 4 MiB, the peak
+        del scratch  # 1 MiB
+        torch.empty(2 * MiB, dtype=torch.uint8)  # made and dropped at once: 3 MiB
+
+    before = torch.empty(8 * MiB, dtype=torch.uint8)  # allocated before the step: not counted
+    assert benchmark.cpu_step_peak(step) == 4 * MiB
+    assert benchmark.cpu_step_peak(lambda: None) == 0
+    del before
+
+
+def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
+    out = benchmark.main(["--model", "3T-tiny", "--device", "cpu", "--batch-size", "4",
+                          "--steps", "2", "--rounds", "1", "--warmup", "1"])
+    printed = capsys.readouterr().out
+    names = {"clip", "3t-fed", "3t-online", "distill", "h-forward"}
+    assert set(out["median_s"]) == names and set(out["memory_bytes"]) == names
+    assert all(t > 0 for t in out["median_s"].values())
+    assert all(peak > 0 for peak, _ in out["memory_bytes"].values())
+    assert "step peak / clip's" in printed and "3T fed-in / CLIP" in printed
+
+    # Persistent state by hand, fp32: each trainable parameter has its weight, gradient and AdamW's two moments
+    # (4 x 4 bytes per element) plus AdamW's 0-D step counter (4 bytes); h's frozen weights are held once.
+    import open_clip
+
+    model = open_clip.create_model("3T-tiny", third_tower="random")
+    def trainable(names_from):
+        return [p for n, p in model.named_parameters() if n.startswith(names_from)]
+    heads = trainable(("f_h", "g_h", "h_f", "h_g", "logit_scale_image_third", "logit_scale_text_third"))
+    h = list(model.third_tower.parameters())
+    state = {name: bytes_ for name, (_, bytes_) in out["memory_bytes"].items()}
+    assert state["3t-fed"] - state["clip"] == sum(16 * p.numel() + 4 for p in heads)
+    assert state["3t-online"] - state["3t-fed"] == sum(4 * p.numel() for p in h)
+    assert state["distill"] == state["clip"] and state["h-forward"] == 0

@@ -88,7 +88,9 @@ class ThirdTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pre-logits embedding of images already preprocessed for h (see `from_f_input`, `eval_transform`)."""
         x = pixels.to(next(self.model.parameters()).dtype)
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        # A ViT's pre-logits token is a view into its last [batch, tokens, width] state: copy it out so that
+        # holding the embedding through the step does not keep all the tokens alive.
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True).contiguous()
 
     @torch.no_grad()
     def from_f_input(self, image: torch.Tensor, f_mean: torch.Tensor, f_std: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Step time and memory of 3T against the CLIP baseline and OpenCLIP's distillation, same f, g and batch.
 
-    python scripts/benchmark.py --model 3T-tiny --device cpu --batch-size 64 --steps 20
+    python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 --rounds 10
     python scripts/benchmark.py --model 3T-ViT-B-16 --device cuda --batch-size 256 --steps 30   # h: random weights
 
 Variants, one training step each (forward, loss, backward, AdamW step) on one batch of random data:
@@ -12,6 +12,7 @@ Variants, one training step each (forward, loss, backward, AdamW step) on one ba
   h-forward   h's forward alone (no grad), to compare 3t-online with clip + h-forward
 Timing: warm-up steps first, then rounds in which the variants take turns (rotating order) so that drift
 (clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
+On CPU the script re-executes itself with glibc's malloc keeping freed memory (STEADY_MALLOC), as CUDA's does.
 Memory: the peak allocated during one step above what was allocated before it (on CUDA the caching allocator's
 peak statistics; on CPU the profiler's allocation events, each a signed size, summed in time order), and the
 persistent weights + gradients + optimizer state of the variant.
@@ -43,6 +44,8 @@ def parse_args(argv=None):
                    help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--third-tower-weights", default=None, help="h's weights (default: random, nothing is read)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="on CPU, time with glibc's default malloc (see STEADY_MALLOC) instead of a steady heap")
     args = p.parse_args(argv)
     if open_clip_3t_section(args.model) is None:
         p.error(f"--model {args.model} is not a 3T model: pass one of "
@@ -51,6 +54,20 @@ def parse_args(argv=None):
         p.error("--steps must be >= --rounds and --batch-size >= 2")
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
     return args
+
+
+# On CPU, glibc's malloc maps each large block afresh and unmaps it on free, so every step page-faults its
+# activations in again (kernel time that grows with the step's allocations, not its compute); CUDA's caching
+# allocator keeps freed blocks. Run as a script on CPU, the benchmark re-executes itself once with these set (glibc
+# reads them at start-up) so that freed memory stays in the heap, as on CUDA; --system-malloc keeps the default.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**36),
+                 "MALLOC_TOP_PAD_": str(2**30)}
+
+
+def exec_with_steady_malloc(args):
+    if (args.device == "cpu" and not args.system_malloc and sys.platform.startswith("linux")
+            and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items())):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **STEADY_MALLOC})
 
 
 def open_clip_3t_section(name):
@@ -186,6 +203,9 @@ def main(argv=None):
     print(f"model {args.model}, batch {args.batch_size}, precision {args.precision}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch threads {torch.get_num_threads()}")
+    if device.type == "cpu":
+        steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+        print(f"cpu malloc: {'steady heap (STEADY_MALLOC)' if steady else 'system default'}")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_params.items()))
 
     for v in variants:
@@ -236,4 +256,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exec_with_steady_malloc(parse_args())
     main()

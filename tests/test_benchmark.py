@@ -43,11 +43,27 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
     import open_clip
 
     model = open_clip.create_model("3T-tiny", third_tower="random")
-    def trainable(names_from):
-        return [p for n, p in model.named_parameters() if n.startswith(names_from)]
-    heads = trainable(("f_h", "g_h", "h_f", "h_g", "logit_scale_image_third", "logit_scale_text_third"))
+    head_names = ("f_h", "g_h", "h_f", "h_g", "logit_scale_image_third", "logit_scale_text_third")
+    heads = [p for n, p in model.named_parameters() if n.startswith(head_names)]
     h = list(model.third_tower.parameters())
     state = {name: bytes_ for name, (_, bytes_) in out["memory_bytes"].items()}
     assert state["3t-fed"] - state["clip"] == sum(16 * p.numel() + 4 for p in heads)
     assert state["3t-online"] - state["3t-fed"] == sum(4 * p.numel() for p in h)
     assert state["distill"] == state["clip"] and state["h-forward"] == 0
+
+
+def test_h_runs_before_f_and_g_hold_their_activations():
+    """The forward with h online peaks at the fed-in forward's peak plus h's output (batch x width, fp32), not
+    plus h's transient activations: h runs before f and g keep theirs for the backward."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("3T-tiny", third_tower="random", output_dict=True).train()
+    image, text = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8, 32))
+    third = model.encode_third(image)
+    h_transient = benchmark.cpu_step_peak(lambda: model.encode_third(image))
+    fed = benchmark.cpu_step_peak(lambda: model(image, text, third_embeddings=third))
+    online = benchmark.cpu_step_peak(lambda: model(image, text))
+    h_output = third.numel() * 4
+    assert h_transient > 2 * h_output  # so that running h last would show
+    assert fed <= online <= fed + h_output

@@ -85,8 +85,8 @@ class ThreeTowersCLIP(CLIP):
         if not self.training or image is None or text is None:
             return super().forward(image, text)  # plain CLIP: h is never run
 
-        # h first: its forward keeps no activations, so run before f and g hold theirs, it adds only its output
-        # to the step's peak memory (run after them, its transient activations would stack on top).
+        # h runs first: it keeps no activations, so its transient memory is freed before f and g hold theirs for
+        # the backward. Run after them, it would stack on top of them and raise the step's peak.
         h = self.encode_third(image) if third_embeddings is None else third_embeddings
         f = self.encode_image(image)
         g = self.encode_text(text)

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import open_clip
 import torch
 
 from tests.conftest import REPO
@@ -40,8 +41,6 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
 
     # Persistent state by hand, fp32: each trainable parameter has its weight, gradient and AdamW's two moments
     # (4 x 4 bytes per element) plus AdamW's 0-D step counter (4 bytes); h's frozen weights are held once.
-    import open_clip
-
     model = open_clip.create_model("3T-tiny", third_tower="random")
     head_names = ("f_h", "g_h", "h_f", "h_g", "logit_scale_image_third", "logit_scale_text_third")
     heads = [p for n, p in model.named_parameters() if n.startswith(head_names)]
@@ -55,8 +54,6 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
 def test_h_runs_before_f_and_g_hold_their_activations():
     """The forward with h online peaks at the fed-in forward's peak plus h's output (batch x width, fp32), not
     plus h's transient activations: h runs before f and g keep theirs for the backward."""
-    import open_clip
-
     torch.manual_seed(0)
     model = open_clip.create_model("3T-tiny", third_tower="random", output_dict=True).train()
     image, text = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8, 32))

@@ -253,7 +253,7 @@ def openclip_trainer(**helpers):
         torch.nn.parallel.DistributedDataParallel = saved_ddp
 
 
-# --- third-tower cache (open_clip_3t/cache.py, training/cached_data.py) -------------------------------------
+# --- third-tower cache (open_clip_3t/cache/, training/cached_data.py) -------------------------------------
 # The cache join edits the webdataset pipeline OpenCLIP 3.3's get_wds_dataset builds, instead of copying that
 # function: shuffling, resampling, `::` sources, workers and node split all stay OpenCLIP's. We identify stages by
 # the functions OpenCLIP and webdataset (<=0.2.86) use, and fail loudly if the pipeline looks different.

@@ -12,7 +12,7 @@ From one run:
         --image-size 256 --batch-size 256 --workers 12
 
 Without --third-tower-weights, h gets random weights of its architecture (throughput does not depend on them).
-Without --train-data, LAION-style synthetic shards are written first (open_clip_3t.synthetic).
+Without --train-data, LAION-style synthetic shards are written first (open_clip_3t.toy.synthetic).
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import open_clip_3t  # noqa: E402,F401
 from open_clip_3t import cache  # noqa: E402
 from open_clip_3t._openclip import openclip_get_wds_dataset  # noqa: E402
-from open_clip_3t.synthetic import write_shards  # noqa: E402
+from open_clip_3t.toy.synthetic import write_shards  # noqa: E402
 from training.cached_data import get_cached_wds_dataset  # noqa: E402
 
 

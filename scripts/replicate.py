@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from open_clip_3t import experiments as ex  # noqa: E402
+from open_clip_3t.toy import experiments as ex  # noqa: E402
 
 # name: (kind, tower task, extra training.main flags)
 RUNS = {

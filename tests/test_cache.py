@@ -1,5 +1,5 @@
-"""The third-tower embedding cache: build, resume, verify, ranks, and training from it (open_clip_3t/cache.py,
-training/cached_data.py). Tiny LAION-style shards from open_clip_3t.synthetic; h = 3T-tiny's test_vit."""
+"""The third-tower embedding cache: build, resume, verify, ranks, and training from it (open_clip_3t/cache/,
+training/cached_data.py). Tiny LAION-style shards from open_clip_3t.toy.synthetic; h = 3T-tiny's test_vit."""
 import argparse
 import collections
 import copy
@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 import open_clip_3t
 from open_clip_3t import cache
-from open_clip_3t.synthetic import write_shards
+from open_clip_3t.toy.synthetic import write_shards
 from tests.conftest import REPO
 from training.cached_data import fill_missing_third, get_cached_wds_dataset
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from open_clip_3t import export_clip, synthetic
+from open_clip_3t import export_clip
+from open_clip_3t.toy import synthetic
 from open_clip_3t._openclip import openclip_evaluate, openclip_get_data, openclip_parse_args
 from tests.conftest import REPO
 from training import eval as standalone

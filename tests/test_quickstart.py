@@ -6,13 +6,13 @@ import sys
 import pandas as pd
 from PIL import Image
 
-from open_clip_3t import experiments
+from open_clip_3t.toy import experiments
 from tests.conftest import REPO, run_python
 
 
 def test_tiny_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "open_clip_3t.quickstart", "--tiny", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "open_clip_3t.toy.quickstart", "--tiny", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^\[(\d)/7", proc.stdout, flags=re.M)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from open_clip_3t import cache
-from open_clip_3t.synthetic import write_classification_folder, write_shards
+from open_clip_3t.toy.synthetic import write_classification_folder, write_shards
 from tests.conftest import REPO
 from training import eval as standalone
 

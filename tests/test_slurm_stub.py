@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from open_clip_3t.synthetic import write_shards
+from open_clip_3t.toy.synthetic import write_shards
 from tests.conftest import REPO
 
 SRUN = """#!/bin/bash

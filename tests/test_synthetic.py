@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from open_clip_3t import synthetic
-from open_clip_3t.pretrain import create_model, load_labelled_set, preprocess, pretrain_third_tower
-from open_clip_3t.synthetic import ATTRIBUTES, draw_sample, write_classification_folder, write_labelled_set, write_shards
+from open_clip_3t.toy import synthetic
+from open_clip_3t.toy.pretrain import create_model, load_labelled_set, preprocess, pretrain_third_tower
+from open_clip_3t.toy.synthetic import ATTRIBUTES, draw_sample, write_classification_folder, write_labelled_set, write_shards
 
 
 def sha256(path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from open_clip_3t import ThreeTowersLoss
-from open_clip_3t.synthetic import draw_sample, write_classification_folder, write_shards
+from open_clip_3t.toy.synthetic import draw_sample, write_classification_folder, write_shards
 from tests.conftest import REPO
 
 STEP_LINE = re.compile(r"Train Epoch: (\d+) \[")

@@ -1,6 +1,6 @@
 """The whole of 3T on a laptop, in under 10 minutes on 2 CPU cores, with nothing to download:
 
-    python -m open_clip_3t.quickstart [--out quickstart_out] [--tiny]
+    python -m open_clip_3t.toy.quickstart [--out quickstart_out] [--tiny]
 
 1. generate LAION-style shards of drawn shapes with compositional captions, held-out zero-shot and retrieval sets;
 2. pretrain a small timm model (the third tower h) on a labelled set, save it to a file;
@@ -20,7 +20,7 @@ from . import experiments as ex
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m open_clip_3t.quickstart", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m open_clip_3t.toy.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="quickstart_out", help="working folder (data, runs, results)")
     parser.add_argument("--tiny", action="store_true", help="CI-sized: every step, on far too little data to learn")
     parser.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ The checkpoint is a plain state_dict, loadable the way a real ImageNet-21k check
                       pretrained_cfg_overlay=dict(file=out_file))
 A sidecar out_file + ".json" records the model, preprocessing, class names and accuracies.
 
-    python -m open_clip_3t.pretrain --labelled data/pretrain --out tower.pth --model test_vit --image-size 32 --epochs 15
+    python -m open_clip_3t.toy.pretrain --labelled data/pretrain --out tower.pth --model test_vit --image-size 32 --epochs 15
 """
 import json
 import math
@@ -106,7 +106,7 @@ def pretrain_third_tower(labelled_set, out_file, model_name="test_vit", image_si
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m open_clip_3t.pretrain", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m open_clip_3t.toy.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--labelled", required=True, help="directory from `synthetic labelled` (or its .npz)")
     parser.add_argument("--out", required=True, help="checkpoint file to write (plain state_dict)")
     parser.add_argument("--model", default="test_vit", help="timm model name")

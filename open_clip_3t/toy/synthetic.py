@@ -5,9 +5,9 @@ count) is drawn uniformly and independently and named in the caption. A sample i
 (seed, split, index), so output is byte-identical across runs and independent of shard size, and the
 splits use disjoint RNG streams, so held-out data really is held out.
 
-    python -m open_clip_3t.synthetic shards --out data/train --num-samples 10000 --samples-per-shard 1000
-    python -m open_clip_3t.synthetic classification --out data/shape_test --attribute shape --num-per-class 50
-    python -m open_clip_3t.synthetic labelled --out data/pretrain --attributes shape colour --num-samples 5000
+    python -m open_clip_3t.toy.synthetic shards --out data/train --num-samples 10000 --samples-per-shard 1000
+    python -m open_clip_3t.toy.synthetic classification --out data/shape_test --attribute shape --num-per-class 50
+    python -m open_clip_3t.toy.synthetic labelled --out data/pretrain --attributes shape colour --num-samples 5000
 """
 import argparse
 import io
@@ -273,7 +273,7 @@ def positive_int(text):
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m open_clip_3t.synthetic", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m open_clip_3t.toy.synthetic", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory")

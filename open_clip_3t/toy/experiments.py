@@ -1,6 +1,6 @@
 """Toy-scale 3T / LiT / CLIP experiments on generated data, shared by the quickstart and scripts/replicate.py.
 
-Everything runs through the same doors a user takes: `python -m open_clip_3t.synthetic`-style shards, a third
+Everything runs through the same doors a user takes: `python -m open_clip_3t.toy.synthetic`-style shards, a third
 tower pretrained here and loaded from a file, `python -m open_clip_3t.cache build`, `python -m training.main`,
 `python -m training.eval`, `python -m open_clip_3t.export`. Each step runs in its own process, like on a cluster.
 """

@@ -1,0 +1,30 @@
+"""Precomputed third-tower embeddings: h is frozen, so its embedding of each training image is computed once.
+
+    python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --out DIR [--third-tower-weights FILE]
+    python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --cache DIR [--third-tower-weights FILE]
+    python -m open_clip_3t.cache info   --cache DIR
+
+Layout (docs/cache.md specifies it byte for byte):
+
+    DIR/manifest.json                           the fingerprint: h's name, weights hash, preprocessing, dim, dtype
+    DIR/<shard folder>/<shard file>.safetensors one sidecar per data shard: `embeddings` [N, D], `keys` (UTF-8,
+                                                newline-joined), `image_crc32` [N] (checked by the training join),
+                                                metadata (shard size and sha256, skipped samples)
+
+A sidecar is written to a temporary name and renamed, so "the file exists" means "the shard is done": a killed
+build is resumed by running it again, and ends byte-identical to an uninterrupted one. Training joins the sidecars
+to OpenCLIP's webdataset pipeline by (shard, __key__): see training/cached_data.py.
+
+The package: `format` (layout, manifest, fingerprint, sidecars), `build` (the builder), `check` (verify, validate,
+info), `cli` (the command line).
+"""
+from .build import _TEST_KILL  # noqa: F401  (tests kill a build at a chosen point)
+from .build import ShardReader, build, shard_split
+from .check import check_shards, info, validate, verify
+from .format import (DTYPES, FORMAT, MANIFEST, PRECISIONS, CacheError, expand_shards, fingerprint, image_bytes,
+                     image_crc32, load_sidecar, read_manifest, shard_id, sidecar_info, sidecar_path, third_tower_cfg)
+from .cli import main
+
+__all__ = ["CacheError", "build", "verify", "validate", "info", "main", "load_sidecar", "sidecar_path", "sidecar_info",
+           "expand_shards", "third_tower_cfg", "fingerprint", "read_manifest", "shard_id", "shard_split",
+           "image_bytes", "image_crc32", "check_shards", "ShardReader", "FORMAT", "MANIFEST", "DTYPES", "PRECISIONS"]

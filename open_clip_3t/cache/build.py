@@ -1,0 +1,318 @@
+"""Building a cache: read each shard's samples as OpenCLIP's training pipeline groups them (in DataLoader
+workers), run h on h's own eval view, write one sidecar per shard (temporary name, then rename)."""
+import glob
+import gzip
+import hashlib
+import io
+import os
+import re
+import signal
+import sys
+import tarfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .format import (DTYPES, IMAGE_EXTS, PRECISIONS, CacheError, _write_atomic, check_shard_ids, encode_sidecar,
+                     ensure_manifest, expand_shards, file_sha256, image_crc32, local_path, log, make_manifest,
+                     shard_id, sidecar_info, sidecar_path, third_tower_cfg)
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")       # webdataset skips such tar members (e.g. __index__)
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
+_TEST_KILL = "OPEN_CLIP_3T_CACHE_TEST_KILL"      # tests only: "batches:N" or "write:N" -> SIGKILL ourselves there
+
+
+# --- reading shards (inside DataLoader workers) ---------------------------------------------------------------
+
+class _HashingReader:
+    """A file wrapper that hashes and counts what is read (the shard's sha256 comes free with the build)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self):
+        while self.read(1 << 22):
+            pass
+
+
+def _tar_members(fileobj, stats):
+    """(name, bytes) of the regular members webdataset reads; a truncated/corrupt tar ends the shard early.
+    Other errors (an I/O error of the file system) fail the build: the shard must not look done."""
+    try:
+        stream = tarfile.open(fileobj=fileobj, mode="r|*")
+        for member in stream:
+            if member.isreg() and not _SKIP_META.match(member.name):
+                yield member.name, stream.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        stats["truncated"] = f"{type(e).__name__}: {e}"
+
+
+def iter_tar_samples(url, stats):
+    """Samples {__key__, ext: bytes, ...} of a shard grouped as OpenCLIP's training pipeline groups them
+    (open_clip_train.data.group_by_keys_nothrow: a new sample starts when the key changes or an extension repeats;
+    extensions lower-cased). Fills stats with the shard's size, sha256 and truncation."""
+    from webdataset.gopen import gopen
+    raw = gopen(url, "rb")
+    try:
+        reader = _HashingReader(raw)
+        current = None
+        for name, data in _tar_members(reader, stats):
+            match = _KEY_AND_EXT.match(name)
+            if match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if current is None or key != current["__key__"] or ext in current:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = data
+        if current is not None:
+            yield current  # also after a truncation: OpenCLIP's training pipeline yields it too
+        reader.drain()
+        stats["size"], stats["sha256"] = reader.size, reader.sha256.hexdigest()
+    finally:
+        raw.close()
+
+
+class _Skip(Exception):
+    pass
+
+
+def _decode(sample, transform):
+    """(h's input, image crc32) for a sample; _Skip for samples OpenCLIP's pipeline drops (no caption/image,
+    undecodable)."""
+    from PIL import Image
+    if "\n" in sample["__key__"]:
+        raise _Skip("key contains a newline")
+    if "txt" not in sample:
+        raise _Skip("no caption (.txt)")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise _Skip("no image (." + "/.".join(IMAGE_EXTS) + ")")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            image.load()
+            return transform(image.convert("RGB")), image_crc32(sample[ext])
+    except Exception as e:  # anything PIL or the transform raise on a bad image: skip it, as OpenCLIP does
+        raise _Skip(f"undecodable .{ext}: {type(e).__name__}: {e}"[:200]) from None
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Yields per-shard batches {shard, keys, crc32, pixels, done}. A batch never mixes shards and its boundaries
+    are fixed by the batch size, so h sees the same batches in a resumed build as in an uninterrupted one
+    (bit-identical outputs). `done` (the shard's statistics) comes with the shard's last batch."""
+
+    def __init__(self, shards, transform, batch_size):
+        self.shards, self.transform, self.batch_size = shards, transform, batch_size
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        mine = self.shards[worker.id::worker.num_workers] if worker else self.shards
+        for index, url in mine:
+            yield from self.read_shard(index, url)
+
+    def read_shard(self, index, url):
+        stats = {"samples": 0, "skipped": [], "truncated": None}
+        keys, crcs, pixels = [], [], []
+        for sample in iter_tar_samples(url, stats):
+            try:
+                pixel, crc = _decode(sample, self.transform)
+            except _Skip as e:
+                stats["skipped"].append([sample["__key__"], str(e)])
+                continue
+            keys.append(sample["__key__"])
+            crcs.append(crc)
+            pixels.append(pixel)
+            if len(keys) == self.batch_size:
+                yield {"shard": index, "keys": keys, "crc32": crcs, "pixels": torch.stack(pixels), "done": None}
+                stats["samples"] += len(keys)
+                keys, crcs, pixels = [], [], []
+        stats["samples"] += len(keys)
+        yield {"shard": index, "keys": keys, "crc32": crcs, "pixels": torch.stack(pixels) if pixels else None,
+               "done": stats}
+
+
+# --- build ----------------------------------------------------------------------------------------------------
+
+def shard_split(environ=None):
+    """(index, count) of this process among all builders: ranks (torchrun RANK/WORLD_SIZE, or srun
+    SLURM_PROCID/SLURM_NTASKS) times SLURM array tasks. Shard i goes to index i % count."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # an srun step (not the batch script itself)
+        rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+    else:
+        rank, world = 0, 1
+    task, tasks = 0, 1
+    if "SLURM_ARRAY_TASK_ID" in env:
+        first, last = int(env["SLURM_ARRAY_TASK_MIN"]), int(env["SLURM_ARRAY_TASK_MAX"])
+        tasks = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if last - first + 1 != tasks:
+            raise CacheError(f"SLURM array {first}-{last} has {tasks} tasks: use a contiguous range "
+                             f"(sbatch --array=0-{tasks - 1})")
+        task = int(env["SLURM_ARRAY_TASK_ID"]) - first
+    if not (0 <= rank < world and 0 <= task < tasks):
+        raise CacheError(f"bad rank {rank}/{world} or array task {task}/{tasks} in the environment")
+    return task * world + rank, tasks * world
+
+
+def _check_sidecar_is_for(path, url):
+    """A finished sidecar is skipped only if it was built from this shard: same size, and same sha256 when it was
+    built from another path (the data moved, or two sources share a folder name)."""
+    info = sidecar_info(path)
+    file = local_path(url)
+    if file is None or (info["shard"] == url and os.path.getsize(file) == info["shard_size"]):
+        return
+    if os.path.getsize(file) != info["shard_size"] or file_sha256(file) != info["shard_sha256"]:
+        raise CacheError(f"{path} was built from another shard ({info['shard']}, {info['shard_size']} bytes), not "
+                         f"{url}: if two sources share a folder name, give one another name (a symlink will do); "
+                         f"if the shard changed, delete the sidecar; or use another --out")
+
+
+class _Progress:
+    """One stderr line with samples/s: redrawn in place on a terminal, every 30 s otherwise (SLURM logs)."""
+
+    def __init__(self, label, total_shards, quiet=False):
+        self.label, self.total, self.shards, self.samples, self.skipped = label, total_shards, 0, 0, 0
+        self.start = self.last = time.monotonic()
+        self.tty, self.quiet = sys.stderr.isatty(), quiet
+
+    def rate(self):
+        return self.samples / max(time.monotonic() - self.start, 1e-9)
+
+    def line(self):
+        return (f"{self.label}: shards {self.shards}/{self.total}, samples {self.samples}, "
+                f"skipped {self.skipped}, {self.rate():.1f} samples/s")
+
+    def update(self, samples=0, shards=0, skipped=0, force=False):
+        self.samples, self.shards, self.skipped = self.samples + samples, self.shards + shards, self.skipped + skipped
+        now = time.monotonic()
+        if not self.quiet and (force or now - self.last >= (0.5 if self.tty else 30)):
+            self.last = now
+            print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        self.update(force=True)
+        if self.tty and not self.quiet:
+            print(file=sys.stderr, flush=True)
+
+
+def build(train_data, model, out, third_tower_weights=None, batch_size=256, workers=4, device="cpu",
+          precision="fp32", dtype="fp16", split=None, three_towers=None, quiet=False):
+    """Embed every sample of every shard of `train_data` assigned to this process; returns a summary dict."""
+    say = (lambda m: None) if quiet else log
+    # Everything that can be wrong is checked before h is loaded or a shard is read.
+    if dtype not in DTYPES:
+        raise CacheError(f"--dtype {dtype}: use one of {sorted(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise CacheError(f"--precision {precision}: use one of {sorted(PRECISIONS)}")
+    if batch_size < 1 or workers < 0:
+        raise CacheError(f"--batch-size {batch_size} / --workers {workers}: need batch size >= 1, workers >= 0")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CacheError("--device cuda: no CUDA device is visible; use --device cpu")
+    urls = expand_shards(train_data)
+    check_shard_ids(urls)
+    absent = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
+    if absent:
+        raise CacheError(f"{len(absent)} shard(s) of --train-data do not exist (first: {absent[0]}): fix the path")
+    cfg = third_tower_cfg(model, third_tower_weights, three_towers)
+    if cfg.weights is None and not cfg.timm_model_pretrained:
+        raise CacheError(f"{model}'s third tower {cfg.timm_model_name} has no pretrained weights "
+                         f"(timm_model_pretrained is false): pass --third-tower-weights FILE")
+    index, count = split if split is not None else shard_split()
+    mine = urls[index::count]
+    todo = [(i, u) for i, u in enumerate(mine) if not os.path.exists(sidecar_path(out, u))]
+    for url in set(mine) - {u for _, u in todo}:
+        _check_sidecar_is_for(sidecar_path(out, url), url)
+    label = f"cache build [{index + 1}/{count}]"
+    ensure_manifest(out, make_manifest(model, cfg, dtype, precision))
+    summary = {"shards": len(mine), "already_done": len(mine) - len(todo), "built": 0, "samples": 0,
+               "skipped": 0, "truncated": 0, "seconds": 0.0, "steady_samples_per_s": None}
+    say(f"{label}: {len(mine)} of {len(urls)} shards are ours, {summary['already_done']} already done, "
+        f"{len(todo)} to build into {out}")
+    if not todo:
+        return summary
+
+    from ..third_tower import ThirdTower
+    h = ThirdTower(cfg).to(device=device, dtype=PRECISIONS[precision])
+    for _, url in todo:  # temporary files of a killed build
+        for stale in glob.glob(glob.escape(sidecar_path(out, url)) + ".tmp*"):
+            os.remove(stale)
+    reader = ShardReader(todo, h.eval_transform(), batch_size)
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    kill_kind, _, kill_at = os.environ.get(_TEST_KILL, "").partition(":")
+    store = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    rows, keys, crcs = {}, {}, {}  # per shard being built: embeddings (on the device until the shard is done), ...
+    writer, written = ThreadPoolExecutor(max_workers=1), []  # sidecars are written while h computes the next batches
+
+    def write(url, emb, shard_keys, shard_crcs, info, kill):
+        path = sidecar_path(out, url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        emb = emb.cpu().numpy() if emb is not None else np.zeros((0, cfg.embed_dim), DTYPES[dtype])
+        _write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info), kill_midway=kill)
+
+    progress, first = _Progress(label, len(todo), quiet), None
+    with torch.inference_mode():
+        for batches, item in enumerate(loader, 1):
+            shard = item["shard"]
+            if item["pixels"] is not None:
+                emb = h(item["pixels"].to(device, non_blocking=True))
+                rows.setdefault(shard, []).append(emb.to(store))
+                keys.setdefault(shard, []).extend(item["keys"])
+                crcs.setdefault(shard, []).extend(item["crc32"])
+                progress.update(samples=len(item["keys"]))
+                if first is None:  # steady-state throughput excludes worker start-up and the first batch
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    first = (time.monotonic(), progress.samples)
+            if kill_kind == "batches" and batches == int(kill_at):
+                for f in written:  # tests: die mid-shard, after the finished shards are on disk
+                    f.result()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if item["done"] is not None:
+                stats, url = item["done"], mine[shard]
+                info = {"shard": url, "shard_id": shard_id(url), "shard_size": stats["size"],
+                        "shard_sha256": stats["sha256"], "samples": stats["samples"], "skipped": stats["skipped"],
+                        "truncated": stats["truncated"]}
+                emb = torch.cat(rows.pop(shard)) if shard in rows else None
+                kill = kill_kind == "write" and summary["built"] + 1 == int(kill_at)
+                written.append(writer.submit(write, url, emb, keys.pop(shard, []), crcs.pop(shard, []), info, kill))
+                for f in written:
+                    if f.done():
+                        f.result()  # surface a failed write now
+                summary["built"] += 1
+                summary["samples"] += stats["samples"]
+                summary["skipped"] += len(stats["skipped"])
+                summary["truncated"] += stats["truncated"] is not None
+                if stats["skipped"] or stats["truncated"]:
+                    progress.update(force=True)
+                    reasons = "; ".join(f"{k}: {r}" for k, r in stats["skipped"][:3])
+                    say(f"{chr(10) if progress.tty else ''}{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
+                        + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
+                        + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples before it"
+                           if stats["truncated"] else ""))
+                progress.update(shards=1, skipped=len(stats["skipped"]))
+    for f in written:
+        f.result()
+    writer.shutdown()
+    progress.close()
+    end = time.monotonic()
+    summary["seconds"] = end - progress.start
+    if first is not None and summary["samples"] > first[1]:
+        summary["steady_samples_per_s"] = (summary["samples"] - first[1]) / (end - first[0])
+    say(f"{label}: built {summary['built']} shards, {summary['samples']} samples "
+        f"({summary['samples'] / max(summary['seconds'], 1e-9):.1f} samples/s), {summary['skipped']} skipped, "
+        f"{summary['truncated']} truncated shard(s)")
+    return summary

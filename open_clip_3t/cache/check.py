@@ -1,0 +1,86 @@
+"""Checking a cache against data and a third tower: `verify` (every problem), `validate` (before training,
+one-line refusal), `info` (totals)."""
+import glob
+import os
+
+from .format import (MANIFEST, SUFFIX, CacheError, check_shard_ids, expand_shards, file_sha256, fingerprint,
+                     fingerprint_diffs, local_path, read_manifest, sidecar_info, sidecar_path, third_tower_cfg)
+
+
+def check_shards(cache_dir, urls, checksum=False, dim=None):
+    """(missing, mismatched, infos): shards without a sidecar, problem lines, and each present sidecar's metadata."""
+    missing, mismatched, infos = [], [], {}
+    for url in urls:
+        path = sidecar_path(cache_dir, url)
+        if not os.path.exists(path):
+            missing.append(url)
+            continue
+        try:
+            info = sidecar_info(path)
+        except Exception as e:
+            mismatched.append(f"{url}: unreadable sidecar {path} ({type(e).__name__}: {e}); delete it and rebuild")
+            continue
+        infos[url] = info
+        if dim is not None and info["dim"] != dim:
+            mismatched.append(f"{url}: sidecar has {info['dim']}-d embeddings, the third tower {dim}-d")
+        file = local_path(url)
+        if file is not None and os.path.isfile(file):
+            size = os.path.getsize(file)
+            if size != info["shard_size"]:
+                mismatched.append(f"{url}: shard is {size} bytes, the cache was built from {info['shard_size']} bytes")
+            elif checksum and file_sha256(file) != info["shard_sha256"]:
+                mismatched.append(f"{url}: shard sha256 differs from the one the cache was built from")
+        elif file is not None:
+            mismatched.append(f"{url}: shard file does not exist")
+    return missing, mismatched, infos
+
+
+def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=False, three_towers=None):
+    """Problems (one line each) that keep `cache_dir` from serving `train_data` for `model`; [] if none."""
+    urls = expand_shards(train_data)
+    check_shard_ids(urls)
+    manifest = read_manifest(cache_dir)
+    expected = fingerprint(third_tower_cfg(model, third_tower_weights, three_towers))
+    problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
+    missing, mismatched, _ = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
+    problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
+    problems += ["mismatched: " + m for m in mismatched]
+    return problems
+
+
+def validate(cache_dir, train_data, cfg, policy="error"):
+    """Before training: refuse (CacheError, one line) a cache for another third tower or other shards. Shards with
+    no sidecar are refused under policy 'error' and reported otherwise. Returns a summary dict."""
+    urls = expand_shards(train_data)
+    check_shard_ids(urls)
+    manifest = read_manifest(cache_dir)
+    diffs = fingerprint_diffs(manifest["fingerprint"], fingerprint(cfg))
+    if diffs:
+        raise CacheError(f"third-tower cache {cache_dir} was built for another third tower ({'; '.join(diffs)}): "
+                         f"pass the same --model/--third-tower-weights as the build, or build a cache for this one")
+    missing, mismatched, infos = check_shards(cache_dir, urls, dim=cfg.embed_dim)
+    verify_hint = f"run `python -m open_clip_3t.cache verify --cache {cache_dir} ...` for the full list"
+    if mismatched:
+        raise CacheError(f"third-tower cache {cache_dir} does not match --train-data: {len(mismatched)} shard(s) "
+                         f"differ (first: {mismatched[0]}); {verify_hint}")
+    if missing and policy == "error":
+        raise CacheError(f"third-tower cache {cache_dir} lacks {len(missing)} of {len(urls)} shards (first: "
+                         f"{missing[0]}): finish the build, or pass --cache-missing skip|online")
+    return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"],
+            "samples": sum(i["rows"] for i in infos.values()),
+            "skipped": sum(len(i["skipped"]) for i in infos.values())}
+
+
+def info(cache_dir):
+    """Summary of a cache: the manifest and totals over every sidecar in it."""
+    manifest = read_manifest(cache_dir)
+    paths = sorted(glob.glob(os.path.join(glob.escape(cache_dir), "*", "*" + SUFFIX)))
+    infos = [sidecar_info(p) for p in paths]
+    size = sum(os.path.getsize(p) for p in paths) + os.path.getsize(os.path.join(cache_dir, MANIFEST))
+    samples = sum(i["rows"] for i in infos)
+    return {"model": manifest["model"], "third_tower": manifest["fingerprint"]["timm_model_name"],
+            "weights": manifest["fingerprint"]["weights"], "dim": manifest["fingerprint"]["embed_dim"],
+            "dtype": manifest["dtype"], "precision": manifest["precision"], "shards": len(paths), "samples": samples,
+            "skipped": sum(len(i["skipped"]) for i in infos),
+            "truncated_shards": sum(bool(i["truncated"]) for i in infos), "bytes": size,
+            "bytes_per_sample": size / samples if samples else None}

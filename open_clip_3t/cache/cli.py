@@ -1,0 +1,57 @@
+"""`python -m open_clip_3t.cache build|verify|info` (see the package docstring)."""
+import argparse
+import sys
+
+import torch
+
+from . import __doc__ as PACKAGE_DOC
+from .build import build
+from .check import info, verify
+from .format import DTYPES, PRECISIONS, CacheError, expand_shards
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m open_clip_3t.cache", description=PACKAGE_DOC.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, out_flag):
+        p.add_argument("--train-data", required=True,
+                       help="shards, e.g. '/data/laion/{00000..41407}.tar' ('::' joins sources)")
+        p.add_argument("--model", required=True, help="3T model whose third tower is cached, e.g. 3T-ViT-B-16")
+        p.add_argument(out_flag, required=True, dest="cache", metavar="DIR", help="cache directory")
+        p.add_argument("--third-tower-weights", default=None, metavar="FILE", help="local weights file for h")
+
+    p = sub.add_parser("build", help="embed every sample of every shard with the third tower h")
+    common(p, "--out")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding the shards")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="h's compute precision")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored embedding dtype")
+    p = sub.add_parser("verify", help="check that a cache covers the shards and matches the model")
+    common(p, "--cache")
+    p.add_argument("--checksum", action="store_true", help="also re-hash every shard (sha256; reads all the data)")
+    p = sub.add_parser("info", help="print the manifest summary")
+    p.add_argument("--cache", required=True, metavar="DIR")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "build":
+            build(args.train_data, args.model, args.cache, args.third_tower_weights, args.batch_size, args.workers,
+                  args.device, args.precision, args.dtype)
+        elif args.command == "verify":
+            problems = verify(args.train_data, args.model, args.cache, args.third_tower_weights, args.checksum)
+            for line in problems:
+                print(line)
+            if problems:
+                print(f"cache {args.cache} does not serve --train-data for {args.model}: {len(problems)} problem(s)",
+                      file=sys.stderr)
+                return 1
+            print(f"ok: {args.cache} covers {len(expand_shards(args.train_data))} shards for {args.model}")
+        else:
+            for k, v in info(args.cache).items():
+                print(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}")
+    except (CacheError, FileNotFoundError) as e:
+        print(f"python -m open_clip_3t.cache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

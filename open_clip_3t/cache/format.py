@@ -1,0 +1,275 @@
+"""The cache's on-disk format: shard names, the manifest (h's fingerprint), sidecars (write, read, describe).
+
+docs/cache.md specifies the layout byte for byte:
+
+    DIR/manifest.json                           the fingerprint: h's name, weights hash, preprocessing, dim, dtype
+    DIR/<shard folder>/<shard file>.safetensors one sidecar per data shard: `embeddings` [N, D], `keys` (UTF-8,
+                                                newline-joined), `image_crc32` [N] (checked by the training join),
+                                                metadata (shard size and sha256, skipped samples)
+"""
+import glob
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import zlib
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+FORMAT = "open_clip_3t.cache/1"
+MANIFEST = "manifest.json"
+SUFFIX = ".safetensors"
+META_KEY = "open_clip_3t_cache"        # the one key of a sidecar's safetensors __metadata__ (a JSON string)
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")  # OpenCLIP's rename(image="jpg;png;jpeg;webp"): the first one wins
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CacheError(ValueError):
+    """A cache that does not fit the run, or bad build input: the message is one line naming the fix."""
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+# --- shards and their sidecars --------------------------------------------------------------------------------
+
+def expand_shards(spec):
+    """Shard URLs of a --train-data SPEC (braceexpand, `::`-joined sources), sorted, without duplicates."""
+    import webdataset as wds
+    if not spec:
+        raise CacheError("no shards given: pass --train-data '/data/laion/{00000..41407}.tar'")
+    return sorted(set(wds.shardlists.expand_urls(spec)))
+
+
+def local_path(url):
+    """The file behind a shard URL, or None for remote/pipe URLs."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    return None if re.match(r"^[a-z][a-z0-9+.-]*:", path) else path
+
+
+def shard_id(url):
+    """Sidecar name of a shard: its folder and file name, '<folder>/<file>' (e.g. 'laion400m/00012.tar').
+
+    Not the full path, so a cache keeps working when the data is copied elsewhere (local scratch, another mount).
+    For `pipe:` URLs the last word containing '.tar' is taken as the path.
+    """
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if path.startswith("pipe:"):
+        words = [w for w in path[len("pipe:"):].split() if ".tar" in w]
+        path = words[-1] if words else path
+    path = path.split("?")[0].rstrip("/")
+    if local_path(path) is not None:
+        path = os.path.abspath(path)
+    parts = path.replace("\\", "/").split("/")[-2:]
+    return "/".join(re.sub(r"[^A-Za-z0-9._-]", "_", p) or "_" for p in parts)
+
+
+def sidecar_path(cache_dir, url):
+    return os.path.join(cache_dir, *shard_id(url).split("/")) + SUFFIX
+
+
+def check_shard_ids(urls):
+    """Refuse two shards that would share a sidecar (same folder name and file name in two sources)."""
+    seen = {}
+    for url in urls:
+        other = seen.setdefault(shard_id(url), url)
+        if other != url:
+            raise CacheError(f"shards {other} and {url} map to the same sidecar {shard_id(url)}{SUFFIX}: the cache "
+                             f"names a shard by its folder and file name; give one folder another name (a symlink will do)")
+
+
+# --- the fingerprint ------------------------------------------------------------------------------------------
+
+_SHA256_MEMO = {}
+
+
+def file_sha256(path):
+    stat = os.stat(path)
+    memo = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _SHA256_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _SHA256_MEMO[memo] = digest.hexdigest()
+    return _SHA256_MEMO[memo]
+
+
+def third_tower_cfg(model, third_tower_weights=None, three_towers=None):
+    """h's config from a 3T model name (or an explicit three_towers section), with the weights override."""
+    from .._openclip import three_towers_config
+    from ..third_tower import ThreeTowersCfg
+    section = three_towers if three_towers is not None else three_towers_config(model)
+    if section is None:
+        raise CacheError(f"model {model!r} has no three_towers section: pass a 3T model (e.g. 3T-ViT-B-16, 3T-tiny)")
+    cfg = ThreeTowersCfg.from_dict(dict(section))
+    if third_tower_weights is not None:
+        cfg.weights = third_tower_weights
+    return cfg
+
+
+def weights_identity(cfg):
+    """'sha256:<hex>' of a local weights file, 'timm-hub:<name>' for timm's hub weights, None for no weights."""
+    if cfg.weights:
+        return "sha256:" + file_sha256(cfg.weights)
+    if cfg.timm_model_pretrained:
+        return "timm-hub:" + cfg.timm_model_name
+    return None
+
+
+def fingerprint(cfg):
+    """What decides h's embeddings: architecture, weights, eval preprocessing. Reads no weights (h is built on the
+    meta device to resolve timm's defaults exactly as the real ThirdTower does)."""
+    from ..third_tower import ThirdTower, check_timm_model
+    check_timm_model(cfg)
+    with torch.device("meta"):
+        h = ThirdTower(cfg, load_weights=False)
+    return {
+        "timm_model_name": cfg.timm_model_name,
+        "timm_kwargs": dict(cfg.timm_kwargs),
+        "embed_dim": cfg.embed_dim,
+        "weights": weights_identity(cfg),
+        "image_size": list(h.image_size),
+        "interpolation": h.interpolation,
+        "crop_pct": h.crop_pct,
+        "mean": list(h.mean),
+        "std": list(h.std),
+    }
+
+
+def fingerprint_diffs(found, expected):
+    """['weights: cache sha256:.. != model sha256:..', ...] for every field that differs."""
+    keys = sorted(set(found) | set(expected))
+    return [f"{k}: cache has {found.get(k)!r}, model has {expected.get(k)!r}"
+            for k in keys if json.dumps(found.get(k)) != json.dumps(expected.get(k))]
+
+
+def make_manifest(model, cfg, dtype, precision):
+    import timm
+    from .. import __version__
+    return {
+        "format": FORMAT,
+        "model": model,                       # informational: any 3T model with the same h may use the cache
+        "fingerprint": fingerprint(cfg),
+        "dtype": np.dtype(DTYPES[dtype]).name,
+        "precision": precision,               # h's compute precision during the build
+        "versions": {"open_clip_3t": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
+    }
+
+
+def read_manifest(cache_dir):
+    path = os.path.join(cache_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CacheError(f"{cache_dir} is not a third-tower cache (no {MANIFEST}): build one with "
+                         f"`python -m open_clip_3t.cache build --out {cache_dir} ...`") from None
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} has format {manifest.get('format')!r}, this open_clip_3t reads {FORMAT!r}: rebuild "
+                         f"the cache with this version")
+    return manifest
+
+
+def _tmp_name(path):
+    """A temporary name next to `path`, unique across the nodes sharing the file system."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def _write_atomic(path, data, kill_midway=False):
+    """Write to a temporary name, fsync, rename: `path` either does not exist or is complete."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        if kill_midway:  # tests: die with half a temporary file written
+            f.write(data[:len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def ensure_manifest(cache_dir, manifest):
+    """Create DIR/manifest.json once (create-exclusive: safe with many ranks/array tasks), else check it matches."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.exists(path):
+        tmp = _tmp_name(path)
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, fails if another rank was first
+        except (FileExistsError, FileNotFoundError):
+            pass
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    found = read_manifest(cache_dir)
+    diffs = fingerprint_diffs(found["fingerprint"], manifest["fingerprint"])
+    diffs += [f"{k}: cache has {found.get(k)!r}, this build has {manifest[k]!r}"
+              for k in ("dtype", "precision") if found.get(k) != manifest[k]]
+    if diffs:
+        raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank; nobody needs them now
+        try:
+            os.remove(stale)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+# --- sidecars -------------------------------------------------------------------------------------------------
+
+def encode_sidecar(embeddings, keys, crc32, info):
+    """safetensors bytes: deterministic (sorted JSON, no timestamps), so rebuilds are byte-identical."""
+    if not len(keys) == len(embeddings) == len(crc32):
+        raise ValueError(f"{len(keys)} keys, {len(crc32)} checksums for {len(embeddings)} embeddings")
+    blob = "\n".join(keys).encode("utf-8")
+    meta = json.dumps({"format": FORMAT, **info}, sort_keys=True, ensure_ascii=False)
+    return st_save({"embeddings": np.ascontiguousarray(embeddings), "keys": np.frombuffer(blob, np.uint8),
+                    "image_crc32": np.asarray(crc32, np.uint32)}, metadata={META_KEY: meta})
+
+
+def sidecar_info(path):
+    """A sidecar's metadata (no tensor data read), with `rows` = the embedding count."""
+    with safe_open(path, framework="numpy") as f:
+        meta = json.loads((f.metadata() or {})[META_KEY])
+        shape = f.get_slice("embeddings").get_shape()
+    meta["rows"], meta["dim"] = shape[0], shape[1]
+    return meta
+
+
+def load_sidecar(path):
+    """(embeddings [N, D] array, keys list, image_crc32 [N] array, metadata) of one sidecar."""
+    with open(path, "rb") as f:
+        data = f.read()
+    tensors = st_load(data)
+    keys = tensors["keys"].tobytes().decode("utf-8").split("\n") if tensors["keys"].size else []
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][META_KEY])
+    if len(keys) != len(tensors["embeddings"]):
+        raise CacheError(f"sidecar {path} is corrupt ({len(keys)} keys, {len(tensors['embeddings'])} rows): "
+                         f"delete it and rerun the build")
+    return tensors["embeddings"], keys, tensors["image_crc32"], meta
+
+
+def image_bytes(sample):
+    """The encoded image OpenCLIP trains on (rename(image="jpg;png;jpeg;webp")), or None."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    return None if ext is None else sample[ext]
+
+
+def image_crc32(data):
+    """Per-sample content check stored next to each embedding: the join refuses a row whose image changed."""
+    return zlib.crc32(data)

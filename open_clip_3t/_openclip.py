@@ -7,6 +7,7 @@ checkpoint loading, pos-embed resize) with the CLIP class swapped for ours for t
 Every other model takes OpenCLIP's own path, untouched.
 """
 import contextlib
+import glob
 import inspect
 import logging
 import os
@@ -46,6 +47,17 @@ def three_towers_config(model_name):
     return None if cfg is None else cfg.get(SECTION)
 
 
+def model_exists(model_name):
+    """Whether OpenCLIP knows `model_name`: a registered config, or a local-dir: folder with its config (hf-hub:
+    names are taken on trust: checking one needs the network)."""
+    schema, identifier = oc_factory.parse_model_name(model_name)
+    if schema == "hf-hub":
+        return True
+    if schema == "local-dir":
+        return (Path(identifier) / "open_clip_config.json").is_file()
+    return oc_factory.get_model_config(model_name.replace("/", "-")) is not None
+
+
 def model_config(model_name):
     """The full model config (OpenCLIP schema + three_towers section) for a name or local-dir:."""
     schema, _ = oc_factory.parse_model_name(model_name)
@@ -73,6 +85,25 @@ def checkpoint_keys(path):
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         keys = list(sd.keys())
     return [k[len("module."):] if k.startswith("module.") else k for k in keys]
+
+
+def checkpoint_unreadable(path):
+    """Why torch cannot read the checkpoint file `path` (e.g. truncated by a job that died while writing it, or
+    not a checkpoint at all), as one short line; None if it reads. Cheap: a zip checkpoint (torch.save's format) is
+    memory-mapped, so its directory and pickle are read, not its tensors; a .safetensors file's header is read."""
+    from .third_tower import error_line
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
+    except Exception as e:
+        return error_line(e)
+    return None
 
 
 def load_openclip_checkpoint(model, path, strict=True):
@@ -198,7 +229,7 @@ def register():
 # checkpoints, resume) with a few of its helpers replaced. That function imports its helpers by name, so a
 # replacement means rebinding the name in the `open_clip_train.main` module, for the duration of one call.
 
-TRAINER_HELPERS = ("parse_args", "create_model_and_transforms", "get_data", "train_one_epoch", "evaluate")
+TRAINER_HELPERS = ("parse_args", "create_model_and_transforms", "get_data", "train_one_epoch", "evaluate", "pt_load")
 
 
 def openclip_parse_args(argv):
@@ -207,10 +238,32 @@ def openclip_parse_args(argv):
     return parse_args(argv)
 
 
+def launch_rank():
+    """This process's global rank as the launcher (torchrun, srun, mpirun) set it, read as OpenCLIP reads it; usable
+    before any process group exists."""
+    from open_clip_train.distributed import world_info_from_env
+    return world_info_from_env()[1]
+
+
 def openclip_get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     """OpenCLIP's data pipeline: webdataset shards (braceexpand, `::`, resampling), CSV, synthetic, ImageNet."""
     from open_clip_train.data import get_data
     return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+
+
+def openclip_pt_load(path, map_location=None):
+    """OpenCLIP's checkpoint reader for --resume (local files and fsspec URLs)."""
+    from open_clip_train.file_utils import pt_load
+    return pt_load(path, map_location=map_location)
+
+
+def openclip_run_checkpoints(checkpoint_dir):
+    """(the *.pt files of a run's checkpoints/ folder, newest first in the order OpenCLIP's --resume latest ranks
+    them: a natural sort of the names, so epoch_latest.pt, epoch_10.pt, epoch_9.pt; the name --save-most-recent
+    writes)."""
+    import open_clip_train.main as oc_main
+    paths = glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt"))
+    return sorted(paths, key=oc_main.natural_key, reverse=True), oc_main.LATEST_CHECKPOINT_NAME
 
 
 def openclip_evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
@@ -269,16 +322,16 @@ def openclip_has_caption_and_image(sample):
     return filter_no_caption_or_no_image(sample)
 
 
-def wds_join_field(data_info, join_stage, field):
-    """Insert `join_stage` (samples -> samples with `field` set) right after the tar-to-samples stage of a
-    DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and make batches (image, text, field)."""
+def _wds_train_stages(data_info):
+    """The stage list of a DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and the index of its tar reader,
+    to_tuple and batched stages; fails loudly on a pipeline of another shape."""
     import webdataset as wds
     from open_clip_train.data import tarfile_to_samples_nothrow
-    from webdataset.filters import FilterFunction, _to_tuple
+    from webdataset.filters import FilterFunction, _batched, _to_tuple
 
     def fail(what):
-        raise RuntimeError(f"OpenCLIP's webdataset pipeline is not the one open_clip_3t's cache join was written for "
-                           f"(open_clip_torch 3.3, webdataset<=0.2.86): {what}; found open_clip_torch "
+        raise RuntimeError(f"OpenCLIP's webdataset pipeline is not the one open_clip_3t's training data stages were "
+                           f"written for (open_clip_torch 3.3, webdataset<=0.2.86): {what}; found open_clip_torch "
                            f"{open_clip.__version__}, webdataset {getattr(wds, '__version__', '?')}")
 
     loader = data_info.dataloader
@@ -288,12 +341,42 @@ def wds_join_field(data_info, join_stage, field):
     if not isinstance(dataset, wds.DataPipeline):
         fail("the WebLoader's dataset is not a wds.DataPipeline")
     stages = dataset.pipeline
-    tar = [i for i, s in enumerate(stages) if s is tarfile_to_samples_nothrow]
-    to_tuple = [i for i, s in enumerate(stages) if isinstance(s, FilterFunction) and s.f is _to_tuple]
-    if len(tar) != 1:
-        fail(f"expected one tarfile_to_samples_nothrow stage, found {len(tar)}")
-    if len(to_tuple) != 1 or stages[to_tuple[0]].args != ("image", "text") or to_tuple[0] < tar[0]:
-        fail("expected one to_tuple('image', 'text') stage after the tar stage")
-    stages[to_tuple[0]] = wds.to_tuple("image", "text", field)
-    stages.insert(tar[0] + 1, join_stage)
+
+    def find(what, test):
+        found = [i for i, s in enumerate(stages) if test(s)]
+        if len(found) != 1:
+            fail(f"expected one {what} stage, found {len(found)}")
+        return found[0]
+
+    tar = find("tarfile_to_samples_nothrow", lambda s: s is tarfile_to_samples_nothrow)
+    to_tuple = find("to_tuple", lambda s: isinstance(s, FilterFunction) and s.f is _to_tuple)
+    batched = find("batched", lambda s: isinstance(s, FilterFunction) and s.f is _batched)
+    if stages[to_tuple].args[:2] != ("image", "text") or not tar < to_tuple < batched:
+        fail("expected to_tuple('image', 'text') between the tar stage and the batched stage")
+    return stages, tar, to_tuple, batched
+
+
+def wds_join_field(data_info, join_stage, field):
+    """Insert `join_stage` (samples -> samples with `field` set) right after the tar-to-samples stage of a
+    DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and make batches (image, text, field)."""
+    import webdataset as wds
+    stages, tar, to_tuple, _ = _wds_train_stages(data_info)
+    stages[to_tuple] = wds.to_tuple("image", "text", field)
+    stages.insert(tar + 1, join_stage)
     return data_info
+
+
+def wds_watch(data_info, urls_stage, samples_stage):
+    """Insert `urls_stage` (shard urls -> the same) right before the tar reader and `samples_stage` (samples ->
+    the same) right before the batcher of a DataInfo from OpenCLIP's get_wds_dataset(is_train=True). Each data
+    worker runs both, once per pass over its shards (a fresh pass each time webdataset's with_epoch repeats)."""
+    stages, tar, _, batched = _wds_train_stages(data_info)
+    stages.insert(batched, samples_stage)
+    stages.insert(tar, urls_stage)
+    return data_info
+
+
+def openclip_is_webdataset(args):
+    """Whether OpenCLIP reads args.train_data as webdataset shards (--dataset-type webdataset, or auto and .tar)."""
+    from open_clip_train.data import get_dataset_fn, get_wds_dataset
+    return get_dataset_fn(args.train_data, args.dataset_type) is get_wds_dataset

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from open_clip.model import CLIP
 from open_clip.transform import PreprocessCfg
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
-from ._openclip import SECTION, load_state_dict, model_config
+from ._openclip import SECTION, checkpoint_keys, checkpoint_unreadable, load_state_dict, model_config, model_exists
 from .model import clip_state_dict, is_three_towers_key
 
 
@@ -33,40 +33,110 @@ def _model_name_from_run(checkpoint):
     return None
 
 
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
+
+
+def _check_out(out_dir, overwrite):
+    """--out may be new, empty, or (with --overwrite) an earlier export: never anything else."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file: choose a folder")
+    held = sorted(p.name for p in out_dir.iterdir() if not re.fullmatch(r"\..*\.tmp-\d+", p.name))
+    if not held:
+        return
+    others = [name for name in held if name not in (CONFIG_FILE, WEIGHTS_FILE)]
+    if others or CONFIG_FILE not in held:
+        listed = ", ".join((others or held)[:3]) + (", ..." if len(others or held) > 3 else "")
+        raise FileExistsError(f"export folder {out_dir} holds {listed}, which is not an earlier export: choose "
+                              f"another --out (--overwrite replaces only a folder written by export)")
+    if not overwrite:
+        raise FileExistsError(f"export folder {out_dir} holds an earlier export: pass --overwrite to replace it, or "
+                              f"choose another --out")
+
+
+def _write_file(path, data):
+    with open(path, "wb") as f:  # mode 0666 less the umask, as for any file the user writes
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_export(out_dir, files):
+    """Write {name: bytes} as the folder `out_dir`: built under a temporary name beside it and renamed, so the
+    folder appears complete or not at all (an earlier export is renamed aside first, removed last). A mount point
+    cannot be renamed: there each file is written to a temporary name inside it and renamed, weights first."""
+    pid = os.getpid()
+    if out_dir.is_dir() and os.path.ismount(out_dir):
+        for name, data in files.items():
+            tmp = out_dir / f".{name}.tmp-{pid}"
+            try:
+                _write_file(tmp, data)
+                os.replace(tmp, out_dir / name)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp-{pid}"), out_dir.with_name(f".{out_dir.name}.old-{pid}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # the earlier export stays as it was
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
-    """Write the plain-CLIP part of a 3T checkpoint to `out_dir`; returns the folder's path."""
+    """Write the plain-CLIP part of a 3T checkpoint to `out_dir`; returns the folder's path. `overwrite` replaces
+    an earlier export, never a folder that holds anything else."""
     out_dir = Path(out_dir)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: pass a training checkpoint "
                                 f"(epoch_N.pt) or a saved state dict")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"export folder {out_dir} is not empty: choose another --out or pass --overwrite")
+    reason = checkpoint_unreadable(checkpoint)
+    if reason:
+        raise ValueError(f"checkpoint {checkpoint} does not load ({reason}): pass a training checkpoint (epoch_N.pt) "
+                         f"or a saved state dict")
+    _check_out(out_dir, overwrite)
+    given = model_name is not None
     model_name = model_name or _model_name_from_run(checkpoint)
     if model_name is None:
         raise ValueError(f"cannot tell which model {checkpoint} holds (no params.txt beside its run): "
                          f"pass --model 3T-NAME (model_name=...)")
+    source = "--model" if given else "its run's params.txt"
+    if not model_exists(model_name):
+        raise ValueError(f"model {model_name} (from {source}) does not exist: pass the 3T --model the checkpoint was "
+                         f"trained with")
+    if not any(is_three_towers_key(k) for k in checkpoint_keys(checkpoint)):
+        raise ValueError(f"{checkpoint} holds no 3T heads: it is not a 3T checkpoint, and a plain CLIP checkpoint "
+                         f"needs no export (load it with open_clip.create_model_and_transforms('{model_name}', "
+                         f"pretrained='{checkpoint}'))")
     cfg = model_config(model_name)
-    if cfg is None or SECTION not in cfg:
-        raise ValueError(f"{model_name} is not a 3T model config: pass the --model the checkpoint was trained with")
+    if SECTION not in cfg:
+        raise ValueError(f"{checkpoint} holds 3T heads, but {model_name} (from {source}) is a plain OpenCLIP model: "
+                         f"pass the 3T --model the checkpoint was trained with")
 
     state_dict = load_state_dict(checkpoint)
-    if not any(is_three_towers_key(k) for k in state_dict):
-        raise ValueError(f"{checkpoint} holds no 3T heads: it is not a 3T checkpoint (a plain CLIP needs no export)")
     clip_cfg = {k: v for k, v in cfg.items() if k != SECTION}
     clip_weights = {k: v.detach().contiguous() for k, v in clip_state_dict(state_dict).items()}
     CLIP(**clip_cfg).load_state_dict(clip_weights, strict=True)  # proves vanilla OpenCLIP will load it
 
     preprocess_cfg = asdict(PreprocessCfg())
     preprocess_cfg["size"] = clip_cfg["vision_cfg"].get("image_size", preprocess_cfg["size"])
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(clip_weights, str(tmp / "open_clip_model.safetensors"))
     config = {"model_cfg": clip_cfg, "preprocess_cfg": preprocess_cfg}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)  # the folder appears complete or not at all
+    files = {WEIGHTS_FILE: save_safetensors(clip_weights), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
+    try:
+        _write_export(out_dir, files)
+    except OSError as e:
+        raise ValueError(f"cannot write --out {out_dir} ({e.strerror or e}): choose a folder on a writable file "
+                         f"system") from None
     return out_dir
 
 
@@ -75,7 +145,8 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="training checkpoint (epoch_N.pt) or a bare 3T state dict")
     parser.add_argument("--out", required=True, help="folder to write (loadable as local-dir:FOLDER)")
     parser.add_argument("--model", default=None, help="3T model name; default: read from the run's params.txt")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (a folder holding anything else is never replaced)")
     args = parser.parse_args(argv)
     try:
         out = export_clip(args.checkpoint, args.out, model_name=args.model, overwrite=args.overwrite)

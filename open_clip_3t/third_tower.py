@@ -1,9 +1,13 @@
 """The third tower h: a frozen pretrained timm image model, read at its pre-logits embedding."""
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import timm
+import timm.models._builder as timm_builder
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +56,86 @@ def check_timm_model(cfg: ThreeTowersCfg):
                                 f"(three_towers.weights in the config, or third_tower_weights=...)")
 
 
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be read or do not fill the model: the message is one line naming the fix."""
+
+
+def error_line(error):
+    """'Type: first sentence' of an exception raised while reading a weights or checkpoint file."""
+    text = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    if "weights_only" in text:  # torch's advice to unpickle unsafely is never the fix for a bad weights file
+        text = "not a file that torch.load or safetensors can read"
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+@contextlib.contextmanager
+def _recording_timm_loads(records, what, source, name):
+    """Within the block, timm's pretrained-weights load (timm 1.0: `timm.models._builder.load_pretrained`, which
+    loads with strict=False once the classifier is dropped) appends the keys it could not match to `records`;
+    a file it cannot read or load becomes a one-line WeightsError."""
+    original = getattr(timm_builder, "load_pretrained", None)
+    if original is None:
+        raise ImportError(f"timm {timm.__version__} has no timm.models._builder.load_pretrained: open_clip_3t's strict "
+                          f"weight check was written for timm 1.0")
+
+    def load_pretrained(model, *args, **kwargs):
+        hook = model.register_load_state_dict_post_hook(lambda module, keys: records.append(keys))
+        try:
+            return original(model, *args, **kwargs)
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            if lines and lines[0].startswith("Error(s) in loading state_dict"):  # a shape that does not fit
+                raise WeightsError(f"{what} {source} do not fit timm's {name} ({lines[1].strip()[:300]}): pass "
+                                   f"weights of that model, saved from timm.create_model('{name}', ...)") from None
+            raise WeightsError(f"{what} {source} cannot be read ({error_line(e)}): pass a state dict saved with "
+                               f"torch.save(model.state_dict(), FILE) or a .safetensors file") from None
+        finally:
+            hook.remove()
+
+    timm_builder.load_pretrained = load_pretrained
+    quiet = logging.getLogger(timm_builder.__name__)  # its "Missing/Unexpected keys" lines: we report them ourselves
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        timm_builder.load_pretrained = original
+        quiet.setLevel(level)
+
+
+def create_timm_model(name, weights=None, pretrained=True, what="weights", **kwargs):
+    """`timm.create_model(name, num_classes=0, **kwargs)` with pretrained weights (the local file `weights` through
+    timm's `pretrained_cfg_overlay` door, else timm's hub), loaded strictly: every parameter and buffer of the model
+    comes from the weights, or WeightsError (one line). timm itself would keep random weights with a log line."""
+    source = weights if weights else f"(timm's hub weights of {name})"
+    records = []
+    overlay = dict(file=weights) if weights else None
+    with _recording_timm_loads(records, what, source, name):
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
+    if pretrained and records:  # no record: a custom loader (e.g. .npz) that loads every weight or raises
+        missing, unexpected = list(records[-1].missing_keys), list(records[-1].unexpected_keys)
+        if missing or unexpected:
+            total = len(model.state_dict())
+            extra = f"; {len(unexpected)} tensors of the file are not in the model (e.g. {unexpected[:3]})" \
+                if unexpected else ""
+            raise WeightsError(f"{what} {source} do not fit timm's {name}: {len(missing)} of its {total} weights are "
+                               f"not in the file (e.g. {missing[:3]}){extra}; pass weights of that model, saved from "
+                               f"timm.create_model('{name}', ...)")
+    return model
+
+
+def on_meta_device(build):
+    """Run `build()` (which reads weights files) with the model on the meta device: the checks of a strict load,
+    without memory or compute for the model. A failure there is confirmed on the CPU, since a timm checkpoint
+    filter may create tensors that cannot be mixed with meta ones."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
+            build()
+    except WeightsError:
+        build()
+
+
 class ThirdTower(nn.Module):
     """h: frozen, always in eval mode, fed through its own preprocessing, output = pre-logits embedding."""
 
@@ -59,9 +143,8 @@ class ThirdTower(nn.Module):
         super().__init__()
         check_timm_model(cfg)
         pretrained = load_weights and (cfg.weights is not None or cfg.timm_model_pretrained)
-        overlay = dict(file=cfg.weights) if cfg.weights else None
-        self.model = timm.create_model(cfg.timm_model_name, pretrained=pretrained, num_classes=0,
-                                       pretrained_cfg_overlay=overlay, **cfg.timm_kwargs)
+        self.model = create_timm_model(cfg.timm_model_name, cfg.weights, pretrained, "third-tower weights",
+                                       **cfg.timm_kwargs)
         self.model.requires_grad_(False)
         self.model.eval()
 

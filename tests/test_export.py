@@ -1,4 +1,8 @@
+import errno
 import json
+import os
+import pathlib
+import stat
 import subprocess
 import sys
 
@@ -76,13 +80,24 @@ def test_export_api_takes_a_bare_state_dict(tmp_path, h_weights):
     assert torch.equal(plain.visual.conv1.weight, model.visual.conv1.weight)
 
 
+def export_error(*argv):
+    """The error `python -m open_clip_3t.export ARGV` exits with: sys.exit(message), i.e. status 1, the message on
+    stderr (in-process: the subprocess test above covers the real exit)."""
+    from open_clip_3t.export import main
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, argv)))
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code  # exit status 1, one line
+    return e.value.code
+
+
 def test_export_refuses_bad_input_and_never_leaves_half_folders(tmp_path, h_weights):
     _, ckpt = trained_checkpoint(tmp_path, h_weights)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not empty: choose another --out or pass --overwrite"):
-        export_clip(ckpt, taken)
+    for overwrite in (False, True):  # --overwrite replaces an earlier export only
+        with pytest.raises(FileExistsError, match="holds keep.txt, which is not an earlier export: choose another"):
+            export_clip(ckpt, taken, overwrite=overwrite)
     assert (taken / "keep.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_clip(tmp_path / "missing.pt", tmp_path / "x")
@@ -95,6 +110,76 @@ def test_export_refuses_bad_input_and_never_leaves_half_folders(tmp_path, h_weig
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: export folder") \
         and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_overwrite_never_deletes_a_training_run_and_replaces_an_earlier_export(tmp_path, h_weights):
+    """Issue 10, item 7: `--overwrite` deleted whatever --out held (a training run's checkpoints)."""
+    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+    run = ckpt.parent.parent  # holds checkpoints/ and params.txt
+    assert export_error(ckpt, "--out", run, "--overwrite") == (
+        f"error: export folder {run} holds checkpoints, params.txt, which is not an earlier export: choose another "
+        f"--out (--overwrite replaces only a folder written by export)")
+    assert ckpt.is_file() and (run / "params.txt").is_file()
+
+    out = export_clip(ckpt, tmp_path / "released")
+    with pytest.raises(FileExistsError, match="holds an earlier export: pass --overwrite to replace it"):
+        export_clip(ckpt, out)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.25)
+    newer = tmp_path / "newer.pt"
+    torch.save(model.state_dict(), newer)
+    assert export_clip(newer, out, model_name="3T-tiny", overwrite=True) == out
+    assert open_clip.create_model(f"local-dir:{out}").logit_scale.item() == 1.25
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_exported_files_are_readable_by_others(tmp_path, h_weights):
+    """Issue 10, item 10: safetensors' writer made open_clip_model.safetensors 0600."""
+    _, ckpt = trained_checkpoint(tmp_path, h_weights)
+    umask = os.umask(0o022)
+    try:
+        out = export_clip(ckpt, tmp_path / "released")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"open_clip_config.json": 0o644, "open_clip_model.safetensors": 0o644}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_export_errors_are_one_line_with_the_right_advice(tmp_path, h_weights, monkeypatch):
+    """Issue 10, items 8 and 9: random bytes as the checkpoint, a plain CLIP checkpoint, an --out that cannot be
+    written, an --out that is a mount point."""
+    _, ckpt = trained_checkpoint(tmp_path, h_weights)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    error = export_error(junk, "--out", tmp_path / "a", "--model", "3T-tiny")
+    assert error.startswith(f"error: checkpoint {junk} does not load (") and "weights_only" not in error
+
+    clip_run = tmp_path / "clip_run" / "checkpoints"
+    clip_run.mkdir(parents=True)
+    (clip_run.parent / "params.txt").write_text("model: CLIP-tiny\n")
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("CLIP-tiny").state_dict()}, clip_run / "epoch_1.pt")
+    error = export_error(clip_run / "epoch_1.pt", "--out", tmp_path / "b")
+    assert "it is not a 3T checkpoint, and a plain CLIP checkpoint needs no export (load it with " \
+           "open_clip.create_model_and_transforms('CLIP-tiny'" in error
+    assert "pass the --model the checkpoint was trained with" not in error
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "mkdir", read_only)
+        with pytest.raises(ValueError, match=r"^cannot write --out .*/c \(Read-only file system\): choose a folder"):
+            export_clip(ckpt, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".*"))
+
+    mount = tmp_path / "mount"  # a mount point cannot be renamed: the files are renamed into it instead
+    mount.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(os.path, "ismount", lambda path: str(path) == str(mount))
+        assert export_clip(ckpt, mount) == mount
+    assert sorted(p.name for p in mount.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert not list(tmp_path.glob(".*"))
+    assert type(open_clip.create_model(f"local-dir:{mount}")) is open_clip.CLIP
 
 
 def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(tmp_path, h_weights, monkeypatch):

@@ -93,10 +93,15 @@ class CacheJoin:
             elif key in corrupt:
                 counts["corrupt"] += 1
                 continue
+            elif stale and self.policy == "error":
+                raise cache.CacheError(f"shard {url} changed since the third-tower cache {self.cache_dir} was built "
+                                       f"(sample {key!r} has another image than the one the cache embedded): rebuild "
+                                       f"the cache for this data (`python -m open_clip_3t.cache verify --checksum` "
+                                       f"lists the changed shards)")
             elif self.policy == "error":
-                why = "has another image than the one" if stale else "is not in"
-                raise cache.CacheError(f"sample {key!r} of shard {url} {why} the third-tower cache {self.cache_dir}: "
-                                       f"rebuild the cache for this data, or pass --cache-missing skip|online")
+                raise cache.CacheError(f"sample {key!r} of shard {url} is not in the third-tower cache "
+                                       f"{self.cache_dir}: rebuild the cache for this data, or pass --cache-missing "
+                                       f"skip|online")
             else:
                 counts["missing"] += 1
                 if self.policy == "skip":

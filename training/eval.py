@@ -28,7 +28,7 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
-from open_clip_3t._openclip import load_state_dict, three_towers_config
+from open_clip_3t._openclip import checkpoint_unreadable, load_state_dict, three_towers_config
 from open_clip_3t.export import _model_name_from_run  # params.txt beside the run's checkpoints/ names the model
 
 from .evaluation import (ZeroShotTask, add_eval_args, build_classifier, check_eval_args, class_folders,
@@ -59,6 +59,10 @@ def resolve_spec(spec, model_name, flag, model_flag):
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{flag} {spec}: no such checkpoint file or folder; pass epoch_N.pt, an exported "
                                 f"folder or local-dir:DIR")
+    reason = checkpoint_unreadable(spec)
+    if reason:
+        raise ValueError(f"{flag} {spec} does not load ({reason}): it is truncated or not a checkpoint; pass an intact "
+                         f"epoch_N.pt, an exported folder or local-dir:DIR")
     model_name = model_name or _model_name_from_run(spec)
     if model_name is None:
         raise ValueError(f"cannot tell which model {spec} holds (no params.txt beside its run): pass {model_flag} NAME")
@@ -91,13 +95,34 @@ def load_model(spec: ModelSpec, device, precision):
 
 # --- retrieval shards -----------------------------------------------------------------------------------------
 
+def bad_shard(shard, error):
+    return ValueError(f"--val-data shard {shard} is truncated or not a tar file ({type(error).__name__}: {error}): "
+                      f"replace it, or leave it out of --val-data")
+
+
+def check_shard(shard):
+    """Walk a shard's tar headers (no member data read): a truncated or non-tar file is refused before any model is
+    loaded. For an uncompressed .tar, each member's data must also end within the file."""
+    size = os.path.getsize(shard)
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if shard.endswith(".tar") and member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {member.name} ends after the end of the file")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise bad_shard(shard, e) from None
+
+
 def expand_shards(spec):
-    """Shard paths of a webdataset spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist."""
+    """Shard paths of a webdataset spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist and be
+    intact tars."""
     shards = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"--val-data: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing); "
                                 f"pass existing local .tar shards, e.g. 'data/val/{{00000..00009}}.tar'")
+    for shard in shards:
+        check_shard(shard)
     return shards
 
 
@@ -113,22 +138,25 @@ def read_pairs(shards):
         return Image.open(io.BytesIO(image)).convert("RGB"), sample["txt"].decode("utf-8")
 
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            key, sample = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, base = os.path.split(member.name)
-                prefix, _, ext = base.partition(".")
-                if (folder, prefix) != key:
-                    if sample and (p := pair(sample)):
-                        yield p
-                    key, sample = (folder, prefix), {}
-                ext = ext.lower()
-                if ext in IMAGE_EXTENSIONS or ext == "txt":
-                    sample[ext] = tar.extractfile(member).read()
-            if sample and (p := pair(sample)):
-                yield p
+        try:
+            with tarfile.open(shard) as tar:
+                key, sample = None, {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    prefix, _, ext = base.partition(".")
+                    if (folder, prefix) != key:
+                        if sample and (p := pair(sample)):
+                            yield p
+                        key, sample = (folder, prefix), {}
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTENSIONS or ext == "txt":
+                        sample[ext] = tar.extractfile(member).read()
+                if sample and (p := pair(sample)):
+                    yield p
+        except (tarfile.TarError, EOFError) as e:  # changed since check_shard
+            raise bad_shard(shard, e) from None
 
 
 def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):

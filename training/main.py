@@ -1,16 +1,20 @@
 """`python -m training.main`: OpenCLIP's trainer for 3T, LiT and the CLIP baseline.
 
 This runs `open_clip_train.main.main` (distributed set-up, logging, optimizer, scheduler, checkpoints, resume,
-TensorBoard/W&B) with five of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
+TensorBoard/W&B) with six of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
 - parse_args: adds the 3T flags and rejects inconsistent ones before any work (training/params.py);
 - create_model_and_transforms: passes the 3T options to the factory (h's weights, a cache instead of h, head
   type...), loads local timm weights into a LiT image tower, copies h into f for 3T finetuning, and freezes the
   heads and temperatures that no loss term uses (DDP fails on parameters that never get a gradient);
-- get_data: joins cached h embeddings to the shards and adds evaluation sets (training/data.py);
+- get_data: joins cached h embeddings to the shards, stops an epoch that could never end, adds evaluation sets
+  (training/data.py);
 - train_one_epoch: batches with h embeddings, three temperatures, 3T gradient accumulation (training/train.py);
-- evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py).
+- evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py);
+- pt_load: --resume latest falls back to the newest checkpoint that loads (training/run_folder.py).
+Before OpenCLIP starts, global rank 0 locks the run folder: one live job per LOGS/NAME (training/run_folder.py).
 """
 import logging
+import os
 import sys
 
 import open_clip
@@ -18,11 +22,14 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
-from open_clip_3t._openclip import openclip_trainer, three_towers_config
+from open_clip_3t._openclip import launch_rank, openclip_trainer, three_towers_config
+from open_clip_3t.cache import CacheError
+from open_clip_3t.third_tower import WeightsError, create_timm_model
 
-from .data import get_data
-from .params import is_three_towers, parse_args
+from .data import TrainingDataError, get_data
 from .evaluation import evaluate
+from .params import fail, is_three_towers, parse_args
+from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import train_one_epoch
 
 # Parameters each loss term needs; a term with weight 0 leaves them without gradient.
@@ -86,12 +93,13 @@ def init_image_from_third_tower(model):
 
 def load_image_tower_weights(model, timm_name, path):
     """LiT: a local timm weights file into the timm image tower, through timm's own file door (which drops the
-    classifier and resizes position embeddings as it does for hub weights)."""
-    source = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)
+    classifier and resizes position embeddings as it does for hub weights). Strict: every weight of the timm
+    trunk comes from the file (a classifier the tower uses as its projection stays as built)."""
+    source = create_timm_model(timm_name, path, what="--image-tower-weights")
     result = model.visual.trunk.load_state_dict(source.state_dict(), strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"--image-tower-weights {path}: keys {result.unexpected_keys[:3]} do not fit the image "
-                         f"tower {timm_name}; pass weights of that timm model")
+        raise WeightsError(f"--image-tower-weights {path}: keys {result.unexpected_keys[:3]} do not fit the image "
+                           f"tower {timm_name}; pass weights of that timm model")
     logging.info(f"image tower initialised from {path} ({timm_name}); left as built: {result.missing_keys}")
 
 
@@ -133,12 +141,52 @@ def model_factory(args):
     return create_model_and_transforms
 
 
+# Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
+# data loader (the cache join, an endless epoch) or the run folder (lock, resume).
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError)
+
+
+def one_line(error):
+    """The message of one of our errors, also when a DataLoader worker raised it: torch re-raises it with the
+    worker's traceback in the message, whose last line is 'module.Class: message'."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[-1].split(": ", 1)[1] if len(lines) > 1 and ": " in lines[-1] else lines[-1]
+
+
+def claim_run_folder(args):
+    """Global rank 0, before any process group or model: lock LOGS/NAME and check what --resume latest will find.
+    Returns the lock (held until it is closed or the process ends), or None."""
+    if launch_rank() != 0 or not args.name or not args.logs or args.logs.lower() == "none":
+        return None  # without --name, OpenCLIP names the run by its start time: a new folder
+    run_dir = os.path.join(args.logs, args.name)
+    lock = lock_run_folder(run_dir)
+    if args.resume == "latest" and args.remote_sync is None:
+        try:
+            check_resume(os.path.join(run_dir, "checkpoints"), args.save_most_recent)
+        except RunFolderError:
+            if lock is not None:
+                lock.close()
+            raise
+    return lock
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)  # our checks run here, before any process group, model or data
-    with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
-                          get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate) as run:
-        result = run(argv)
+    lock = None
+    try:
+        lock = claim_run_folder(args)
+        with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
+                              get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
+                              pt_load=checkpoint_loader(args)) as run:
+            result = run(argv)
+    except STOPS as e:
+        if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
+            logging.error(one_line(e))
+        fail(one_line(e))
+    finally:
+        if lock is not None:
+            lock.close()
     if result == -1:  # OpenCLIP returns -1 (after printing why) instead of raising, e.g. when the run exists
         raise SystemExit(f"training.main: stopped without training (see the message above); for an existing "
                          f"run pass a new --name or --resume latest")

@@ -8,8 +8,11 @@ import argparse
 import os
 import sys
 
-from open_clip_3t._openclip import model_config, openclip_parse_args, three_towers_config
-from open_clip_3t.cache import CacheError
+from open_clip_3t._openclip import (CONFIG_DIR, checkpoint_unreadable, launch_rank, model_config, model_exists,
+                                   openclip_is_webdataset, openclip_parse_args, three_towers_config)
+from open_clip_3t.cache import CacheError, expand_shards, third_tower_cfg
+from open_clip_3t.cache.format import local_path
+from open_clip_3t.third_tower import ThirdTower, WeightsError, create_timm_model, on_meta_device
 
 from .cached_data import validate_cache
 from .evaluation import add_eval_args
@@ -67,8 +70,53 @@ def fail(message):
     raise SystemExit(2)
 
 
+def check_train_data(args):
+    """--train-data that names nothing readable would have OpenCLIP's loader retry its shards forever."""
+    try:
+        webdataset = openclip_is_webdataset(args)
+    except ValueError as e:
+        fail(f"--train-data {args.train_data}: {e}; pass --dataset-type webdataset or csv")
+    if not webdataset:
+        if args.dataset_type in ("csv", "auto") and not os.path.isfile(args.train_data):
+            fail(f"--train-data {args.train_data}: no such file; pass an existing CSV file")
+        return
+    urls = expand_shards(args.train_data)
+    absent = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
+    if absent and len(absent) == len(urls):
+        fail(f"--train-data: none of its {len(urls)} shard(s) exist (first: {absent[0]}): fix the path or the brace "
+             f"pattern, e.g. '/data/laion/{{00000..41407}}.tar'")
+    if absent:  # OpenCLIP skips them (a warning each time one is read): kept, but said once up front
+        print(f"training.main: warning: {len(absent)} of the {len(urls)} shards of --train-data do not exist (first: "
+              f"{absent[0]}); training on the others", file=sys.stderr)
+
+
+def h_is_built(args):
+    """Whether training builds h (and reads its weights): not when the cache replaces it."""
+    return not (args.third_tower_cache and args.cache_missing != "online" and not args.init_image_from_third_tower)
+
+
+def check_weights(args):
+    """Strict load of the local weights files (h's, a LiT tower's) on the meta device: a file for another
+    architecture, or not a weights file, stops the run here instead of after the model is built. Global rank 0
+    only (the others wait for it at the process group, and stop with it)."""
+    try:
+        if is_three_towers(args) and h_is_built(args):
+            cfg = third_tower_cfg(args.model, args.third_tower_weights)
+            if cfg.weights:
+                on_meta_device(lambda: ThirdTower(cfg))
+        if args.image_tower_weights:
+            timm_name = model_config(args.model)["vision_cfg"]["timm_model_name"]
+            on_meta_device(lambda: create_timm_model(timm_name, args.image_tower_weights, what="--image-tower-weights"))
+    except (WeightsError, CacheError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
 def check_args(args):
     """Reject inconsistent flags before any model, data or process group is created."""
+    if not model_exists(args.model):
+        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        fail(f"--model {args.model} does not exist (no OpenCLIP or 3T config of that name): pick one of "
+             f"open_clip.list_models(), e.g. {', '.join(ours)}")
     three_towers = is_three_towers(args)
     if not three_towers:
         used = [flag for flag, value in (
@@ -104,6 +152,13 @@ def check_args(args):
                 fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
                      f"({f_arch or 'an OpenCLIP ViT'}) is not h's architecture ({h_arch}); use a 3T config whose "
                      f"vision_cfg.timm_model_name is {h_arch}")
+    if args.resume not in (None, "latest") and "://" not in args.resume:
+        reason = checkpoint_unreadable(args.resume) if os.path.isfile(args.resume) else "no such file"
+        if reason:
+            fail(f"--resume {args.resume} does not load ({reason}): pass a training checkpoint (epoch_N.pt), or "
+                 f"--resume latest")
+    if args.train_data:
+        check_train_data(args)
     if args.third_tower_cache is not None:
         if not os.path.isdir(args.third_tower_cache):
             fail(f"--third-tower-cache {args.third_tower_cache}: no such directory; build it with "
@@ -123,3 +178,5 @@ def check_args(args):
                  f"whose vision_cfg has timm_model_name (e.g. LiT-ViT-B-16)")
         if args.pretrained_image:
             fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")
+    if launch_rank() == 0:
+        check_weights(args)

@@ -236,6 +236,8 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     for url in set(mine) - {u for _, u in todo}:
         _check_sidecar_is_for(sidecar_path(out, url), url)
     label = f"cache build [{index + 1}/{count}]"
+    from ..third_tower import ThirdTower
+    h = ThirdTower(cfg) if todo else None  # h's weights load strictly before the manifest binds them to `out`
     ensure_manifest(out, make_manifest(model, cfg, dtype, precision))
     summary = {"shards": len(mine), "already_done": len(mine) - len(todo), "built": 0, "samples": 0,
                "skipped": 0, "truncated": 0, "seconds": 0.0, "steady_samples_per_s": None}
@@ -244,8 +246,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     if not todo:
         return summary
 
-    from ..third_tower import ThirdTower
-    h = ThirdTower(cfg).to(device=device, dtype=PRECISIONS[precision])
+    h = h.to(device=device, dtype=PRECISIONS[precision])
     for _, url in todo:  # temporary files of a killed build
         for stale in glob.glob(glob.escape(sidecar_path(out, url)) + ".tmp*"):
             os.remove(stale)
@@ -261,6 +262,10 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
         path = sidecar_path(out, url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         emb = emb.cpu().numpy() if emb is not None else np.zeros((0, cfg.embed_dim), DTYPES[dtype])
+        if not np.isfinite(emb).all():
+            raise CacheError(f"h gave non-finite embeddings for {int((~np.isfinite(emb)).any(1).sum())} sample(s) "
+                             f"of {url}: nothing written; build with --precision fp32 if h overflows in {precision}, else "
+                             f"check h's weights")
         _write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info), kill_midway=kill)
 
     progress, first = _Progress(label, len(todo), quiet), None

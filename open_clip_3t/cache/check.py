@@ -3,12 +3,14 @@ one-line refusal), `info` (totals)."""
 import glob
 import os
 
-from .format import (MANIFEST, SUFFIX, CacheError, check_shard_ids, expand_shards, file_sha256, fingerprint,
-                     fingerprint_diffs, local_path, read_manifest, sidecar_info, sidecar_path, third_tower_cfg)
+from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, check_shard_ids, expand_shards, file_sha256, fingerprint,
+                     fingerprint_diffs, load_sidecar, local_path, read_manifest, rebuild_hint, sidecar_info,
+                     sidecar_path, third_tower_cfg)
 
 
 def check_shards(cache_dir, urls, checksum=False, dim=None):
-    """(missing, mismatched, infos): shards without a sidecar, problem lines, and each present sidecar's metadata."""
+    """(missing, mismatched, infos): shards without a sidecar, problem lines, and each present sidecar's metadata.
+    With `checksum`, every sidecar is read whole (its sha256, finite embeddings) and every shard re-hashed."""
     missing, mismatched, infos = [], [], {}
     for url in urls:
         path = sidecar_path(cache_dir, url)
@@ -21,6 +23,14 @@ def check_shards(cache_dir, urls, checksum=False, dim=None):
             mismatched.append(f"{url}: unreadable sidecar {path} ({type(e).__name__}: {e}); delete it and rebuild")
             continue
         infos[url] = info
+        if checksum:
+            try:
+                load_sidecar(path)
+            except CacheError as e:
+                mismatched.append(f"{url}: {e}")
+            if DIGEST not in info:
+                mismatched.append(f"{url}: sidecar {path} carries no sha256 (written before sidecars had one), so "
+                                  f"its bytes cannot be checked: {rebuild_hint(path)}")
         if dim is not None and info["dim"] != dim:
             mismatched.append(f"{url}: sidecar has {info['dim']}-d embeddings, the third tower {dim}-d")
         file = local_path(url)
@@ -66,6 +76,10 @@ def validate(cache_dir, train_data, cfg, policy="error"):
     if missing and policy == "error":
         raise CacheError(f"third-tower cache {cache_dir} lacks {len(missing)} of {len(urls)} shards (first: "
                          f"{missing[0]}): finish the build, or pass --cache-missing skip|online")
+    if len(missing) == len(urls) and policy == "skip":
+        raise CacheError(f"third-tower cache {cache_dir} covers none of the {len(urls)} shards of --train-data (first: "
+                         f"{missing[0]}): --cache-missing skip would drop every sample; build the cache for these "
+                         f"shards, or pass --cache-missing online")
     return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"],
             "samples": sum(i["rows"] for i in infos.values()),
             "skipped": sum(len(i["skipped"]) for i in infos.values())}

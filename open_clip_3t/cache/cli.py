@@ -7,6 +7,7 @@ import torch
 from . import __doc__ as PACKAGE_DOC
 from .build import build
 from .check import info, verify
+from ..third_tower import WeightsError
 from .format import DTYPES, PRECISIONS, CacheError, expand_shards
 
 
@@ -30,7 +31,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored embedding dtype")
     p = sub.add_parser("verify", help="check that a cache covers the shards and matches the model")
     common(p, "--cache")
-    p.add_argument("--checksum", action="store_true", help="also re-hash every shard (sha256; reads all the data)")
+    p.add_argument("--checksum", action="store_true",
+                   help="also read every sidecar whole (its own sha256, finite embeddings) and re-hash every shard "
+                        "(sha256; reads all the data)")
     p = sub.add_parser("info", help="print the manifest summary")
     p.add_argument("--cache", required=True, metavar="DIR")
     args = parser.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv=None):
         else:
             for k, v in info(args.cache).items():
                 print(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}")
-    except (CacheError, FileNotFoundError) as e:
+    except (CacheError, WeightsError, FileNotFoundError) as e:
         print(f"python -m open_clip_3t.cache {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -105,9 +105,12 @@ def file_sha256(path):
 
 def third_tower_cfg(model, third_tower_weights=None, three_towers=None):
     """h's config from a 3T model name (or an explicit three_towers section), with the weights override."""
-    from .._openclip import three_towers_config
+    from .._openclip import model_exists, three_towers_config
     from ..third_tower import ThreeTowersCfg
     section = three_towers if three_towers is not None else three_towers_config(model)
+    if section is None and not model_exists(model):
+        raise CacheError(f"model {model!r} does not exist (no such OpenCLIP or 3T config): pass a 3T model, e.g. "
+                         f"3T-ViT-B-16 or 3T-tiny")
     if section is None:
         raise CacheError(f"model {model!r} has no three_towers section: pass a 3T model (e.g. 3T-ViT-B-16, 3T-tiny)")
     cfg = ThreeTowersCfg.from_dict(dict(section))
@@ -231,14 +234,36 @@ def ensure_manifest(cache_dir, manifest):
 
 # --- sidecars -------------------------------------------------------------------------------------------------
 
+DIGEST = "sha256"    # metadata field: sha256 of the sidecar's own bytes, taken with this field's value set to BLANK
+BLANK = "0" * 64
+
+
+def rebuild_hint(path):
+    return (f"rebuild that shard's sidecar: delete {path} and rerun `python -m open_clip_3t.cache build` with the same "
+            f"options (it builds only the sidecars that do not exist)")
+
+
+def sidecar_digest(data, digest=BLANK):
+    """sha256 of sidecar bytes `data` whose metadata holds `digest` as its sha256, with that value blanked."""
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    sha = hashlib.sha256(data[:8])
+    sha.update(data[8:header_end].replace(digest.encode(), BLANK.encode(), 1))
+    sha.update(memoryview(data)[header_end:])
+    return sha.hexdigest()
+
+
 def encode_sidecar(embeddings, keys, crc32, info):
-    """safetensors bytes: deterministic (sorted JSON, no timestamps), so rebuilds are byte-identical."""
+    """safetensors bytes: deterministic (sorted JSON, no timestamps), so rebuilds are byte-identical. The metadata
+    carries the sha256 of the file itself (computed with that value blanked, then written in its place)."""
     if not len(keys) == len(embeddings) == len(crc32):
         raise ValueError(f"{len(keys)} keys, {len(crc32)} checksums for {len(embeddings)} embeddings")
     blob = "\n".join(keys).encode("utf-8")
-    meta = json.dumps({"format": FORMAT, **info}, sort_keys=True, ensure_ascii=False)
-    return st_save({"embeddings": np.ascontiguousarray(embeddings), "keys": np.frombuffer(blob, np.uint8),
+    meta = json.dumps({"format": FORMAT, **info, DIGEST: BLANK}, sort_keys=True, ensure_ascii=False)
+    data = st_save({"embeddings": np.ascontiguousarray(embeddings), "keys": np.frombuffer(blob, np.uint8),
                     "image_crc32": np.asarray(crc32, np.uint32)}, metadata={META_KEY: meta})
+    header_end = 8 + int.from_bytes(data[:8], "little")  # __metadata__ comes first in the header: the first BLANK
+    header = data[8:header_end].replace(BLANK.encode(), sidecar_digest(data).encode(), 1)
+    return data[:8] + header + data[header_end:]
 
 
 def sidecar_info(path):
@@ -251,17 +276,30 @@ def sidecar_info(path):
 
 
 def load_sidecar(path):
-    """(embeddings [N, D] array, keys list, image_crc32 [N] array, metadata) of one sidecar."""
+    """(embeddings [N, D] array, keys list, image_crc32 [N] array, metadata) of one sidecar. Refuses (CacheError,
+    one line) a sidecar whose bytes do not match its sha256, or that holds a non-finite embedding. A sidecar
+    without a sha256 (written before sidecars carried one) is read unchecked."""
     with open(path, "rb") as f:
         data = f.read()
-    tensors = st_load(data)
-    keys = tensors["keys"].tobytes().decode("utf-8").split("\n") if tensors["keys"].size else []
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][META_KEY])
-    if len(keys) != len(tensors["embeddings"]):
-        raise CacheError(f"sidecar {path} is corrupt ({len(keys)} keys, {len(tensors['embeddings'])} rows): "
-                         f"delete it and rerun the build")
-    return tensors["embeddings"], keys, tensors["image_crc32"], meta
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][META_KEY])
+        keys = tensors["keys"].tobytes().decode("utf-8").split("\n") if tensors["keys"].size else []
+    except Exception as e:
+        raise CacheError(f"sidecar {path} is unreadable ({type(e).__name__}: {str(e)[:100]}): "
+                         f"{rebuild_hint(path)}") from None
+    if DIGEST in meta and sidecar_digest(data, meta[DIGEST]) != meta[DIGEST]:
+        raise CacheError(f"sidecar {path} is corrupt (its bytes do not match its sha256): {rebuild_hint(path)}")
+    embeddings = tensors["embeddings"]
+    if len(keys) != len(embeddings):
+        raise CacheError(f"sidecar {path} is corrupt ({len(keys)} keys, {len(embeddings)} rows): {rebuild_hint(path)}")
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise CacheError(f"sidecar {path} holds non-finite embeddings ({int((~finite).sum())} rows, first key "
+                         f"{keys[first]!r}): {rebuild_hint(path)}")
+    return embeddings, keys, tensors["image_crc32"], meta
 
 
 def image_bytes(sample):

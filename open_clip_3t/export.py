@@ -14,7 +14,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from open_clip.model import CLIP
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save as save_safetensors

@@ -6,6 +6,7 @@ import copy
 import glob
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -19,9 +20,11 @@ import timm
 import torch
 from PIL import Image
 from safetensors.numpy import load_file
+from safetensors.numpy import save as save_numpy
 
 import open_clip_3t
 from open_clip_3t import cache
+from open_clip_3t.cache.format import encode_sidecar
 from open_clip_3t.toy.synthetic import write_shards
 from tests.conftest import REPO
 from training.cached_data import fill_missing_third, get_cached_wds_dataset
@@ -266,10 +269,90 @@ def test_cache_for_another_third_tower_or_other_shards_is_refused(tmp_path, h_we
     regenerated = make_shards(tmp_path / "elsewhere" / "data", 2, seed=1)
     problems = cache.verify(regenerated, MODEL, cache_dir, h_weights, checksum=True)
     assert len(problems) == 2 and all("sha256 differs" in p for p in problems)
-    with pytest.raises(cache.CacheError, match="has another image than the one the third-tower cache"):
+    with pytest.raises(cache.CacheError, match="changed since the third-tower cache .* was built .* has another image"):
         cached_batches(train_args(regenerated, cache_dir, h_weights, train_num_samples=12))
     with pytest.raises(cache.CacheError, match="was built from another shard"):  # never taken for "already done"
         build(regenerated, tmp_path / "cache", h_weights)
+
+
+def verify_lines(spec, cache_dir, weights, capsys, *flags):
+    """(exit status, stdout lines) of `python -m open_clip_3t.cache verify ...`, in this process."""
+    status = cache.main(["verify", "--train-data", spec, "--model", MODEL, "--cache", str(cache_dir),
+                         "--third-tower-weights", weights, *flags])
+    return status, capsys.readouterr().out.strip().splitlines()
+
+
+def test_sidecars_carry_their_own_sha256(tmp_path, h_weights, capsys):
+    """Issue 10, item 4: 200 overwritten embedding bytes passed `verify --checksum` and were trained on (values of
+    203); NaN rows stopped mid-epoch advising --cache-missing online. Now verify --checksum and the training join
+    both refuse the sidecar, and the advice (rebuild that shard's sidecar) is the fix."""
+    spec = make_shards(tmp_path / "data", 2)
+    build(spec, tmp_path / "cache", h_weights)
+    shard, _ = cache.expand_shards(spec)
+    path = cache.sidecar_path(str(tmp_path / "cache"), shard)
+    data = open(path, "rb").read()
+    digest = cache.sidecar_info(path)["sha256"]  # docs/cache.md: sha256 of the file with this value blanked
+    assert hashlib.sha256(data.replace(digest.encode(), b"0" * 64, 1)).hexdigest() == digest
+    hint = f"rebuild that shard's sidecar: delete {path} and rerun `python -m open_clip_3t.cache build`"
+
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8:8 + header_len])["embeddings"]["data_offsets"][0]
+    with open(path, "r+b") as f:  # 200 bytes of embeddings become fp16 0x5A5A = 203.25
+        f.seek(start + 16)
+        f.write(b"\x5a" * 200)
+    assert verify_lines(spec, tmp_path / "cache", h_weights, capsys)[0] == 0  # headers only: the sizes still fit
+    status, lines = verify_lines(spec, tmp_path / "cache", h_weights, capsys, "--checksum")
+    assert status == 1 and lines == [f"mismatched: {shard}: sidecar {path} is corrupt (its bytes do not match its "
+                                     f"sha256): {hint} with the same options (it builds only the sidecars that do not "
+                                     f"exist)"]
+    for policy in ("error", "skip", "online"):  # corrupt is not missing: no policy trains on it
+        with pytest.raises(cache.CacheError, match="is corrupt") as e:
+            cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing=policy, train_num_samples=12))
+        assert hint in str(e.value) and "--cache-missing" not in str(e.value)
+
+    embeddings, keys, crc32, meta = cache.load_sidecar(cache.sidecar_path(str(tmp_path / "cache"), shard.replace(
+        "00000", "00001")))  # an intact sidecar, re-encoded with a NaN row: its checksum holds, its values do not
+    embeddings = embeddings.copy()
+    embeddings[3, 5] = np.nan
+    info = {k: v for k, v in meta.items() if k not in ("format", "sha256")}
+    nan_path = cache.sidecar_path(str(tmp_path / "cache"), shard.replace("00000", "00001"))
+    open(nan_path, "wb").write(encode_sidecar(embeddings, keys, crc32, info))
+    status, lines = verify_lines(spec, tmp_path / "cache", h_weights, capsys, "--checksum")
+    assert status == 1 and lines[1] == (f"mismatched: {shard.replace('00000', '00001')}: sidecar {nan_path} holds "
+                                        f"non-finite embeddings (1 rows, first key '000000009'): rebuild that shard's "
+                                        f"sidecar: delete {nan_path} and rerun `python -m open_clip_3t.cache build` "
+                                        f"with the same options (it builds only the sidecars that do not exist)")
+    with pytest.raises(cache.CacheError, match="holds non-finite embeddings") as e:
+        cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing="online", train_num_samples=12))
+    assert "--cache-missing online" not in str(e.value)
+
+    os.remove(path)  # the advice, followed
+    os.remove(nan_path)
+    build(spec, tmp_path / "cache", h_weights)
+    assert verify_lines(spec, tmp_path / "cache", h_weights, capsys, "--checksum") == (0, [
+        f"ok: {tmp_path / 'cache'} covers 2 shards for {MODEL}"])
+
+    # A sidecar written before sidecars carried a sha256 still reads (nothing can be misread), but verify
+    # --checksum says it cannot vouch for its bytes.
+    _, keys, crc32, meta = cache.load_sidecar(path)
+    old = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True, ensure_ascii=False)
+    embeddings = cache.load_sidecar(path)[0]
+    open(path, "wb").write(save_numpy({"embeddings": embeddings, "keys": np.frombuffer("\n".join(keys).encode(), np.uint8),
+                                       "image_crc32": crc32}, metadata={"open_clip_3t_cache": old}))
+    assert cache.load_sidecar(path)[1] == keys
+    status, lines = verify_lines(spec, tmp_path / "cache", h_weights, capsys, "--checksum")
+    assert status == 1 and lines == [f"mismatched: {shard}: sidecar {path} carries no sha256 (written before sidecars "
+                                     f"had one), so its bytes cannot be checked: {hint} with the same options (it "
+                                     f"builds only the sidecars that do not exist)"]
+
+
+def test_a_build_never_writes_non_finite_embeddings(tmp_path, h_weights, monkeypatch):
+    spec = make_shards(tmp_path / "data", 1)
+    monkeypatch.setattr(open_clip_3t.ThirdTower, "forward", lambda self, pixels: torch.full((len(pixels), 64), np.inf))
+    with pytest.raises(cache.CacheError, match=r"h gave non-finite embeddings for 6 sample\(s\) of .*00000.tar: "
+                                               r"nothing written; build with --precision fp32 if h overflows in fp32"):
+        build(spec, tmp_path / "cache", h_weights)
+    assert not glob.glob(f"{tmp_path}/cache/data/*")
 
 
 def test_missing_samples_follow_the_policy(tmp_path, h_weights):

@@ -431,7 +431,23 @@ def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):
     s = eval_setup
     bare = tmp_path / "bare.pt"
     torch.save(s.three_t.state_dict(), bare)
+    truncated = tmp_path / "run" / "checkpoints" / "epoch_2.pt"  # issue 10, items 6 and 8: tracebacks before
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(open(s.ckpt, "rb").read()[:4000])
+    (tmp_path / "val").mkdir()
+    cut = tmp_path / "val" / "00000.tar"
+    cut.write_bytes(open(f"{s.root}/val/00000.tar", "rb").read())
+    with tarfile.open(cut) as t:
+        member = t.getmember("000000003.jpg")
+    with open(cut, "r+b") as f:
+        f.truncate(member.offset_data + member.size // 2)
     for argv, message in (
+        (["--checkpoint", str(truncated), "--model", "3T-tiny"],
+         f"--checkpoint {truncated} does not load (RuntimeError: PytorchStreamReader failed reading zip archive: "
+         f"failed finding central directory): it is truncated or not a checkpoint"),
+        (["--checkpoint", s.ckpt, "--val-data", str(cut)],
+         f"--val-data shard {cut} is truncated or not a tar file (ReadError: member 000000003.jpg ends after the end "
+         f"of the file): replace it, or leave it out of --val-data"),
         (["--checkpoint", str(bare)], "pass --model NAME"),
         (["--checkpoint", s.ckpt, "--combine-with", s.lit, "--alphas", "1.5"], "outside [0, 1]"),
         (["--model", "3T-tiny"], "nothing to evaluate"),

@@ -4,8 +4,10 @@
 node split: all unchanged) with one stage added right after the tar reader, where each sample still knows its shard
 (`__url__`) and `__key__`: it attaches the cached embedding. Batches become (images, texts, third_embeddings).
 
-Each joined row is checked against a CRC32 of the sample's image bytes stored at build time: a sample whose image
-changed since the build counts as missing. Samples missing from the cache follow --cache-missing:
+Each sidecar is read whole once per shard, and refused (CacheError, whatever --cache-missing says) if its bytes do not
+match its own sha256 or an embedding is not finite: corrupt is not missing. Each joined row is checked against a CRC32
+of the sample's image bytes stored at build time: a sample whose image changed since the build stops the run under
+--cache-missing error and counts as missing otherwise. Samples missing from the cache follow --cache-missing:
 - error:  stop with an error naming the shard and key (the default; before training, a shard with no sidecar at all
           is already refused);
 - skip:   drop the sample;

@@ -12,6 +12,7 @@
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -102,10 +103,11 @@ def check_resume(checkpoint_dir, save_most_recent):
     if not found:
         return
     names = [os.path.basename(p) for p in found]
-    if save_most_recent and latest_name not in names:
+    epochs = [name for name in names if re.fullmatch(r"epoch_\d+\.pt", name)]
+    if save_most_recent and latest_name not in names and epochs:
         raise RunFolderError(f"--resume latest --save-most-recent reads {checkpoint_dir}/{latest_name}, which does "
-                             f"not exist, but {names[0]} does: OpenCLIP would start the run over; copy {names[0]} to "
-                             f"{latest_name}, or resume without --save-most-recent")
+                             f"not exist, but {epochs[0]} does: OpenCLIP would start the run over; copy {epochs[0]} "
+                             f"to {latest_name}, or resume without --save-most-recent")
     chosen, skipped = _loadable(found)
     if chosen is None:
         raise _none_loads(checkpoint_dir, skipped)

@@ -9,7 +9,8 @@ Layout (docs/cache.md specifies it byte for byte):
     DIR/manifest.json                           the fingerprint: h's name, weights hash, preprocessing, dim, dtype
     DIR/<shard folder>/<shard file>.safetensors one sidecar per data shard: `embeddings` [N, D], `keys` (UTF-8,
                                                 newline-joined), `image_crc32` [N] (checked by the training join),
-                                                metadata (shard size and sha256, skipped samples)
+                                                metadata (shard size and sha256, skipped samples, and the
+                                                sidecar's own sha256, checked whenever it is read whole)
 
 A sidecar is written to a temporary name and renamed, so "the file exists" means "the shard is done": a killed
 build is resumed by running it again, and ends byte-identical to an uninterrupted one. Training joins the sidecars

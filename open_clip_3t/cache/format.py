@@ -5,7 +5,8 @@ docs/cache.md specifies the layout byte for byte:
     DIR/manifest.json                           the fingerprint: h's name, weights hash, preprocessing, dim, dtype
     DIR/<shard folder>/<shard file>.safetensors one sidecar per data shard: `embeddings` [N, D], `keys` (UTF-8,
                                                 newline-joined), `image_crc32` [N] (checked by the training join),
-                                                metadata (shard size and sha256, skipped samples)
+                                                metadata (shard size and sha256, skipped samples, and the
+                                                sidecar's own sha256, checked whenever it is read whole)
 """
 import glob
 import hashlib

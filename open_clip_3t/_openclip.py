@@ -229,7 +229,8 @@ def register():
 # checkpoints, resume) with a few of its helpers replaced. That function imports its helpers by name, so a
 # replacement means rebinding the name in the `open_clip_train.main` module, for the duration of one call.
 
-TRAINER_HELPERS = ("parse_args", "create_model_and_transforms", "get_data", "train_one_epoch", "evaluate", "pt_load")
+TRAINER_HELPERS = ("parse_args", "create_model_and_transforms", "get_data", "train_one_epoch", "evaluate", "pt_load",
+                   "setup_logging")
 
 
 def openclip_parse_args(argv):
@@ -269,6 +270,19 @@ def openclip_run_checkpoints(checkpoint_dir):
 def openclip_evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
     from open_clip_train.train import evaluate
     return evaluate(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+
+
+def openclip_setup_logging(log_file, level, include_host=False):
+    """OpenCLIP's setup_logging, without its override of every existing logger's level: OpenCLIP 3.3 sets them all
+    to `level`, which turns on torch's own INFO loggers (dynamo and fake-tensor statistics printed at exit). Loggers
+    left at NOTSET still follow the root logger, as OpenCLIP wants; a library's own setting stays (for torch:
+    WARNING, or what TORCH_LOGS asks for)."""
+    from open_clip_train.logger import setup_logging
+    # A placeholder (a dotted name's parent nobody created yet) becomes a real logger there: it was at NOTSET.
+    levels = {name: getattr(lg, "level", logging.NOTSET) for name, lg in logging.root.manager.loggerDict.items()}
+    setup_logging(log_file, level, include_host)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
 
 
 def openclip_autocast(precision, device_type):

@@ -18,6 +18,7 @@ from open_clip_3t.toy.synthetic import draw_sample, write_classification_folder,
 from tests.conftest import REPO
 
 STEP_LINE = re.compile(r"Train Epoch: (\d+) \[")
+TORCH_STATS = re.compile(r"^.*(?:torch/_dynamo|torch/_subclasses|TorchDynamo|FakeTensor).*$", re.M)
 NUMBER = r"([-+0-9.eE]+|nan|inf)"
 
 
@@ -29,11 +30,14 @@ def run(cmd, cwd, env=None, timeout=240):
 
 
 def train(tmp_path, name, *flags, env=None):
-    """One `python -m training.main` run on CPU; returns its run folder."""
+    """One `python -m training.main` run on CPU; returns its run folder. Its output never holds torch's own INFO
+    statistics (dynamo, fake tensors), which OpenCLIP's logging set-up would turn on."""
     logs = tmp_path / "logs"
-    run([sys.executable, "-m", "training.main", "--logs", str(logs), "--name", name, "--device", "cpu",
-         "--precision", "fp32", "--workers", "0", "--log-every-n-steps", "1", "--seed", "0", *flags],
-        cwd=tmp_path, env=env)
+    proc = run([sys.executable, "-m", "training.main", "--logs", str(logs), "--name", name, "--device", "cpu",
+                "--precision", "fp32", "--workers", "0", "--log-every-n-steps", "1", "--seed", "0", *flags],
+               cwd=tmp_path, env=env)
+    leaked = TORCH_STATS.findall(proc.stdout + proc.stderr)
+    assert not leaked, f"torch's statistics in the training output: {leaked[:3]}"
     return logs / name
 
 
@@ -344,3 +348,34 @@ def test_a_cache_for_another_third_tower_stops_the_run_before_any_model(shards, 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("training.main: error: third-tower cache")
     assert not (tmp_path / "logs").exists()  # stopped before OpenCLIP created the run
+
+
+def test_openclip_logging_leaves_torch_loggers_to_torch():
+    """OpenCLIP's setup_logging sets every logger to INFO, so torch prints its dynamo statistics at exit; ours keeps
+    torch's own levels (TORCH_LOGS / torch._logging.set_logs still turn them on) and OpenCLIP's root set-up."""
+    import logging
+
+    from open_clip_train.logger import setup_logging
+
+    from open_clip_3t._openclip import openclip_setup_logging
+    torch_stats = ("torch._dynamo.utils", "torch._dynamo.eval_frame", "torch._subclasses.fake_tensor")
+    before = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)}
+    root = logging.root.level, list(logging.root.handlers)
+
+    def info_enabled(setup):
+        """Which of torch's statistics loggers, and OpenCLIP's own logger, log INFO after `setup`."""
+        setup(None, logging.INFO)
+        on = [logging.getLogger(n).isEnabledFor(logging.INFO) for n in torch_stats + ("open_clip.factory",)]
+        for n in logging.root.manager.loggerDict:  # undo it for the rest of the session
+            logging.getLogger(n).setLevel(before.get(n, logging.NOTSET))
+        logging.root.setLevel(root[0])
+        logging.root.handlers[:] = root[1]
+        return on
+
+    try:
+        assert info_enabled(setup_logging) == [True, True, True, True]  # OpenCLIP 3.3's: torch's statistics on
+        assert info_enabled(openclip_setup_logging) == [False, False, False, True]
+        torch._logging.set_logs(dynamo=logging.INFO)  # what TORCH_LOGS=dynamo does
+        assert info_enabled(openclip_setup_logging) == [True, True, False, True]
+    finally:
+        torch._logging.set_logs()

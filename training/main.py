@@ -1,7 +1,7 @@
 """`python -m training.main`: OpenCLIP's trainer for 3T, LiT and the CLIP baseline.
 
 This runs `open_clip_train.main.main` (distributed set-up, logging, optimizer, scheduler, checkpoints, resume,
-TensorBoard/W&B) with six of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
+TensorBoard/W&B) with seven of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
 - parse_args: adds the 3T flags and rejects inconsistent ones before any work (training/params.py);
 - create_model_and_transforms: passes the 3T options to the factory (h's weights, a cache instead of h, head
   type...), loads local timm weights into a LiT image tower, copies h into f for 3T finetuning, and freezes the
@@ -10,7 +10,8 @@ TensorBoard/W&B) with six of its helpers replaced (see open_clip_3t._openclip.op
   (training/data.py);
 - train_one_epoch: batches with h embeddings, three temperatures, 3T gradient accumulation (training/train.py);
 - evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py);
-- pt_load: --resume latest falls back to the newest checkpoint that loads (training/run_folder.py).
+- pt_load: --resume latest falls back to the newest checkpoint that loads (training/run_folder.py);
+- setup_logging: OpenCLIP's, without forcing INFO onto torch's loggers (their dynamo statistics at exit); TORCH_LOGS works.
 Before OpenCLIP starts, global rank 0 locks the run folder: one live job per LOGS/NAME (training/run_folder.py).
 """
 import logging
@@ -22,7 +23,7 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
-from open_clip_3t._openclip import launch_rank, openclip_trainer, three_towers_config
+from open_clip_3t._openclip import launch_rank, openclip_setup_logging, openclip_trainer, three_towers_config
 from open_clip_3t.cache import CacheError
 from open_clip_3t.third_tower import WeightsError, create_timm_model
 
@@ -178,7 +179,7 @@ def main(argv=None):
         lock = claim_run_folder(args)
         with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
-                              pt_load=checkpoint_loader(args)) as run:
+                              pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging) as run:
             result = run(argv)
     except STOPS as e:
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .format import (DTYPES, IMAGE_EXTS, PRECISIONS, CacheError, _write_atomic, check_shard_ids, encode_sidecar,
                      ensure_manifest, expand_shards, file_sha256, image_crc32, local_path, log, make_manifest,
@@ -179,32 +180,11 @@ def _check_sidecar_is_for(path, url):
                          f"if the shard changed, delete the sidecar; or use another --out")
 
 
-class _Progress:
-    """One stderr line with samples/s: redrawn in place on a terminal, every 30 s otherwise (SLURM logs)."""
-
-    def __init__(self, label, total_shards, quiet=False):
-        self.label, self.total, self.shards, self.samples, self.skipped = label, total_shards, 0, 0, 0
-        self.start = self.last = time.monotonic()
-        self.tty, self.quiet = sys.stderr.isatty(), quiet
-
-    def rate(self):
-        return self.samples / max(time.monotonic() - self.start, 1e-9)
-
-    def line(self):
-        return (f"{self.label}: shards {self.shards}/{self.total}, samples {self.samples}, "
-                f"skipped {self.skipped}, {self.rate():.1f} samples/s")
-
-    def update(self, samples=0, shards=0, skipped=0, force=False):
-        self.samples, self.shards, self.skipped = self.samples + samples, self.shards + shards, self.skipped + skipped
-        now = time.monotonic()
-        if not self.quiet and (force or now - self.last >= (0.5 if self.tty else 30)):
-            self.last = now
-            print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        self.update(force=True)
-        if self.tty and not self.quiet:
-            print(file=sys.stderr, flush=True)
+def progress_bar(label, total_shards, quiet):
+    """tqdm's line on stderr: samples, samples/s (mean since the start), shards done, samples skipped. Redrawn
+    twice a second on a terminal, every 30 s otherwise (SLURM logs)."""
+    return tqdm(desc=label, unit=" samples", postfix=f"shards 0/{total_shards}, skipped 0", file=sys.stderr,
+                disable=quiet, smoothing=0, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def build(train_data, model, out, third_tower_weights=None, batch_size=256, workers=4, device="cpu",
@@ -268,7 +248,8 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                              f"check h's weights")
         _write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info), kill_midway=kill)
 
-    progress, first = _Progress(label, len(todo), quiet), None
+    start, first, embedded = time.monotonic(), None, 0
+    progress = progress_bar(label, len(todo), quiet)
     with torch.inference_mode():
         for batches, item in enumerate(loader, 1):
             shard = item["shard"]
@@ -277,11 +258,12 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                 rows.setdefault(shard, []).append(emb.to(store))
                 keys.setdefault(shard, []).extend(item["keys"])
                 crcs.setdefault(shard, []).extend(item["crc32"])
-                progress.update(samples=len(item["keys"]))
+                embedded += len(item["keys"])
+                progress.update(len(item["keys"]))
                 if first is None:  # steady-state throughput excludes worker start-up and the first batch
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    first = (time.monotonic(), progress.samples)
+                    first = (time.monotonic(), embedded)
             if kill_kind == "batches" and batches == int(kill_at):
                 for f in written:  # tests: die mid-shard, after the finished shards are on disk
                     f.result()
@@ -301,20 +283,20 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                 summary["samples"] += stats["samples"]
                 summary["skipped"] += len(stats["skipped"])
                 summary["truncated"] += stats["truncated"] is not None
-                if stats["skipped"] or stats["truncated"]:
-                    progress.update(force=True)
+                if (stats["skipped"] or stats["truncated"]) and not quiet:
                     reasons = "; ".join(f"{k}: {r}" for k, r in stats["skipped"][:3])
-                    say(f"{chr(10) if progress.tty else ''}{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
-                        + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
-                        + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples before it"
-                           if stats["truncated"] else ""))
-                progress.update(shards=1, skipped=len(stats["skipped"]))
+                    progress.write(f"{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
+                                   + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
+                                   + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples "
+                                      f"before it" if stats["truncated"] else ""), file=sys.stderr)
+                progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}",
+                                         refresh=False)
     for f in written:
         f.result()
     writer.shutdown()
     progress.close()
     end = time.monotonic()
-    summary["seconds"] = end - progress.start
+    summary["seconds"] = end - start
     if first is not None and summary["samples"] > first[1]:
         summary["steady_samples_per_s"] = (summary["samples"] - first[1]) / (end - first[0])
     say(f"{label}: built {summary['built']} shards, {summary['samples']} samples "

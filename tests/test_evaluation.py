@@ -422,9 +422,11 @@ def test_standalone_evaluator_and_convex_combination(eval_setup, training_metric
         for k in (1, 5, 10):
             assert table[f"{name}_R@{k}"][1] == np.mean(rr <= k), (name, k)
 
-    md = (out / "results.md").read_text().splitlines()
-    assert len(md) == 2 + 3 and md[0].startswith("| model | alpha | colour_test-zeroshot-top1 |")
-    assert md[3].split(" | ")[1] == "0.5000"
+    # results.md: the same table in GitHub Markdown (pandas' writer), floats to 4 decimals
+    md = [[cell.strip() for cell in line.strip("|").split("|")] for line in (out / "results.md").read_text().splitlines()]
+    assert len(md) == 2 + 3 and md[0] == list(table.columns)
+    for i in range(3):
+        assert md[2 + i] == [table["model"][i]] + [f"{v:.4f}" for v in table.iloc[i, 1:]]
 
 
 def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):

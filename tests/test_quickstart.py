@@ -22,8 +22,8 @@ def test_tiny_quickstart_end_to_end(tmp_path):
     assert table["model"].tolist() == ["CLIP", "LiT", "3T"]
     assert list(table.columns[1:]) == list(experiments.SUMMARY_COLUMNS.values())
     assert table.iloc[:, 1:].apply(lambda c: c.between(0, 100)).all().all()
-    md = (out / "results.md").read_text().splitlines()
-    assert len(md) == 2 + 3 and md[2].startswith("| CLIP |")
+    md = [[cell.strip() for cell in line.strip("|").split("|")] for line in (out / "results.md").read_text().splitlines()]
+    assert len(md) == 2 + 3 and md[0] == list(table.columns) and [row[0] for row in md[2:]] == ["CLIP", "LiT", "3T"]
 
     # the export was reloaded by vanilla OpenCLIP with identical features...
     diff = float(re.search(r"largest feature difference (\S+)", proc.stdout).group(1))

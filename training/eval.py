@@ -235,12 +235,8 @@ def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None) -
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub pipe table (our own writer: pandas' to_markdown needs the optional `tabulate`)."""
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """The table as GitHub Markdown (pandas' writer, through tabulate), floats to 4 decimals."""
+    return df.to_markdown(index=False, floatfmt=".4f") + "\n"
 
 
 def write_results(df: pd.DataFrame, out_dir):

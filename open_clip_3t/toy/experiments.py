@@ -244,11 +244,10 @@ def plot_curves(curves, path, title="training loss"):
 
 
 def save_table(df: pd.DataFrame, out_dir, stem):
-    """OUT/stem.csv and OUT/stem.md."""
-    from training.eval import markdown_table
+    """OUT/stem.csv and OUT/stem.md (GitHub Markdown, floats to 4 decimals)."""
     out_dir = Path(out_dir)
     df.to_csv(out_dir / f"{stem}.csv", index=False)
-    (out_dir / f"{stem}.md").write_text(markdown_table(df))
+    (out_dir / f"{stem}.md").write_text(df.to_markdown(index=False, floatfmt=".4f") + "\n")
     return out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
 
 

@@ -16,6 +16,9 @@ try:
 except ImportError:  # pragma: no cover - torch without distributed support
     dist = None
 
+# ThreeTowersCLIP's training outputs in the order of its tuple output (OpenCLIP's default output_dict=False).
+MODEL_OUTPUTS = ("image_features", "text_features", "logit_scale", "image_third_features", "third_image_features",
+                 "text_third_features", "third_text_features", "logit_scale_image_third", "logit_scale_text_third")
 TERMS = (  # loss name, its two feature sets, its temperature
     ("contrastive_loss", "image_features", "text_features", "logit_scale"),
     ("image_third_loss", "image_third_features", "third_image_features", "logit_scale_image_third"),
@@ -67,7 +70,14 @@ class ThreeTowersLoss(ClipLoss):
         labels = self.get_ground_truth(a.device, logits_a.shape[0])
         return (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
 
-    def forward(self, output_dict=False, **model_out):
+    def forward(self, *model_tuple, output_dict=False, **model_out):
+        """`loss(**model(images, texts))` for a model built with output_dict=True (as OpenCLIP's trainer builds it),
+        or `loss(*model(images, texts))` for OpenCLIP's default tuple output, as with OpenCLIP's ClipLoss."""
+        if model_tuple:
+            if len(model_tuple) != len(MODEL_OUTPUTS) or model_out:
+                raise TypeError(f"ThreeTowersLoss got {len(model_tuple)} positional values: pass the model's whole "
+                                f"output, loss(*model(images, texts)), or its dict, loss(**model(images, texts))")
+            model_out = dict(zip(MODEL_OUTPUTS, model_tuple))
         terms = [(name, w, model_out[a], model_out[b], model_out[s])
                  for (name, a, b, s), w in zip(TERMS, self.weights) if w]
         is_l2 = [self.transfer == "l2" and name != "contrastive_loss" for name, *_ in terms]

@@ -2,6 +2,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# CLIP_benchmark on exported models (docs/evaluation.md). 1.6.2 imports requests without declaring it.
+EVAL = ["clip_benchmark>=1.6.2,<1.7", "requests"]
+
 setup(
     name="open_clip_3t",
     version="0.1.0",
@@ -19,11 +22,14 @@ setup(
         "webdataset>=0.2.5,<=0.2.86",  # open_clip_torch 3.3's pipeline breaks on webdataset 1.x
         "braceexpand",
         "pandas",
+        "tabulate",  # pandas' DataFrame.to_markdown (the results tables)
         "safetensors",
+        "tqdm",  # the cache build's progress line
         "numpy<2.4",  # open_clip_torch 3.3's zero-shot accuracy() breaks on numpy >= 2.4
     ],
     extras_require={
-        "test": ["pytest"],
+        "eval": EVAL,
+        "test": ["pytest", *EVAL],  # the tests run CLIP_benchmark on an exported model
         "plot": ["matplotlib"],
     },
 )

@@ -110,6 +110,33 @@ def test_classification_folder(tmp_path):
     assert len(shapes) >= 3  # other attributes vary
 
 
+def test_clip_benchmark_layout_holds_the_same_samples(tmp_path):
+    """--format clip_benchmark: CLIP_benchmark's webdataset layout, with the bytes of our folder and shards."""
+    folder = write_classification_folder(str(tmp_path / "folder"), "shape", num_per_class=2, seed=3)
+    synthetic.main(["classification", "--out", str(tmp_path / "cb_shape"), "--attribute", "shape", "--num-per-class",
+                    "2", "--seed", "3", "--format", "clip_benchmark"])
+    cb = tmp_path / "cb_shape"
+    assert (cb / "test" / "nshards.txt").read_text() == "1\n" and not (cb / "dataset_type.txt").exists()
+    assert (cb / "classnames.txt").read_text().splitlines() == ATTRIBUTES["shape"]
+    assert (cb / "zeroshot_classification_templates.txt").read_text().splitlines() == [
+        t.replace("{}", "{c}") for t in (tmp_path / "folder" / "templates.txt").read_text().splitlines()]
+    samples = read_shards([cb / "test" / "0.tar"])
+    in_folder = {os.path.splitext(os.path.basename(p))[0]: (p, t) for p, t in ImageFolder(folder).samples}
+    assert sorted(samples) == sorted(in_folder) and len(samples) == 2 * len(ATTRIBUTES["shape"])
+    for key, members in samples.items():
+        path, target = in_folder[key]
+        assert set(members) == {"jpg", "cls"} and int(members["cls"]) == target
+        assert members["jpg"] == open(path, "rb").read()
+
+    synthetic.main(["shards", "--out", str(tmp_path / "cb_val"), "--num-samples", "7", "--samples-per-shard", "3",
+                    "--split", "val", "--seed", "3", "--format", "clip_benchmark"])
+    cb = tmp_path / "cb_val"
+    assert (cb / "dataset_type.txt").read_text() == "retrieval\n" and (cb / "test" / "nshards.txt").read_text() == "3\n"
+    pairs = read_shards([cb / "test" / f"{i}.tar" for i in range(3)])
+    laion = read_shards(write_shards(tmp_path / "val", 7, samples_per_shard=3, seed=3, split="val"))
+    assert pairs == {key: {"jpg": m["jpg"], "txt": m["txt"]} for key, m in laion.items()}
+
+
 def test_unknown_attribute_is_rejected_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="flavour.*shape, colour"):
         write_classification_folder(tmp_path / "cls", "flavour", 2, seed=0)
@@ -117,6 +144,10 @@ def test_unknown_attribute_is_rejected_before_any_work(tmp_path, capsys):
         write_labelled_set(tmp_path / "lab", ["shape", "flavour"], 10, seed=0)
     with pytest.raises(ValueError, match="split 'holdout'"):
         write_shards(tmp_path / "shards", 10, split="holdout")
+    with pytest.raises(ValueError, match="flavour"):
+        synthetic.write_clip_benchmark_classification(tmp_path / "cb", "flavour", 2, seed=0)
+    with pytest.raises(ValueError, match="split 'holdout'"):
+        synthetic.write_clip_benchmark_retrieval(tmp_path / "cb", 10, split="holdout")
     assert not any(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         synthetic.main(["classification", "--out", str(tmp_path / "cli"), "--attribute", "flavour", "--num-per-class", "2"])

@@ -8,6 +8,10 @@ splits use disjoint RNG streams, so held-out data really is held out.
     python -m open_clip_3t.toy.synthetic shards --out data/train --num-samples 10000 --samples-per-shard 1000
     python -m open_clip_3t.toy.synthetic classification --out data/shape_test --attribute shape --num-per-class 50
     python -m open_clip_3t.toy.synthetic labelled --out data/pretrain --attributes shape colour --num-samples 5000
+
+`--format clip_benchmark` writes the same held-out samples in CLIP_benchmark's webdataset layout instead (its
+`--dataset wds/NAME --dataset_root OUT`): `classification` as a zero-shot classification set, `shards` as a
+retrieval set.
 """
 import argparse
 import io
@@ -46,6 +50,7 @@ CLASS_TEMPLATES = {
     "count": ["{} shapes.", "a picture of {} objects.", "{} things on a background."],
 }
 LABELLED_FILE = "labelled.npz"
+FORMATS = {"shards": ("webdataset", "clip_benchmark"), "classification": ("folder", "clip_benchmark")}
 
 RGB = {
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 225, 30), "green": (40, 170, 50),
@@ -198,6 +203,23 @@ def write_shards(out_dir, num_samples, samples_per_shard=1000, seed=0, split="tr
     return paths
 
 
+def _class_samples(attribute, num_per_class, seed, split):
+    """[(sample index, class index)]: the first num_per_class samples of each value of `attribute`, in index order."""
+    _check("attribute", attribute, ATTRIBUTES)
+    _check("split", split, SPLITS)
+    _check_int("num_per_class", num_per_class)
+    _check_int("seed", seed, 0)
+    values, chosen = ATTRIBUTES[attribute], []
+    filled = [0] * len(values)
+    for index in itertools.count():
+        label = values.index(_draw_attributes(_rng(index, seed, split))[attribute])
+        if filled[label] < num_per_class:
+            filled[label] += 1
+            chosen.append((index, label))
+            if min(filled) == num_per_class:
+                return chosen
+
+
 def write_classification_folder(out_dir, attribute, num_per_class, seed, split="test", image_size=64):
     """Write an ImageFolder out_dir/<NNN>_<value>/<index>.jpg with num_per_class images per value of `attribute`.
 
@@ -205,27 +227,70 @@ def write_classification_folder(out_dir, attribute, num_per_class, seed, split="
     is full; the file stem is the sample index, so draw_sample(index, seed, split) reproduces it.
     Also writes classnames.txt (in ATTRIBUTES order = ImageFolder class order) and templates.txt.
     """
-    _check("attribute", attribute, ATTRIBUTES)
-    _check("split", split, SPLITS)
-    _check_int("num_per_class", num_per_class)
-    _check_int("seed", seed, 0)
     _check_int("image_size", image_size)
+    chosen = _class_samples(attribute, num_per_class, seed, split)
     values = ATTRIBUTES[attribute]
-    dirs = {v: os.path.join(out_dir, f"{i:03d}_{v}") for i, v in enumerate(values)}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
-    filled = dict.fromkeys(values, 0)
-    for index in itertools.count():
-        value = _draw_attributes(_rng(index, seed, split))[attribute]
-        if filled[value] < num_per_class:
-            image = draw_sample(index, seed, split, image_size)[0]
-            _write_atomic(os.path.join(dirs[value], f"{index:09d}.jpg"), _jpeg(image))
-            filled[value] += 1
-            if all(n == num_per_class for n in filled.values()):
-                break
+    dirs = [os.path.join(out_dir, f"{i:03d}_{v}") for i, v in enumerate(values)]
+    for index, label in chosen:
+        os.makedirs(dirs[label], exist_ok=True)
+        image = draw_sample(index, seed, split, image_size)[0]
+        _write_atomic(os.path.join(dirs[label], f"{index:09d}.jpg"), _jpeg(image))
     _write_atomic(os.path.join(out_dir, "classnames.txt"), "".join(v + "\n" for v in values).encode())
     _write_atomic(os.path.join(out_dir, "templates.txt"), "".join(t + "\n" for t in CLASS_TEMPLATES[attribute]).encode())
     return out_dir
+
+
+def _write_clip_benchmark(out_dir, samples, samples_per_shard, info_files):
+    """CLIP_benchmark's webdataset layout: out_dir/test/0.tar, 1.tar, ... of `samples` ((key, {ext: bytes}) in
+    order), out_dir/test/nshards.txt, and the dataset's text files `info_files` ({name: text})."""
+    _check_int("samples_per_shard", samples_per_shard)
+    test = os.path.join(out_dir, "test")
+    os.makedirs(test, exist_ok=True)
+    samples, shards = iter(samples), 0
+    while chunk := list(itertools.islice(samples, samples_per_shard)):
+        path = os.path.join(test, f"{shards}.tar")
+        with open(path + ".tmp", "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in chunk:
+                for ext, data in members.items():
+                    _add_member(tar, f"{key}.{ext}", data)
+        os.replace(path + ".tmp", path)
+        shards += 1
+    for name, text in {**info_files, "test/nshards.txt": f"{shards}\n"}.items():
+        _write_atomic(os.path.join(out_dir, name), text.encode())
+    return out_dir
+
+
+def write_clip_benchmark_classification(out_dir, attribute, num_per_class, seed, split="test", image_size=64,
+                                        samples_per_shard=1000):
+    """The samples of write_classification_folder (same arguments, same JPEG bytes) as a CLIP_benchmark zero-shot
+    classification set: `<index>.jpg` + `<index>.cls` (class index) members, classnames.txt and
+    zeroshot_classification_templates.txt (CLIP_benchmark's `{c}` where ours have `{}`)."""
+    _check_int("image_size", image_size)
+    samples = ((f"{index:09d}", {"jpg": _jpeg(draw_sample(index, seed, split, image_size)[0]),
+                                 "cls": str(label).encode()})
+               for index, label in _class_samples(attribute, num_per_class, seed, split))  # checks the arguments
+    return _write_clip_benchmark(out_dir, samples, samples_per_shard, {
+        "classnames.txt": "".join(v + "\n" for v in ATTRIBUTES[attribute]),
+        "zeroshot_classification_templates.txt": "".join(t.replace("{}", "{c}") + "\n"
+                                                         for t in CLASS_TEMPLATES[attribute])})
+
+
+def write_clip_benchmark_retrieval(out_dir, num_samples, samples_per_shard=1000, seed=0, split="val", image_size=64,
+                                   start_index=0):
+    """The image-caption pairs of write_shards (same arguments, same JPEG bytes and captions) as a CLIP_benchmark
+    retrieval set: `<key>.jpg` + `<key>.txt` members (one caption each) and dataset_type.txt = retrieval. The tars
+    are LAION-style shards too: `python -m training.eval --val-data OUT/test/0.tar` reads the same pairs."""
+    _check("split", split, SPLITS)
+    for name, value in [("num_samples", num_samples), ("image_size", image_size)]:
+        _check_int(name, value)
+    _check_int("seed", seed, 0)
+    _check_int("start_index", start_index, 0)
+
+    def samples():
+        for i in range(start_index, start_index + num_samples):
+            image, _, caption = draw_sample(i, seed, split, image_size)
+            yield f"{i:09d}", {"jpg": _jpeg(image), "txt": caption.encode()}
+    return _write_clip_benchmark(out_dir, samples(), samples_per_shard, {"dataset_type.txt": "retrieval\n"})
 
 
 def write_labelled_set(out_dir, attributes, num_samples, seed, split="pretrain", image_size=64):
@@ -285,11 +350,18 @@ def main(argv=None):
     p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("--split", choices=list(SPLITS), default="train")
     p.add_argument("--start-index", type=int, default=0)
+    p.add_argument("--format", choices=FORMATS["shards"], default="webdataset",
+                   help="webdataset: OUT/00000.tar... (jpg, txt, json) + sizes.json; clip_benchmark: the same pairs "
+                        "as CLIP_benchmark's retrieval set (OUT/test/0.tar..., dataset_type.txt)")
 
     p = sub.add_parser("classification", parents=[common], help="held-out ImageFolder for one attribute")
     p.add_argument("--attribute", choices=list(ATTRIBUTES), required=True)
     p.add_argument("--num-per-class", type=positive_int, required=True)
     p.add_argument("--split", choices=list(SPLITS), default="test")
+    p.add_argument("--format", choices=FORMATS["classification"], default="folder",
+                   help="folder: ImageFolder + classnames.txt + templates.txt; clip_benchmark: the same images as "
+                        "CLIP_benchmark's zero-shot classification set (OUT/test/0.tar..., classnames.txt, "
+                        "zeroshot_classification_templates.txt)")
 
     p = sub.add_parser("labelled", parents=[common], help="labelled .npz set for pretraining a third tower")
     p.add_argument("--attributes", nargs="+", choices=list(ATTRIBUTES), required=True)
@@ -298,13 +370,19 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "shards":
+        if args.command == "shards" and args.format == "clip_benchmark":
+            write_clip_benchmark_retrieval(args.out, args.num_samples, args.samples_per_shard, args.seed, args.split,
+                                           args.image_size, args.start_index)
+            print(f"wrote {args.num_samples} image-caption pairs as a CLIP_benchmark retrieval set to {args.out}")
+        elif args.command == "shards":
             paths = write_shards(args.out, args.num_samples, args.samples_per_shard, args.seed, args.split,
                                  args.image_size, args.start_index)
             print(f"wrote {len(paths)} shards ({args.num_samples} samples) to {args.out}")
         elif args.command == "classification":
-            write_classification_folder(args.out, args.attribute, args.num_per_class, args.seed, args.split, args.image_size)
-            print(f"wrote {len(ATTRIBUTES[args.attribute])} x {args.num_per_class} {args.attribute} images to {args.out}")
+            write = write_clip_benchmark_classification if args.format == "clip_benchmark" else write_classification_folder
+            write(args.out, args.attribute, args.num_per_class, args.seed, args.split, args.image_size)
+            print(f"wrote {len(ATTRIBUTES[args.attribute])} x {args.num_per_class} {args.attribute} images to {args.out}"
+                  + (" as a CLIP_benchmark classification set" if args.format == "clip_benchmark" else ""))
         else:
             path = write_labelled_set(args.out, args.attributes, args.num_samples, args.seed, args.split, args.image_size)
             print(f"wrote {args.num_samples} labelled images to {path}")

@@ -121,7 +121,9 @@ def _rank_worker(rank, world_size, port, local_loss, queue):
         loss = loss_fn(**local)
         loss.backward()
         grad = local["image_features"].grad
-        queue.put((rank, loss.item(), len(calls), grad))
+        # numpy, pickled by value: a tensor would be shared through this process's file descriptors, which the
+        # reader may ask for after this process has exited (ConnectionResetError in multiprocessing's resource_sharer).
+        queue.put((rank, loss.item(), len(calls), grad.numpy()))
     finally:
         loss_module.torch.distributed.nn.all_gather = real_all_gather
         torch.distributed.destroy_process_group()
@@ -150,7 +152,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(local_loss):
     # With gather_with_grad, rank r's feature gradient is d(sum of all ranks' losses)/dx_r = world_size * the
     # single-process gradient; DDP's average over ranks then gives the single-process parameter gradient.
     for rank, _, _, grad in results:
-        torch.testing.assert_close(grad, world_size * x["image_features"].grad[rank * B:(rank + 1) * B],
+        torch.testing.assert_close(torch.from_numpy(grad), world_size * x["image_features"].grad[rank * B:(rank + 1) * B],
                                    rtol=1e-9, atol=1e-12)
 
 

@@ -3,7 +3,8 @@
 Zero-shot accuracy and R@k are checked against numbers derived by hand from a stub model whose features are
 the images' column brightnesses, and against an independent numpy computation from a real 3T-tiny model's
 features; the standalone evaluator's table against the training-time `evaluate`; the 3T + LiT convex
-combination at a = 0 / 1 against each model alone (exactly) and at a = 0.5 against numpy.
+combination at a = 0 / 1 against each model alone (exactly) and at a = 0.5 against numpy; the 3T model's own
+third-tower pair against a hand computation from its weights.
 """
 import io
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import open_clip
 import pandas as pd
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -429,6 +431,86 @@ def test_standalone_evaluator_and_convex_combination(eval_setup, training_metric
         assert md[2 + i] == [table["model"][i]] + [f"{v:.4f}" for v in table.iloc[i, 1:]]
 
 
+def test_third_tower_pair_against_hand_computation(eval_setup, h_weights, tmp_path):
+    """--third-tower-pair: a = 0 is the pair h_g(h(I)) . g_h(g(T)) computed here by hand from the weights, a = 1 the
+    plain 3T scores, a = 0.5 their convex combination with the L(g_h, h_g) temperature; a checkpoint trained from
+    a cache (no h inside) gives the same table with --third-tower-weights."""
+    s = eval_setup
+    state = {k: v.clone() for k, v in s.three_t.state_dict().items()}
+    state["logit_scale_text_third"].fill_(math.log(3.0))    # the pair's temperature...
+    state["logit_scale_image_third"].fill_(math.log(50.0))  # ...not this one (L(f_h, h_f)'s)
+    model = open_clip.create_model("3T-tiny", third_tower_weights=h_weights)
+    model.load_state_dict(state)
+    model.eval()
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run.parent / "params.txt").write_text("model: 3T-tiny\n")
+    online, cached = run / "epoch_1.pt", run / "epoch_2.pt"
+    torch.save({"state_dict": state}, online)
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("third_tower.")}}, cached)
+
+    table = standalone.main(cli_argv(s, tmp_path / "pair", "--checkpoint", str(online), "--third-tower-pair",
+                                     "--alphas", "0", "0.5", "1"))
+    assert table["model"][0].endswith("+ third-tower pair") and table["alpha"].tolist() == [0.0, 0.5, 1.0]
+    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--checkpoint", str(online))).iloc[0]
+    for c in alone.index[1:]:
+        assert table[c][2] == alone[c], c  # a = 1: the plain 3T scores, exactly
+
+    # By hand: h is timm's test_vit read at its pre-logits, on f's input with f's normalisation undone and h's
+    # (timm test models: mean = std = 0.5) applied; the heads are affine maps of the unnormalised embeddings.
+    pairs = read_val_pairs([f"{s.root}/val/00000.tar", f"{s.root}/val/00001.tar"])
+    tokenizer = open_clip.get_tokenizer("3T-tiny")
+    _, _, pre = open_clip.create_model_and_transforms("3T-tiny", third_tower=False)
+    f_mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    f_std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    timm_h = timm.create_model("test_vit", pretrained=True, num_classes=0, img_size=32,
+                               pretrained_cfg_overlay=dict(file=h_weights)).eval()
+    W_hg, b_hg = state["h_g.weight"].double().numpy(), state["h_g.bias"].double().numpy()
+    W_gh, b_gh = state["g_h.weight"].double().numpy(), state["g_h.bias"].double().numpy()
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def image_side(images):
+        with torch.no_grad():
+            h = timm_h(((torch.stack(images) * f_std + f_mean) - 0.5) / 0.5).double().numpy()
+        return unit(h @ W_hg.T + b_hg)
+
+    def text_side(texts):
+        with torch.no_grad():
+            g = model.encode_text(tokenizer(texts)).double().numpy()
+        return unit(g @ W_gh.T + b_gh)
+
+    classnames = open(os.path.join(s.folder, "classnames.txt")).read().split()
+    templates = open(os.path.join(s.folder, "templates.txt")).read().splitlines()
+    classes = sorted(d for d in os.listdir(s.folder) if os.path.isdir(os.path.join(s.folder, d)))
+    files = [(os.path.join(s.folder, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(s.folder, c)))]
+    targets = np.array([t for _, t in files])
+    classifier = unit(np.stack([text_side([t.format(c) for t in templates]).mean(0) for c in classnames]))
+    zs_pair = 3.0 * image_side([pre(Image.open(f).convert("RGB")) for f, _ in files]) @ classifier.T
+    ret_pair = 3.0 * image_side([pre(im) for im, _ in pairs]) @ text_side([t for _, t in pairs]).T
+    zs_main, _, ret_main = numpy_scores(model, pre, tokenizer, s.folder, pairs)
+
+    for i, alpha in ((0, 0.0), (1, 0.5)):
+        zs = alpha * np_softmax(zs_main, 1) + (1 - alpha) * np_softmax(zs_pair, 1)
+        r = np_ranks(zs, targets)
+        assert table["colour_test-zeroshot-top1"][i] == np.mean(r <= 1), alpha
+        assert table["colour_test-zeroshot-top5"][i] == np.mean(r <= 5), alpha
+        i2t = alpha * np_softmax(ret_main, 1) + (1 - alpha) * np_softmax(ret_pair, 1)
+        t2i = (alpha * np_softmax(ret_main, 0) + (1 - alpha) * np_softmax(ret_pair, 0)).T
+        for name, m in (("image_to_text", i2t), ("text_to_image", t2i)):
+            rr = np_ranks(m, np.arange(12))
+            assert table[f"{name}_mean_rank"][i] == pytest.approx(rr.mean()), (name, alpha)
+            for k in (1, 5, 10):
+                assert table[f"{name}_R@{k}"][i] == np.mean(rr <= k), (name, k, alpha)
+    assert not np.allclose(table["image_to_text_mean_rank"][0], table["image_to_text_mean_rank"][2])
+
+    from_cache = standalone.main(cli_argv(s, tmp_path / "cached", "--checkpoint", str(cached), "--third-tower-pair",
+                                          "--third-tower-weights", h_weights, "--alphas", "0", "0.5", "1"))
+    pd.testing.assert_frame_equal(from_cache.drop(columns="model"), table.drop(columns="model"))
+
+
 def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):
     s = eval_setup
     bare = tmp_path / "bare.pt"
@@ -443,6 +525,10 @@ def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):
         member = t.getmember("000000003.jpg")
     with open(cut, "r+b") as f:
         f.truncate(member.offset_data + member.size // 2)
+    no_h = tmp_path / "run" / "checkpoints" / "epoch_1.pt"  # trained from a cache: no h inside
+    no_h.parent.mkdir(parents=True, exist_ok=True)
+    (no_h.parent.parent / "params.txt").write_text("model: 3T-tiny\n")
+    torch.save({k: v for k, v in s.three_t.state_dict().items() if not k.startswith("third_tower.")}, no_h)
     for argv, message in (
         (["--checkpoint", str(truncated), "--model", "3T-tiny"],
          f"--checkpoint {truncated} does not load (RuntimeError: PytorchStreamReader failed reading zip archive: "
@@ -455,6 +541,10 @@ def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):
         (["--model", "3T-tiny"], "nothing to evaluate"),
         (["--checkpoint", s.ckpt, "--val-data", str(tmp_path / "{0..1}.tar")], "0.tar not found"),
         (["--checkpoint", s.ckpt, "--zeroshot-data", str(tmp_path)], "classnames.txt not found"),
+        (["--model", f"local-dir:{s.lit}", "--third-tower-pair"], "needs a 3T training checkpoint"),
+        (["--checkpoint", str(no_h), "--third-tower-pair"], "pass --third-tower-weights FILE"),
+        (["--checkpoint", s.ckpt, "--third-tower-weights", s.ckpt], "pass --third-tower-pair too"),
+        (["--checkpoint", s.ckpt, "--third-tower-pair", "--combine-with", s.lit], "pass one of them"),
     ):
         with pytest.raises(SystemExit) as e:
             standalone.main([*cli_argv(s, tmp_path / "x"), *argv])

@@ -1,13 +1,16 @@
-"""Standalone evaluator: a training checkpoint or an exported folder, alone or as the paper's 3T + LiT ensemble.
+"""Standalone evaluator: a training checkpoint or an exported folder, alone or in one of the paper's ensembles.
 
     python -m training.eval --model 3T-ViT-B-16 --checkpoint logs/RUN/checkpoints/epoch_32.pt \\
         --zeroshot-data data/places365_val data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/3t
     python -m training.eval --model local-dir:released/ --zeroshot-data data/pets_test --out results/released
     python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --combine-with logs/LiT/checkpoints/epoch_32.pt \\
         --alphas 0 0.25 0.5 0.75 1 --zeroshot-data data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/mix
+    python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --third-tower-pair --third-tower-weights h.pth \
+        --zeroshot-data data/pets_test --out results/3t+h
 
 Writes OUT/results.csv and OUT/results.md: one row for the model, or one row per alpha with --combine-with, where
-p = alpha * p_model + (1 - alpha) * p_combine_with (softmax probabilities; see training/evaluation.py for the exact
+p = alpha * p_model + (1 - alpha) * p_combine_with, or with --third-tower-pair, where p_combine_with is the 3T
+model's own third-tower pair h_g(h(I)) . g_h(g(T)) (softmax probabilities; see training/evaluation.py for the exact
 definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image_to_text_R@k, text_to_image_R@k,
 mean and median ranks.
 """
@@ -28,12 +31,12 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
-from open_clip_3t._openclip import checkpoint_unreadable, load_state_dict, three_towers_config
+from open_clip_3t._openclip import checkpoint_keys, checkpoint_unreadable, load_state_dict, three_towers_config
 from open_clip_3t.export import _model_name_from_run  # params.txt beside the run's checkpoints/ names the model
 
-from .evaluation import (ZeroShotTask, add_eval_args, build_classifier, check_eval_args, class_folders,
-                         encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs, retrieval_metrics,
-                         topk_correct, zero_shot_batches)
+from .evaluation import (ThirdTowerPair, ZeroShotTask, add_eval_args, build_classifier, check_eval_args,
+                         class_folders, encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs,
+                         retrieval_metrics, topk_correct, zero_shot_batches)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # OpenCLIP's webdataset pipeline takes the same
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
@@ -69,9 +72,30 @@ def resolve_spec(spec, model_name, flag, model_flag):
     return ModelSpec(f"{model_name} {spec}", model_name, spec)
 
 
-def load_model(spec: ModelSpec, device, precision):
-    """(model in eval mode, its eval preprocessing, its tokenizer)."""
-    if spec.checkpoint is None:
+def third_tower_kwargs(spec: ModelSpec, weights):
+    """create_model keywords that build h for --third-tower-pair (checked before any model is built)."""
+    if spec.checkpoint is None or three_towers_config(spec.name) is None:
+        raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
+                         f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--third-tower-weights {weights}: no such file; pass h's timm weights file")
+        return {"third_tower_weights": weights}
+    if any(k.startswith("third_tower.") for k in checkpoint_keys(spec.checkpoint)):
+        return {}  # trained with h online: h's weights are in the checkpoint
+    section = three_towers_config(spec.name)
+    if section.get("weights") or section.get("timm_model_pretrained", True):
+        return {"third_tower": True}  # h from the config's weights file or timm's hub
+    raise ValueError(f"--third-tower-pair: {spec.checkpoint} was trained from a cache and holds no weights of h, "
+                     f"and {spec.name} names none: pass --third-tower-weights FILE (the file the cache was built from)")
+
+
+def load_model(spec: ModelSpec, device, precision, third_tower=None):
+    """(model in eval mode, its eval preprocessing, its tokenizer); `third_tower`: keywords that build h too."""
+    if third_tower is not None:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
+                                                                     device=device, precision=precision, **third_tower)
+    elif spec.checkpoint is None:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
     elif three_towers_config(spec.name) is not None:
         # Evaluation needs f and g only: build without h and load the checkpoint minus h's weights (a checkpoint
@@ -177,10 +201,8 @@ def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):
 
 # --- scores and table -----------------------------------------------------------------------------------------
 
-def model_scores(spec: ModelSpec, tasks, shards, args):
+def model_scores(model, preprocess, tokenizer, tasks, shards, args):
     """One model's raw scores: {task prefix: (scores (N, C), targets (N,))} and the (N, N) retrieval scores."""
-    model, preprocess, tokenizer = load_model(spec, args.device, args.precision)
-    logging.info(f"evaluating {spec.label}")
     zeroshot = {}
     for task in tasks:
         classifier = build_classifier(model, tokenizer, task.classnames, task.templates, args.device, args.precision)
@@ -223,14 +245,23 @@ def combined_row(a, b, alpha, ks):
     return metrics_row(zeroshot, retrieval, ks)
 
 
-def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None) -> pd.DataFrame:
-    """The results table: one row for `spec`, or one row per alpha of its convex combination with `combine_spec`."""
+def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None, third_tower=None) -> pd.DataFrame:
+    """The results table: one row for `spec`, or one row per alpha of its convex combination with `combine_spec`,
+    or with its own third-tower pair when `third_tower` (create_model keywords that build h) is given."""
     ks = args.retrieval_k
-    scores = model_scores(spec, tasks, shards, args)
-    if combine_spec is None:
+    model, preprocess, tokenizer = load_model(spec, args.device, args.precision, third_tower)
+    logging.info(f"evaluating {spec.label}")
+    scores = model_scores(model, preprocess, tokenizer, tasks, shards, args)
+    if third_tower is not None:
+        logging.info(f"evaluating the third-tower pair of {spec.label}")
+        other = model_scores(ThirdTowerPair(model), preprocess, tokenizer, tasks, shards, args)
+        label = f"{spec.label} + third-tower pair"
+    elif combine_spec is None:
         return pd.DataFrame([{"model": spec.label, **single_row(scores, ks)}])
-    other = model_scores(combine_spec, tasks, shards, args)
-    label = f"{spec.label} + {combine_spec.label}"
+    else:
+        logging.info(f"evaluating {combine_spec.label}")
+        other = model_scores(*load_model(combine_spec, args.device, args.precision), tasks, shards, args)
+        label = f"{spec.label} + {combine_spec.label}"
     return pd.DataFrame([{"model": label, "alpha": float(a), **combined_row(scores, other, a, ks)} for a in alphas])
 
 
@@ -266,8 +297,15 @@ def parse_args(argv=None):
                              "exported folder or local-dir:DIR.")
     parser.add_argument("--combine-model", default=None, metavar="NAME",
                         help="Model name of a --combine-with checkpoint (default: read from its run's params.txt).")
+    parser.add_argument("--third-tower-pair", action="store_true", default=False,
+                        help="Combine a 3T checkpoint with its own third-tower pair, h_g(h(I)) against g_h(g(T)) "
+                             "(the paper's test-time use of h), instead of a --combine-with model.")
+    parser.add_argument("--third-tower-weights", default=None, metavar="FILE",
+                        help="h's weights for --third-tower-pair when the checkpoint was trained from a cache "
+                             "(a checkpoint trained with h online holds them).")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="A",
-                        help="Weights a of p = a * p_model + (1 - a) * p_combine_with, one table row each.")
+                        help="Weights a of p = a * p_model + (1 - a) * p_other (--combine-with or --third-tower-pair), "
+                             "one table row each.")
     add_eval_args(parser)
     parser.add_argument("--imagenet-val", default=None, metavar="DIR",
                         help="ImageNet validation folder (1000 class sub-folders): zero-shot with OpenCLIP's class "
@@ -284,7 +322,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every input checked before a model is built; returns (spec, combine_spec, tasks, shards)."""
+    """Every input checked before a model is built; returns (spec, combine_spec, third_tower, tasks, shards)."""
     if args.checkpoint is not None:
         spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
     elif args.model is not None and (args.model.startswith("local-dir:") or os.path.isdir(args.model)):
@@ -292,14 +330,22 @@ def check_args(args):
     else:
         raise ValueError("nothing to evaluate: pass --checkpoint FILE (with --model NAME unless the run's params.txt "
                          "names it) or --model local-dir:DIR")
-    combine_spec = None
+    combine_spec, third_tower = None, None
+    if args.combine_with is not None and args.third_tower_pair:
+        raise ValueError("--combine-with and --third-tower-pair each give the second model of the combination: "
+                         "pass one of them")
+    if args.third_tower_weights is not None and not args.third_tower_pair:
+        raise ValueError("--third-tower-weights is h's weights for --third-tower-pair: pass --third-tower-pair too")
     if args.combine_with is not None:
         combine_spec = resolve_spec(args.combine_with, args.combine_model, "--combine-with", "--combine-model")
+    elif args.combine_model is not None:
+        raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
+    if args.third_tower_pair:
+        third_tower = third_tower_kwargs(spec, args.third_tower_weights)
+    if combine_spec is not None or third_tower is not None:
         bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
         if bad:
             raise ValueError(f"--alphas: {bad[0]} is outside [0, 1]; the convex combination needs 0 <= a <= 1")
-    elif args.combine_model is not None:
-        raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
     tasks = check_eval_args(args)
     if args.imagenet_val is not None:
         if not os.path.isdir(args.imagenet_val):
@@ -315,15 +361,15 @@ def check_args(args):
         raise ValueError("no evaluation data: pass --zeroshot-data DIR, --imagenet-val DIR and/or --val-data SHARDS")
     if args.val_num_samples is not None and args.val_num_samples < 1:
         raise ValueError(f"--val-num-samples {args.val_num_samples}: must be >= 1")
-    return spec, combine_spec, tasks, shards
+    return spec, combine_spec, third_tower, tasks, shards
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
-        spec, combine_spec, tasks, shards = check_args(args)
-        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas)
+        spec, combine_spec, third_tower, tasks, shards = check_args(args)
+        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, third_tower)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     paths = write_results(df, args.out)

@@ -23,6 +23,9 @@ Definitions (shared by training-time and standalone evaluation):
   p = softmax(scores) over classes (zero-shot), over texts per image (image->text) or over images per text
   (text->image); evaluated in log space, log p = logaddexp(log a + log p_A, log(1 - a) + log p_B), in float64.
   This is the same p, ranked the same, and exact at a = 0 and a = 1 (log 0 = -inf drops a model).
+- A 3T model's third-tower pair (`ThirdTowerPair`) predicts with h_g(h(image)) against g_h(g(text)) and the
+  temperature of L(g_h, h_g); combined with the model's main pair (f, g) in the same way, it is the paper's
+  test-time use of 3T's own third tower (no separately trained LiT).
 """
 import json
 import logging
@@ -195,6 +198,30 @@ def unwrap_model(model):
 
 def logit_scale_of(model) -> float:
     return float(unwrap_model(model).logit_scale.detach().float().exp())
+
+
+class ThirdTowerPair(torch.nn.Module):
+    """A 3T model's third-tower pair as a CLIP-like model (encode_image, encode_text, logit_scale), so the scoring
+    code below evaluates it like any CLIP: image -> h_g(h(image)), text -> g_h(g(text)), temperature = that of
+    L(g_h, h_g). The heads see the unnormalised h and g embeddings, as in training. The model must hold h."""
+
+    def __init__(self, model):
+        super().__init__()
+        model = unwrap_model(model)
+        if getattr(model, "third_tower", None) is None:
+            raise ValueError("the third-tower pair needs the 3T model's h: build it with its weights "
+                             "(third_tower_weights=FILE) or load a checkpoint trained with h online")
+        self.three_towers = model
+        self.logit_scale = model.logit_scale_text_third
+
+    def encode_image(self, image, normalize=False):
+        h = self.three_towers.encode_third(image)
+        features = self.three_towers.h_g(h.to(next(self.three_towers.h_g.parameters()).dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text, normalize=False):
+        features = self.three_towers.g_h(self.three_towers.encode_text(text))
+        return F.normalize(features, dim=-1) if normalize else features
 
 
 def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

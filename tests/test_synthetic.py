@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from open_clip_3t.toy import synthetic
-from open_clip_3t.toy.pretrain import create_model, load_labelled_set, preprocess, pretrain_third_tower
+from open_clip_3t.toy.pretrain import (Task, accuracies, create_model, load_labelled_set, preprocess,
+                                      pretrain_third_tower, task_targets)
 from open_clip_3t.toy.synthetic import ATTRIBUTES, draw_sample, write_classification_folder, write_labelled_set, write_shards
 
 
@@ -164,6 +166,46 @@ def test_labelled_set(tmp_path):
         image, attrs, _ = draw_sample(i, 2, "pretrain", 32)
         assert np.array_equal(images[i], np.asarray(image))
         assert class_names[labels[i]] == f"{attrs['shape']} {attrs['size']}"
+
+
+def test_any_attribute_subset_is_a_task(tmp_path):
+    write_labelled_set(tmp_path, ["shape", "colour", "size"], 30, seed=1, image_size=32)
+    _, labels, _, attributes = load_labelled_set(str(tmp_path))
+    targets = task_targets(labels, attributes, ["size", "shape"])
+    for i in (0, 11, 29):
+        attrs = draw_sample(i, 1, "pretrain", 32)[1]
+        assert targets[i].tolist() == [ATTRIBUTES["size"].index(attrs["size"]), ATTRIBUTES["shape"].index(attrs["shape"])]
+    with pytest.raises(ValueError, match=r"\['count'\] are not labelled in this set"):
+        task_targets(labels, attributes, ["count"])
+
+
+def test_task_outputs_loss_and_accuracies_by_hand():
+    y = torch.tensor([[1, 0], [6, 1], [2, 1]])  # (shape, size) value indices
+    product, multi = Task(["shape", "size"], False), Task(["shape", "size"], True)
+    assert product.num_outputs == 14 and product.output_names[1:4] == ["circle large", "square small", "square large"] and multi.num_outputs == 9
+    assert multi.output_names[7:] == ["size=small", "size=large"]
+    assert product.flat(y).tolist() == [2, 13, 5]                  # shape * 2 + size
+    assert product.predict(F.one_hot(product.flat(y), 14).float()).tolist() == y.tolist()
+    logits = torch.randn(3, 9)
+    expected = (F.cross_entropy(logits[:, :7], y[:, 0]) + F.cross_entropy(logits[:, 7:], y[:, 1])) / 2
+    torch.testing.assert_close(multi.loss(logits, y), expected)
+    logits = torch.zeros(3, 9)
+    logits[0, 1] = logits[0, 7] = 1   # both right
+    logits[1, 6] = logits[1, 7] = 1   # shape right, size wrong
+    logits[2, 3] = logits[2, 8] = 1   # shape wrong, size right
+    exact, per_attribute = accuracies(torch.nn.Identity(), multi, logits, y)
+    assert exact == pytest.approx(1 / 3) and per_attribute == pytest.approx({"shape": 2 / 3, "size": 2 / 3})
+
+
+def test_multitask_pretraining_on_a_subset(tmp_path):
+    write_labelled_set(tmp_path, ["colour", "size", "count"], 500, seed=0, image_size=32)
+    summary = pretrain_third_tower(str(tmp_path), str(tmp_path / "h.pth"), "test_vit", image_size=32, epochs=4,
+                                   progress=False, attributes=["colour", "size"], multitask=True, num_samples=400)
+    assert summary["num_samples"] == 400 and summary["num_classes"] == 8 + 2 and summary["multitask"]
+    assert summary["class_names"][0] == "colour=red" and set(summary["heldout_accuracy_per_attribute"]) == {"colour", "size"}
+    assert summary["heldout_accuracy_per_attribute"]["colour"] > 0.3  # chance 1/8
+    assert summary["heldout_accuracy"] <= min(summary["heldout_accuracy_per_attribute"].values())
+    assert torch.load(tmp_path / "h.pth")["head.weight"].shape == (10, 64)
 
 
 @pytest.fixture(scope="module")

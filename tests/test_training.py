@@ -250,6 +250,9 @@ def test_init_image_from_third_tower(h_weights):
     f, h = model.visual.trunk.state_dict(), model.third_tower.model.state_dict()
     assert f.keys() == h.keys() and len(f) > 10
     assert all(torch.equal(f[k], h[k]) for k in f)
+    # f is fed as h was pretrained: h's normalisation, not OpenAI's
+    assert tuple(model.visual.preprocess_cfg["mean"]) == model.third_tower.mean == (0.5, 0.5, 0.5)
+    assert tuple(model.visual.preprocess_cfg["std"]) == model.third_tower.std
     assert all(p.requires_grad for p in model.visual.parameters())  # f is trained, h stays frozen
     assert not any(p.requires_grad for p in model.third_tower.parameters())
 

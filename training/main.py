@@ -107,8 +107,10 @@ def load_image_tower_weights(model, timm_name, path):
 def create_student(args, model_name, pretrained, kwargs):
     vision_cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
     timm_name = vision_cfg.get("vision_cfg", {}).get("timm_model_name")
-    if timm_name and (args.image_tower_weights or args.pretrained_image) and kwargs.get("image_mean") is None:
-        # A pretrained timm tower expects its own normalisation, as h does (unless --image-mean/--image-std).
+    starts_pretrained = args.image_tower_weights or args.pretrained_image or args.init_image_from_third_tower
+    if timm_name and starts_pretrained and kwargs.get("image_mean") is None:
+        # A pretrained timm tower (LiT, or f started from h) expects its own normalisation, as h does (unless
+        # --image-mean/--image-std).
         data_cfg = timm.models.get_pretrained_cfg(timm_name)
         kwargs.update(image_mean=data_cfg.mean, image_std=data_cfg.std)
         logging.info(f"image normalisation of {timm_name}: mean {data_cfg.mean}, std {data_cfg.std}")

@@ -26,10 +26,10 @@ setup(
         "safetensors",
         "tqdm",  # the cache build's progress line
         "numpy<2.4",  # open_clip_torch 3.3's zero-shot accuracy() breaks on numpy >= 2.4
+        "matplotlib",  # the quickstart's and the replication's curves
     ],
     extras_require={
         "eval": EVAL,
         "test": ["pytest", *EVAL],  # the tests run CLIP_benchmark on an exported model
-        "plot": ["matplotlib"],
     },
 )

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import open_clip_3t
 from open_clip_3t import export_clip
 from open_clip_3t.toy import synthetic
 from open_clip_3t._openclip import openclip_evaluate, openclip_get_data, openclip_parse_args
@@ -509,6 +510,22 @@ def test_third_tower_pair_against_hand_computation(eval_setup, h_weights, tmp_pa
     from_cache = standalone.main(cli_argv(s, tmp_path / "cached", "--checkpoint", str(cached), "--third-tower-pair",
                                           "--third-tower-weights", h_weights, "--alphas", "0", "0.5", "1"))
     pd.testing.assert_frame_equal(from_cache.drop(columns="model"), table.drop(columns="model"))
+
+
+def test_checkpoint_with_mlp_heads(eval_setup, h_weights, tmp_path):
+    """A run trained with --three-towers-head mlp: its config says linear, its checkpoint holds MLP heads."""
+    s = eval_setup
+    torch.manual_seed(3)
+    model = open_clip.create_model("3T-tiny", third_tower=False, three_towers={
+        **open_clip_3t._openclip.three_towers_config("3T-tiny"), "head_type": "mlp"})
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
+    ckpt.parent.mkdir(parents=True)
+    (tmp_path / "run" / "params.txt").write_text("model: 3T-tiny\n")
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--checkpoint", str(ckpt))).iloc[0]
+    pair = standalone.main(cli_argv(s, tmp_path / "pair", "--checkpoint", str(ckpt), "--third-tower-pair",
+                                    "--third-tower-weights", h_weights, "--alphas", "1"))
+    assert (pair.iloc[0, 2:] == alone.iloc[1:]).all()
 
 
 def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):

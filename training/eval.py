@@ -90,19 +90,31 @@ def third_tower_kwargs(spec: ModelSpec, weights):
                      f"and {spec.name} names none: pass --third-tower-weights FILE (the file the cache was built from)")
 
 
+def three_towers_section(model_name, keys):
+    """The model's three_towers section with the head type the checkpoint's keys show (a run trained with
+    --three-towers-head mlp holds MLP heads, which its config does not say)."""
+    section = dict(three_towers_config(model_name))
+    if any(k.startswith("f_h.") for k in keys):
+        section["head_type"] = "mlp" if any(k.startswith("f_h.0.") for k in keys) else "linear"
+    return section
+
+
 def load_model(spec: ModelSpec, device, precision, third_tower=None):
     """(model in eval mode, its eval preprocessing, its tokenizer); `third_tower`: keywords that build h too."""
     if third_tower is not None:
+        section = three_towers_section(spec.name, checkpoint_keys(spec.checkpoint))
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
-                                                                     device=device, precision=precision, **third_tower)
+                                                                     device=device, precision=precision,
+                                                                     three_towers=section, **third_tower)
     elif spec.checkpoint is None:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
     elif three_towers_config(spec.name) is not None:
         # Evaluation needs f and g only: build without h and load the checkpoint minus h's weights (a checkpoint
         # trained with h online holds them; create_model(pretrained=...) would load them strictly).
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, third_tower=False, device=device,
-                                                                     precision=precision)
         state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if not k.startswith("third_tower.")}
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, third_tower=False, device=device, precision=precision,
+            three_towers=three_towers_section(spec.name, state_dict))
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:

@@ -1,47 +1,182 @@
-"""The paper's comparisons in miniature (generated data, 2 CPU cores), several seeds, mean ± std.
+"""The paper's comparisons in miniature (generated data, CPU), as a table of named runs sharing one protocol.
 
-    python scripts/replicate.py --out replication_out --seeds 0 1 2
+    python scripts/replicate.py --out replication_out --seeds 0 1 2 [--runs NAME ...] [--threads N]
 
-Rows: the CLIP baseline; LiT and 3T with a matched third tower (pretrained on shape x colour, what evaluation asks
-about) and with a mismatched one (pretrained on background x position: blind to shape and colour, the analogue of
-the paper's Places365 case); 3T ablations (without L(f,g), without L(f_h,h_f), without L(g_h,h_g), L2 transfer);
-and the post-hoc 3T + LiT convex combination p = a p_3T + (1 - a) p_LiT swept over a. All runs have equal budgets
-(same data, epochs, batch size, learning rate); a seed changes model initialisation and data order, while the
-data and the two pretrained towers are shared. Writes OUT/replication.{csv,md} (mean ± std), OUT/runs.csv (every
-run) and OUT/combination.{csv,md}.
+The protocol (fixed before the runs, the same for every row; docs/results.md): the data, the third towers, the
+seeds and the training budget of experiments.SCALES[--scale]; every run is evaluated after each epoch during
+training: the curves, and after the last epoch the table (the numbers `python -m training.eval` gives for the final
+checkpoint at the training batch size, which it computes for the combinations). A seed changes model
+initialisation and data order; data and towers are shared by all seeds and runs.
+
+Each run is saved under OUT/runs/seedS/RUN/ (training.main's run folder, its per-epoch evaluations in
+checkpoints/results.jsonl) and its table row in OUT/eval/seedS/RUN.json: a rerun skips every finished run, so rows added
+to RUNS later (other model families, more towers) are trained with the same seeds, data and budget without redoing
+the others. OUT/protocol.json refuses a rerun with another scale.
+
+Writes OUT/runs.csv (every run and seed), OUT/replication.{csv,md} (mean ± std over seeds), OUT/combination.{csv,md}
+(3T + LiT and 3T + its own third-tower pair, swept over a), OUT/towers.csv (held-out accuracies, in-batch duplicate
+rates), OUT/curves_*.png (+ .csv: the plotted series).
 """
 import argparse
+import json
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from open_clip_3t.toy import curves  # noqa: E402
 from open_clip_3t.toy import experiments as ex  # noqa: E402
+from open_clip_3t.toy.diagnostics import cached_embeddings, duplicate_rate, view_agreement  # noqa: E402
 
-# name: (kind, tower task, extra training.main flags)
+
+@dataclass(frozen=True)
+class Run:
+    """One row: a model kind trained with a third tower (or none) and extra training.main flags."""
+    kind: str                      # CLIP, LiT or 3T (experiments.MODELS)
+    tower: Optional[str] = None    # experiments.TOWERS key
+    flags: tuple = ()              # extra training.main flags
+    model: Optional[str] = None    # model config, when not the kind's default
+    online: bool = False           # 3T: run h at every step instead of reading the cache
+    lock_image: bool = True        # LiT: locked tower (False: LiT finetune)
+
+
+DROP_FG, DROP_FH, DROP_GH = (("--three-towers-loss-weights", *w) for w in (("0", "1", "1"), ("1", "0", "1"),
+                                                                            ("1", "1", "0")))
+L2 = ("--three-towers-transfer", "l2")
+
 RUNS = {
-    "CLIP": ("CLIP", None, ()),
-    "LiT (matched h)": ("LiT", "matched", ()),
-    "3T (matched h)": ("3T", "matched", ()),
-    "LiT (mismatched h)": ("LiT", "mismatched", ()),
-    "3T (mismatched h)": ("3T", "mismatched", ()),
-    "3T without L(f,g)": ("3T", "matched", ("--three-towers-loss-weights", "0", "1", "1")),
-    "3T without L(f_h,h_f)": ("3T", "matched", ("--three-towers-loss-weights", "1", "0", "1")),
-    "3T without L(g_h,h_g)": ("3T", "matched", ("--three-towers-loss-weights", "1", "1", "0")),
-    "3T L2 transfer": ("3T", "matched", ("--three-towers-transfer", "l2")),
+    "CLIP": Run("CLIP"),
+    # the weak regime: today's weak matched tower
+    "LiT (weak h)": Run("LiT", "weak"),
+    "3T (weak h)": Run("3T", "weak"),
+    "3T (weak h) without L(f,g)": Run("3T", "weak", DROP_FG),
+    "3T (weak h) without L(f_h,h_f)": Run("3T", "weak", DROP_FH),
+    "3T (weak h) without L(g_h,h_g)": Run("3T", "weak", DROP_GH),
+    "3T (weak h) L2 transfer": Run("3T", "weak", L2),
+    # the strong regime: towers >= 90% held-out on their task
+    "LiT (matched h)": Run("LiT", "matched"),
+    "3T (matched h)": Run("3T", "matched"),
+    "LiT (mismatched h)": Run("LiT", "mismatched"),
+    "3T (mismatched h)": Run("3T", "mismatched"),
+    "LiT (broad h)": Run("LiT", "broad"),
+    "3T (broad h)": Run("3T", "broad"),
+    "3T (broad h) without L(f,g)": Run("3T", "broad", DROP_FG),
+    "3T (broad h) without L(f_h,h_f)": Run("3T", "broad", DROP_FH),
+    "3T (broad h) without L(g_h,h_g)": Run("3T", "broad", DROP_GH),
+    "3T (broad h) L2 transfer": Run("3T", "broad", L2),
+    "3T (broad h) MLP heads": Run("3T", "broad", ("--three-towers-head", "mlp")),
+    "3T (broad h) finetuning": Run("3T", "broad", ("--init-image-from-third-tower",), model="3T-mini-timm"),
+    "LiT (broad h) finetune": Run("LiT", "broad", lock_image=False),
+    "3T (broad h) h online": Run("3T", "broad", online=True),
 }
+# Post-hoc combinations, p = a p_3T + (1 - a) p_other: with the LiT of the same tower, and with the 3T model's own
+# third-tower pair h_g(h(I)) . g_h(g(T)).
+COMBINED_TOWERS = ("weak", "matched", "mismatched", "broad")
 ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
+
+
+def slug(name):
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_").replace("__", "_")
 
 
 def mean_std(df, by):
     metrics = [c for c in df.columns if c not in (by, "seed", "train s")]
     grouped = df.groupby(by, sort=False)
     mean, std = grouped[metrics].mean(), grouped[metrics].std(ddof=1).fillna(0.0)
-    table = pd.DataFrame({c: [f"{m:.1f} ± {s:.1f}" for m, s in zip(mean[c], std[c])] for c in metrics},
-                         index=mean.index).reset_index()
-    return table
+    return pd.DataFrame({c: [f"{m:.1f} ± {s:.1f}" for m, s in zip(mean[c], std[c])] for c in metrics},
+                        index=mean.index).reset_index()
+
+
+class Replication:
+    def __init__(self, out, scale, seeds):
+        self.out, self.scale, self.seeds, self.start = Path(out), scale, seeds, time.time()
+
+    def say(self, message):
+        ex.say(f"[{time.time() - self.start:6.0f}s] {message}")
+
+    def prepare(self, runs):
+        towers = sorted({RUNS[r].tower for r in runs if RUNS[r].tower} | set(ex.TOWERS), key=list(ex.TOWERS).index)
+        self.say(f"data and third towers in {self.out}")
+        self.data = ex.prepare_data(self.out / "data", self.scale, towers)
+        self.towers = ex.pretrain_towers(self.out, self.data, self.scale, towers)
+        # every tower's cache: the 3T runs read them, and the duplicate-rate diagnostic measures them
+        self.caches = {t: ex.build_cache(self.out, self.data, self.towers[t], t)[0] for t in self.towers}
+
+    def run_dir(self, seed, name):
+        return self.out / "runs" / f"seed{seed}" / slug(name)
+
+    def checkpoint(self, seed, name):
+        return self.run_dir(seed, name) / "checkpoints" / f"epoch_{self.scale.epochs}.pt"
+
+    def train_and_evaluate(self, seed, name):
+        """Train one run (unless done); its table row is the evaluation after its last epoch."""
+        row_file = self.out / "eval" / f"seed{seed}" / f"{slug(name)}.json"
+        if row_file.exists():
+            return json.loads(row_file.read_text())
+        run = RUNS[name]
+        weights = self.towers.get(run.tower)
+        cache = None if run.online or run.kind != "3T" else self.caches.get(run.tower)
+        self.say(f"seed {seed}: {name}")
+        checkpoint, seconds = ex.train(self.out / "runs" / f"seed{seed}", slug(name), run.kind, self.data, self.scale,
+                                       seed, weights=weights, cache=cache, extra=run.flags, model=run.model,
+                                       label=name, lock_image=run.lock_image)
+        row = {"run": name, "seed": seed, **ex.summary_row(ex.last_evaluation(checkpoint)), "train s": seconds}
+        ex.write_json(row_file, row)
+        return row
+
+    def combinations(self, seed, tower):
+        """3T (tower) + LiT (tower) and 3T (tower) + its third-tower pair, one row per a; skipped when done."""
+        rows, three_t = [], f"3T ({tower} h)"
+        for other, with_what in ((f"LiT ({tower} h)", "LiT"), (None, "third-tower pair")):
+            if other is not None and not self.checkpoint(seed, other).exists():
+                continue
+            out = self.out / "eval" / f"seed{seed}" / slug(f"combination {three_t} + {with_what}")
+            if (out / "results.csv").exists():
+                results = pd.read_csv(out / "results.csv")
+            else:
+                self.say(f"seed {seed}: {three_t} + {with_what}, a in {' '.join(ALPHAS)}")
+                combine = {"combine_with": str(self.checkpoint(seed, other)), "combine_model": ex.MODELS["LiT"]} \
+                    if other else {"third_tower_weights": self.towers[tower]}
+                results = ex.evaluate(out, str(self.checkpoint(seed, three_t)), ex.MODELS["3T"], self.data,
+                                      alphas=ALPHAS, batch_size=self.scale.batch_size, **combine)
+            alone, own = ex.summary_row(results[results["alpha"] == 1.0]), self.train_and_evaluate(seed, three_t)
+            if any(own[k] != v for k, v in alone.items()):  # a = 1 is the 3T model alone, exactly
+                raise RuntimeError(f"{out}: at a = 1 the combination differs from {three_t} alone: {alone} vs {own}")
+            for i, alpha in enumerate(results["alpha"]):
+                rows.append({"combination": f"{three_t} + {with_what}, a={alpha:g}", "seed": seed,
+                             **ex.summary_row(results.iloc[[i]])})
+        return rows
+
+    def towers_table(self):
+        """Each tower's held-out accuracies and its embeddings' in-batch duplicate rate (from the caches)."""
+        rows = []
+        for name, weights in self.towers.items():
+            summary = ex.tower_summary(weights)
+            row = {"tower": name, "task": ex.TOWERS[name].about, "held-out (all attributes right)":
+                   100 * summary["heldout_accuracy"],
+                   **{f"held-out {a}": 100 * v for a, v in summary["heldout_accuracy_per_attribute"].items()}}
+            if name in self.caches:
+                row.update(duplicate_rate(cached_embeddings(self.caches[name])[0], self.scale.batch_size))
+                row.update(view_agreement(weights, self.data["train_spec"], self.caches[name]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot_curves(self, runs):
+        folders = {name: [self.run_dir(s, name) for s in self.seeds if self.checkpoint(s, name).exists()]
+                   for name in runs}
+        for tower in COMBINED_TOWERS:
+            group = {n: folders[n] for n in ("CLIP", f"LiT ({tower} h)", f"3T ({tower} h)") if folders.get(n)}
+            if len(group) > 1:
+                curves.plot(curves.eval_series(group), self.out / f"curves_{tower}.png",
+                            f"zero-shot and retrieval after each epoch (h: {tower}; mean and min-max over seeds)")
+            if folders.get(f"3T ({tower} h)"):
+                curves.plot(curves.three_towers_series(folders[f"3T ({tower} h)"]), self.out / f"curves_3T_{tower}.png",
+                            f"3T ({tower} h): loss terms and temperatures (mean and min-max over seeds)")
 
 
 def main(argv=None):
@@ -49,54 +184,49 @@ def main(argv=None):
     parser.add_argument("--out", default="replication_out")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scale", choices=sorted(ex.SCALES), default="default")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="RUN")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="RUN",
+                        help="rows to train and evaluate (default: all); finished ones are skipped")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="make the data, the third towers and their caches, then stop")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each training and evaluation process (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
-    scale, out = ex.SCALES[args.scale], Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    scale = ex.SCALES[args.scale]
+    rep = Replication(args.out, scale, args.seeds)
+    rep.out.mkdir(parents=True, exist_ok=True)
+    ex.check_protocol(rep.out, scale)
+    rep.prepare(args.runs)
+    if args.prepare_only:
+        ex.say(rep.towers_table().to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        return
 
-    ex.say(f"[{time.time() - start:5.0f}s] data and third towers in {out}")
-    data = ex.prepare_data(out / "data", scale)
-    towers = ex.pretrain_towers(out, data, scale)
-    caches = {task: ex.build_cache(out, data, towers[task], task)[0] for task in towers}
-
-    rows, checkpoints = [], {}
+    rows, combos = [], []
     for seed in args.seeds:
         for name in args.runs:
-            kind, task, extra = RUNS[name]
-            run_name = f"seed{seed}/{name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')}"
-            ex.say(f"[{time.time() - start:5.0f}s] seed {seed}: {name}")
-            checkpoint, seconds = ex.train(out / "runs", run_name, kind, data, scale, seed,
-                                           weights=towers.get(task), cache=caches.get(task), extra=extra)
-            checkpoints[seed, name] = checkpoint
-            results = ex.evaluate(out / "eval" / run_name, checkpoint, kind, data)
-            rows.append({"run": name, "seed": seed, **ex.summary_row(results), "train s": seconds})
+            rows.append(rep.train_and_evaluate(seed, name))
+        for tower in COMBINED_TOWERS:
+            if f"3T ({tower} h)" in args.runs:
+                combos += rep.combinations(seed, tower)
     runs = pd.DataFrame(rows)
-    runs.to_csv(out / "runs.csv", index=False)
-    ex.save_table(mean_std(runs, "run"), out, "replication")
-
-    combos = []
-    for seed in args.seeds:
-        for task in ("matched", "mismatched"):
-            pair = (checkpoints.get((seed, f"3T ({task} h)")), checkpoints.get((seed, f"LiT ({task} h)")))
-            if None in pair:
-                continue
-            ex.say(f"[{time.time() - start:5.0f}s] seed {seed}: 3T + LiT ({task} h) combination")
-            results = ex.evaluate(out / "eval" / f"seed{seed}" / f"combination_{task}", pair[0], "3T", data,
-                                  combine_with=pair[1], alphas=ALPHAS)
-            for i, alpha in enumerate(results["alpha"]):
-                combos.append({"h": task, "a (weight of 3T)": alpha, "seed": seed,
-                               **ex.summary_row(results.iloc[[i]])})
+    runs.to_csv(rep.out / "runs.csv", index=False)
+    table = mean_std(runs, "run")
+    ex.save_table(table, rep.out, "replication")
     if combos:
-        combos = pd.DataFrame(combos)
-        combos["combination"] = combos["h"] + " h, a=" + combos["a (weight of 3T)"].map(lambda a: f"{a:g}")
-        combos = combos.drop(columns=["h", "a (weight of 3T)"])
-        ex.save_table(mean_std(combos, "combination"), out, "combination")
+        combos = mean_std(pd.DataFrame(combos), "combination")
+        ex.save_table(combos, rep.out, "combination")
+    towers = rep.towers_table()
+    towers.to_csv(rep.out / "towers.csv", index=False)
+    rep.plot_curves(args.runs)
 
-    ex.say(mean_std(runs, "run").to_string(index=False))
+    ex.say(table.to_string(index=False))
     if len(combos):
-        ex.say(mean_std(combos, "combination").to_string(index=False))
-    ex.say(f"total {time.time() - start:.0f}s; tables in {out}")
+        ex.say(combos.to_string(index=False))
+    ex.say(towers.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    ex.say(f"total {time.time() - rep.start:.0f}s; tables and curves in {rep.out}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ class Scale:
     samples_per_shard: int = 1000
     val_samples: int = 1000
     per_class: int = 30              # zero-shot images per class
-    labelled_samples: int = 20000    # the labelled set every tower is pretrained on (all attributes labelled)
-    tower_epochs: int = 10
+    labelled_samples: int = 30000    # the labelled set every tower is pretrained on (all attributes labelled)
+    tower_epochs: int = 12
     weak_tower_samples: int = 12000  # the weak tower: fewer images, fewer epochs
     weak_tower_epochs: int = 8
     epochs: int = 5
@@ -185,26 +185,24 @@ def tower_summary(weights):
 
 
 def build_cache(root, data, weights, name):
-    """h's embeddings of every training sample (skipped if already built: the builder resumes and verifies)."""
-    out = Path(root) / f"cache_{name}"
+    """h's embeddings of every training sample; returns (cache folder, seconds, None when built earlier here).
+    An interrupted build is resumed by the builder; root/cache_NAME.log ends with its summary once complete."""
+    out, log = Path(root) / f"cache_{name}", Path(root) / f"cache_{name}.log"
+    if log.exists() and out.exists() and "build complete" in log.read_text():
+        return str(out), None
     seconds = run([sys.executable, "-m", "open_clip_3t.cache", "build", "--train-data", data["train_spec"],
                    "--model", MODELS["3T"], "--out", out, "--third-tower-weights", weights, "--workers", "1",
-                   "--batch-size", "256", "--device", "cpu"], Path(root) / f"cache_{name}.log", f"cache build ({name})")
+                   "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})")
+    with open(log, "a") as f:
+        f.write("build complete\n")
     return str(out), seconds
 
 
 # --- training and evaluation ----------------------------------------------------------------------------------------
 
-def train(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, extra=(), model=None, label=None,
-          lock_image=True):
-    """One run of python -m training.main, evaluated after every epoch (zero-shot and retrieval, written to
-    RUN/checkpoints/results.jsonl); returns (checkpoint, seconds). Equal budgets: same data, epochs, batch.
-    kind: CLIP, LiT (image tower = h's weights, locked unless lock_image=False) or 3T (h's embeddings from
-    `cache`, or h run online without one)."""
-    checkpoint = Path(logs) / name / "checkpoints" / f"epoch_{scale.epochs}.pt"
-    if checkpoint.exists():
-        return str(checkpoint), None  # finished earlier in this working folder
-    shutil.rmtree(Path(logs) / name, ignore_errors=True)  # an unfinished earlier attempt
+def train_command(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, extra=(), model=None,
+                  lock_image=True):
+    """The python -m training.main command of one run (see `train`)."""
     cmd = [sys.executable, "-m", "training.main", "--model", model or MODELS[kind], "--train-data", data["train_spec"],
            "--dataset-type", "webdataset", "--train-num-samples", scale.train_samples,
            "--batch-size", scale.batch_size, "--epochs", scale.epochs, "--lr", scale.lr, "--wd", "0.1",
@@ -220,19 +218,32 @@ def train(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, 
     if kind == "3T":
         # With a cache, h is not built: its weights file only identifies the third tower the cache must match.
         cmd += ["--third-tower-weights", weights] + (["--third-tower-cache", cache] if cache else [])
-    on_line = training_progress(label or name, scale.epochs)
-    seconds = run(cmd, Path(logs) / f"{name}.log", f"training {name}", on_line=on_line)
+    return [str(c) for c in cmd]
+
+
+def train(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, extra=(), model=None, label=None,
+          lock_image=True):
+    """One run of python -m training.main, evaluated after every epoch (zero-shot and retrieval, written to
+    RUN/checkpoints/results.jsonl); returns (checkpoint, seconds). Equal budgets: same data, epochs, batch.
+    kind: CLIP, LiT (image tower = h's weights, locked unless lock_image=False) or 3T (h's embeddings from
+    `cache`, or h run online without one)."""
+    checkpoint = Path(logs) / name / "checkpoints" / f"epoch_{scale.epochs}.pt"
+    if checkpoint.exists():
+        return str(checkpoint), None  # finished earlier in this working folder
+    shutil.rmtree(Path(logs) / name, ignore_errors=True)  # an unfinished earlier attempt
+    cmd = train_command(logs, name, kind, data, scale, seed, weights, cache, extra, model, lock_image)
+    seconds = run(cmd, Path(logs) / f"{name}.log", f"training {name}", on_line=training_progress(label or name, scale.epochs))
     return str(checkpoint), seconds
 
 
 def evaluate(out, checkpoint, model, data, combine_with=None, combine_model=None, third_tower_weights=None,
-             alphas=None):
+             alphas=None, batch_size=256):
     """python -m training.eval on the zero-shot folders and the validation shards; returns its table. With
     combine_with (the paper's 3T + LiT) or third_tower_weights (the 3T model + its own third-tower pair), one row
     per alpha."""
     cmd = [sys.executable, "-m", "training.eval", "--checkpoint", checkpoint, "--model", model,
            "--zeroshot-data", *data["zeroshot"], "--val-data", data["val_spec"], "--retrieval-k", "1", "5", "10",
-           "--workers", "0", "--device", "cpu", "--batch-size", "256", "--out", out]
+           "--workers", "0", "--device", "cpu", "--batch-size", batch_size, "--out", out]
     if combine_with is not None:
         cmd += ["--combine-with", combine_with, "--combine-model", combine_model, "--alphas", *alphas]
     elif third_tower_weights is not None:
@@ -250,6 +261,13 @@ def summary_row(results: pd.DataFrame):
     """The headline numbers of one evaluation (first row), in percent."""
     row = results.iloc[0]
     return {label: 100 * float(row[col]) for col, label in SUMMARY_COLUMNS.items()}
+
+
+def last_evaluation(checkpoint):
+    """The evaluation training.main ran after the last epoch (RUN/checkpoints/results.jsonl), as a one-row table:
+    the same numbers `python -m training.eval` gives for that checkpoint at the training batch size."""
+    lines = (Path(checkpoint).parent / "results.jsonl").read_text().splitlines()
+    return pd.DataFrame([json.loads(lines[-1])])
 
 
 # --- export, tables -----------------------------------------------------------------------------------------------

@@ -157,8 +157,10 @@ def pretrain_third_tower(labelled_set, out_file, model_name="test_vit", image_si
             schedule.step()
             total += loss.item() * len(idx)
         if progress:
-            print(f"epoch {epoch + 1}/{epochs}  loss {total / len(x_train):.3f}  "
-                  f"heldout acc {accuracies(model, task, x_held, y_held)[0]:.3f}  {time.time() - start:.0f}s", flush=True)
+            seconds = time.time() - start
+            print(f"  epoch {epoch + 1}/{epochs}  loss {total / len(x_train):.3f}  "
+                  f"heldout acc {accuracies(model, task, x_held, y_held)[0]:.3f}  {seconds:.0f}s, "
+                  f"{(epoch + 1) * len(x_train) / seconds:.0f} samples/s", flush=True)
 
     (train_acc, _), (heldout_acc, heldout_per_attribute) = (accuracies(model, task, x_train, y_train),
                                                             accuracies(model, task, x_held, y_held))

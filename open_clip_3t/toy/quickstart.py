@@ -45,7 +45,7 @@ def main(argv=None):
     weights = ex.pretrain_towers(out, data, scale, towers=(TOWER,), progress=True)[TOWER]
     step(3, "building the third-tower embedding cache")
     cache, seconds = ex.build_cache(out, data, weights, TOWER)
-    ex.say(f"  cache built in {seconds:.0f}s: {cache}")
+    ex.say(f"  cache built in {seconds:.0f}s: {cache}" if seconds is not None else f"  cache: reused {cache}")
 
     runs, logs = {}, out / "runs"
     for kind in ("CLIP", "LiT", "3T"):

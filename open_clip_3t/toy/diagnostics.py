@@ -1,0 +1,85 @@
+"""Measurements that explain 3T results, read from a third tower's cache (design notes, section 6).
+
+- `duplicate_rate`: how often a training batch holds near-identical h embeddings (cosine > 0.99). The two transfer
+  terms are contrastive: such pairs are negatives that cannot be told apart, a task with a floor.
+- `view_agreement`: whether h's cached view of an image (its deterministic eval crop) differs from the view f
+  trains on (OpenCLIP's random resized crop), which is what h sees when it runs online.
+"""
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache.format import expand_shards, load_sidecar, sidecar_path
+
+
+def cached_embeddings(cache_dir, train_spec=None):
+    """(float32 embeddings [N, D], keys) of every sidecar in the cache (of train_spec's shards when given)."""
+    if train_spec is not None:
+        paths = [sidecar_path(cache_dir, url) for url in expand_shards(train_spec)]
+    else:
+        paths = sorted(Path(cache_dir).rglob("*.safetensors"))
+    embeddings, keys = [], []
+    for path in paths:
+        e, k, _, _ = load_sidecar(str(path))
+        embeddings.append(np.asarray(e, np.float32))
+        keys += k
+    return np.concatenate(embeddings), keys
+
+
+def duplicate_rate(embeddings, batch_size, threshold=0.99, seed=0):
+    """In random batches of `batch_size` of the embeddings (N, D): pairs per batch with cosine > threshold, and the
+    percentage of samples that have such a twin in their batch (a last partial batch is left out)."""
+    embeddings = F.normalize(torch.as_tensor(embeddings, dtype=torch.float32), dim=1)
+    order = torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(seed))
+    pairs, with_twin, batches = 0, 0, 0
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        e = embeddings[order[start:start + batch_size]]
+        close = (e @ e.T > threshold) & ~torch.eye(batch_size, dtype=torch.bool)
+        pairs += int(close.sum()) // 2
+        with_twin += int(close.any(1).sum())
+        batches += 1
+    if batches == 0:
+        raise ValueError(f"fewer than {batch_size} embeddings: no full batch")
+    return {"twin pairs per batch": pairs / batches, "samples with a twin (%)": 100 * with_twin / (batches * batch_size)}
+
+
+def first_shard_images(train_spec, limit):
+    """(key, PIL image) of the first `limit` samples of the first training shard, in tar order."""
+    from PIL import Image
+    out = []
+    with tarfile.open(expand_shards(train_spec)[0]) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                out.append((member.name.split(".")[0], image))
+                if len(out) == limit:
+                    break
+    return out
+
+
+@torch.no_grad()
+def view_agreement(weights, train_spec, cache_dir, model="3T-mini", limit=512, seed=0):
+    """Cosine between h's embedding of f's training view (OpenCLIP's train transform, then h's own input
+    conversion, as when h runs online) and h's cached embedding of the same image; for scale, the mean cosine
+    between cached embeddings of different images."""
+    import open_clip
+
+    import open_clip_3t  # noqa: F401  (registers the 3T configs)
+    three_t, f_train_view, _ = open_clip.create_model_and_transforms(model, third_tower_weights=weights)
+    three_t.eval()
+    cached, keys = cached_embeddings(cache_dir, train_spec)
+    row_of = {k: i for i, k in enumerate(keys)}
+    samples = first_shard_images(train_spec, limit)
+    torch.manual_seed(seed)
+    online = three_t.encode_third(torch.stack([f_train_view(image) for _, image in samples]))
+    stored = torch.from_numpy(cached[[row_of[k] for k, _ in samples]])
+    same = F.cosine_similarity(online.float(), stored, dim=1)
+    stored = F.normalize(stored, dim=1)
+    others = stored @ stored.T
+    n = len(stored)
+    return {"cos(f's view, cached view)": float(same.mean()),
+            "cos(two images, cached)": float((others.sum() - others.diagonal().sum()) / (n * (n - 1)))}

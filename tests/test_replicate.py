@@ -1,0 +1,63 @@
+"""scripts/replicate.py's table of named runs, its protocol guard, and the diagnostics (no training here: the
+quickstart test trains through the same functions)."""
+import importlib.util
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from open_clip_3t.toy import experiments as ex
+from open_clip_3t.toy.diagnostics import duplicate_rate
+from open_clip_3t.toy.synthetic import write_classification_folder, write_shards
+from tests.conftest import REPO
+from training.params import parse_args
+
+spec = importlib.util.spec_from_file_location("replicate", os.path.join(REPO, "scripts", "replicate.py"))
+replicate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replicate)
+
+
+def test_every_run_is_a_valid_training_command(tmp_path):
+    """Each named run's training.main command passes training.main's own checks (run folders are distinct)."""
+    assert len({replicate.slug(name) for name in replicate.RUNS}) == len(replicate.RUNS)
+    write_shards(str(tmp_path / "val"), 4, samples_per_shard=4, split="val", image_size=32)
+    data = {"train_spec": str(tmp_path / "val" / "00000.tar"), "val_spec": str(tmp_path / "val" / "00000.tar"),
+            "zeroshot": [write_classification_folder(str(tmp_path / a), a, 1, seed=0, image_size=32)
+                         for a in ex.EVAL_ATTRIBUTES]}
+    weights = tmp_path / "h.pth"
+    weights.write_bytes(b"")
+    for name, run in replicate.RUNS.items():
+        assert run.kind in ex.MODELS and (run.tower is None or run.tower in ex.TOWERS), name
+        cmd = ex.train_command(tmp_path / "logs", replicate.slug(name), run.kind, data, ex.SCALES["default"], 0,
+                               weights=str(weights), extra=run.flags, model=run.model, lock_image=run.lock_image)
+        assert cmd[1:3] == ["-m", "training.main"]
+        args = parse_args(cmd[3:])  # exits on a bad flag combination
+        assert args.epochs == 5 and args.zeroshot_frequency == args.val_frequency == 1, name
+        assert args.lock_image == (run.kind == "LiT" and run.lock_image), name
+    finetuning = parse_args(ex.train_command(tmp_path, "ft", "3T", data, ex.SCALES["default"], 0, str(weights),
+                                             extra=replicate.RUNS["3T (broad h) finetuning"].flags,
+                                             model="3T-mini-timm")[3:])
+    assert finetuning.init_image_from_third_tower
+
+
+def test_protocol_guard(tmp_path):
+    ex.check_protocol(tmp_path, ex.SCALES["tiny"])
+    ex.check_protocol(tmp_path, ex.SCALES["tiny"])  # same protocol: fine
+    with pytest.raises(SystemExit, match=r"another protocol \(scale differs in \['batch_size', 'epochs'"):
+        ex.check_protocol(tmp_path, ex.SCALES["default"])
+
+
+def test_mean_std_over_seeds():
+    runs = pd.DataFrame({"run": ["a", "a", "a", "b"], "seed": [0, 1, 2, 0], "x": [1.0, 2.0, 6.0, 4.0],
+                         "train s": [1, 2, 3, 4]})
+    assert replicate.mean_std(runs, "run").to_dict("list") == {"run": ["a", "b"], "x": ["3.0 ± 2.6", "4.0 ± 0.0"]}
+
+
+def test_duplicate_rate_by_hand():
+    e = np.eye(8, dtype=np.float32)
+    e[1] = e[0] + 0.01 * e[5]  # cos(e0, e1) = 0.99995: twins
+    e[2] = e[0] + 0.2 * e[5]   # cos(e0, e2) = 0.98: not twins; cos(e1, e2) = 0.983
+    assert duplicate_rate(e, batch_size=8) == {"twin pairs per batch": 1.0, "samples with a twin (%)": 25.0}
+    assert duplicate_rate(np.eye(8), batch_size=4) == {"twin pairs per batch": 0.0, "samples with a twin (%)": 0.0}
+    assert duplicate_rate(np.ones((9, 3)), batch_size=4)["twin pairs per batch"] == 6.0  # 2 full batches of 4

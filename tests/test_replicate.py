@@ -33,7 +33,7 @@ def test_every_run_is_a_valid_training_command(tmp_path):
                                weights=str(weights), extra=run.flags, model=run.model, lock_image=run.lock_image)
         assert cmd[1:3] == ["-m", "training.main"]
         args = parse_args(cmd[3:])  # exits on a bad flag combination
-        assert args.epochs == 5 and args.zeroshot_frequency == args.val_frequency == 1, name
+        assert args.epochs == 4 and args.zeroshot_frequency == args.val_frequency == 1, name
         assert args.lock_image == (run.kind == "LiT" and run.lock_image), name
     finetuning = parse_args(ex.train_command(tmp_path, "ft", "3T", data, ex.SCALES["default"], 0, str(weights),
                                              extra=replicate.RUNS["3T (broad h) finetuning"].flags,

@@ -37,7 +37,7 @@ class Scale:
     tower_epochs: int = 12
     weak_tower_samples: int = 12000  # the weak tower: fewer images, fewer epochs
     weak_tower_epochs: int = 8
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
     image_size: int = 64             # generated images; the models see 32 px

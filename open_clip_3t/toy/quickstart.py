@@ -1,4 +1,4 @@
-"""The whole of 3T on a laptop, in about 10 minutes on 2 CPU cores, with nothing to download:
+"""The whole of 3T on a laptop, in under 10 minutes on 2 CPU cores, with nothing to download:
 
     python -m open_clip_3t.toy.quickstart [--out quickstart_out] [--tiny]
 

@@ -48,6 +48,7 @@ class Run:
 DROP_FG, DROP_FH, DROP_GH = (("--three-towers-loss-weights", *w) for w in (("0", "1", "1"), ("1", "0", "1"),
                                                                             ("1", "1", "0")))
 L2 = ("--three-towers-transfer", "l2")
+FG_AS_CLIP = ("--three-towers-loss-weights", "3", "1", "1")  # L(f,g) weighted as in CLIP, the transfer terms 1/3
 
 RUNS = {
     "CLIP": Run("CLIP"),
@@ -58,6 +59,7 @@ RUNS = {
     "3T (weak h) without L(f_h,h_f)": Run("3T", "weak", DROP_FH),
     "3T (weak h) without L(g_h,h_g)": Run("3T", "weak", DROP_GH),
     "3T (weak h) L2 transfer": Run("3T", "weak", L2),
+    "3T (weak h) L(f,g) weight 3": Run("3T", "weak", FG_AS_CLIP),
     # the strong regime: towers >= 90% held-out on their task
     "LiT (matched h)": Run("LiT", "matched"),
     "3T (matched h)": Run("3T", "matched"),
@@ -69,6 +71,7 @@ RUNS = {
     "3T (broad h) without L(f_h,h_f)": Run("3T", "broad", DROP_FH),
     "3T (broad h) without L(g_h,h_g)": Run("3T", "broad", DROP_GH),
     "3T (broad h) L2 transfer": Run("3T", "broad", L2),
+    "3T (broad h) L(f,g) weight 3": Run("3T", "broad", FG_AS_CLIP),
     "3T (broad h) MLP heads": Run("3T", "broad", ("--three-towers-head", "mlp")),
     "3T (broad h) finetuning": Run("3T", "broad", ("--init-image-from-third-tower",), model="3T-mini-timm"),
     "LiT (broad h) finetune": Run("LiT", "broad", lock_image=False),

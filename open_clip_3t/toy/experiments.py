@@ -310,6 +310,7 @@ def save_table(df: pd.DataFrame, out_dir, stem):
 def write_json(path, obj):
     """JSON written to a temporary name and renamed: the file exists only when complete."""
     tmp = Path(f"{path}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 

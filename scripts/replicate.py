@@ -14,7 +14,8 @@ to RUNS later (other model families, more towers) are trained with the same seed
 the others. OUT/protocol.json refuses a rerun with another scale.
 
 Writes OUT/runs.csv (every run and seed), OUT/replication.{csv,md} (mean ± std over seeds), OUT/combination.{csv,md}
-(3T + LiT and 3T + its own third-tower pair, swept over a), OUT/towers.csv (held-out accuracies, in-batch duplicate
+(3T + LiT and 3T + its own third-tower pair, swept over a), OUT/online_minus_cache.{csv,md} (3T with h online
+minus 3T from the cache, per seed), OUT/towers.csv (held-out accuracies, in-batch duplicate
 rates), OUT/curves_*.png (+ .csv: the plotted series).
 """
 import argparse
@@ -85,6 +86,17 @@ ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
 
 def slug(name):
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_").replace("__", "_")
+
+
+def paired_difference(runs, a, b):
+    """Per seed, run a minus run b on every metric (the same seed's data order and initialisation), as a one-row
+    mean ± std table; None unless both ran."""
+    metrics = [c for c in runs.columns if c not in ("run", "seed", "train s")]
+    both = runs[runs["run"].isin([a, b])].pivot(index="seed", columns="run", values=metrics)
+    if a not in both.columns.get_level_values(1) or b not in both.columns.get_level_values(1):
+        return None
+    diff = pd.DataFrame({m: both[m][a] - both[m][b] for m in metrics}).dropna()
+    return mean_std(diff.assign(run=f"{a} minus {b}").reset_index(), "run")
 
 
 def mean_std(df, by):
@@ -221,6 +233,10 @@ def main(argv=None):
     if combos:
         combos = mean_std(pd.DataFrame(combos), "combination")
         ex.save_table(combos, rep.out, "combination")
+    cache_cost = paired_difference(runs, "3T (broad h) h online", "3T (broad h)")
+    if cache_cost is not None:  # what training from the cache costs (or gains), per seed
+        ex.save_table(cache_cost, rep.out, "online_minus_cache")
+        ex.say(cache_cost.to_string(index=False))
     towers = rep.towers_table()
     towers.to_csv(rep.out / "towers.csv", index=False)
     rep.plot_curves(args.runs)

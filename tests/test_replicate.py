@@ -61,3 +61,11 @@ def test_duplicate_rate_by_hand():
     assert duplicate_rate(e, batch_size=8) == {"twin pairs per batch": 1.0, "samples with a twin (%)": 25.0}
     assert duplicate_rate(np.eye(8), batch_size=4) == {"twin pairs per batch": 0.0, "samples with a twin (%)": 0.0}
     assert duplicate_rate(np.ones((9, 3)), batch_size=4)["twin pairs per batch"] == 6.0  # 2 full batches of 4
+
+
+def test_online_minus_cache_is_paired_by_seed():
+    runs = pd.DataFrame({"run": ["on", "off", "on", "off", "on", "off", "other"], "seed": [0, 0, 1, 1, 2, 2, 0],
+                         "x": [5.0, 1.0, 4.0, 2.0, 9.0, 3.0, 7.0], "train s": [1] * 7})
+    diff = replicate.paired_difference(runs, "on", "off")  # per seed: 4, 2, 6
+    assert diff.to_dict("list") == {"run": ["on minus off"], "x": ["4.0 ± 2.0"]}
+    assert replicate.paired_difference(runs, "on", "missing") is None

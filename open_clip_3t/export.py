@@ -6,6 +6,7 @@ The folder holds `open_clip_config.json` + `open_clip_model.safetensors`, which 
 CLIP_benchmark) load with `create_model_and_transforms('local-dir:FOLDER')`, no plugin installed.
 """
 import argparse
+import ast
 import json
 import os
 import re
@@ -22,14 +23,27 @@ from ._openclip import SECTION, checkpoint_keys, checkpoint_unreadable, load_sta
 from .model import clip_state_dict, is_three_towers_key
 
 
-def _model_name_from_run(checkpoint):
-    """OpenCLIP writes logs/RUN/params.txt beside logs/RUN/checkpoints/: read `model: NAME` from it."""
+def _run_params(checkpoint):
+    """OpenCLIP writes logs/RUN/params.txt beside logs/RUN/checkpoints/ (`name: value` lines); '' if absent."""
     params = Path(checkpoint).resolve().parent.parent / "params.txt"
-    if params.is_file():
-        match = re.search(r"^model: (\S+)$", params.read_text(), flags=re.M)
+    return params.read_text() if params.is_file() else ""
+
+
+def _model_name_from_run(checkpoint):
+    """`model: NAME` from the run's params.txt."""
+    match = re.search(r"^model: (\S+)$", _run_params(checkpoint), flags=re.M)
+    return match.group(1) if match else None
+
+
+def image_normalisation_of_run(checkpoint):
+    """{'image_mean': ..., 'image_std': ...} the run was trained with, from its params.txt: set when the image tower
+    started from pretrained timm weights (LiT, 3T finetuning), which expect their own normalisation; {} otherwise."""
+    found = {}
+    for key in ("image_mean", "image_std"):
+        match = re.search(rf"^{key}: ([\[(].*[\])])$", _run_params(checkpoint), flags=re.M)
         if match:
-            return match.group(1)
-    return None
+            found[key] = [float(v) for v in ast.literal_eval(match.group(1))]
+    return found
 
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
@@ -129,6 +143,8 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
 
     preprocess_cfg = asdict(PreprocessCfg())
     preprocess_cfg["size"] = clip_cfg["vision_cfg"].get("image_size", preprocess_cfg["size"])
+    normalisation = image_normalisation_of_run(checkpoint)  # f started from h (3T finetuning): h's mean and std
+    preprocess_cfg.update({k[len("image_"):]: v for k, v in normalisation.items()})
     config = {"model_cfg": clip_cfg, "preprocess_cfg": preprocess_cfg}
     files = {WEIGHTS_FILE: save_safetensors(clip_weights), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
     try:

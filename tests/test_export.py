@@ -90,6 +90,18 @@ def export_error(*argv):
     return e.value.code
 
 
+def test_export_keeps_the_normalisation_the_run_trained_with(tmp_path, h_weights):
+    """3T finetuning starts f from h and feeds it h's normalisation (params.txt records it): so does the export."""
+    _, ckpt = trained_checkpoint(tmp_path, h_weights)
+    default = json.loads((export_clip(ckpt, tmp_path / "a") / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert default["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    params = ckpt.parent.parent / "params.txt"
+    params.write_text(params.read_text() + "image_mean: [0.5, 0.5, 0.5]\nimage_std: [0.25, 0.5, 0.5]\n")
+    out = export_clip(ckpt, tmp_path / "b")
+    _, _, val = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert tuple(val.transforms[-1].mean) == (0.5, 0.5, 0.5) and tuple(val.transforms[-1].std) == (0.25, 0.5, 0.5)
+
+
 def test_export_refuses_bad_input_and_never_leaves_half_folders(tmp_path, h_weights):
     _, ckpt = trained_checkpoint(tmp_path, h_weights)
     taken = tmp_path / "taken"

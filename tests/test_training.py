@@ -16,6 +16,7 @@ import torch
 from open_clip_3t import ThreeTowersLoss
 from open_clip_3t.toy.synthetic import draw_sample, write_classification_folder, write_shards
 from tests.conftest import REPO
+from training import eval as standalone
 
 STEP_LINE = re.compile(r"Train Epoch: (\d+) \[")
 TORCH_STATS = re.compile(r"^.*(?:torch/_dynamo|torch/_subclasses|TorchDynamo|FakeTensor).*$", re.M)
@@ -135,6 +136,12 @@ def test_lit_trains_on_h_weights(shards, h_weights, tmp_path):
     log = (run_dir / "out.log").read_text()
     check_overfit(step_logs(log), ["Contrastive_loss"])
     assert "image normalisation of test_vit: mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in log
+    # ... recorded in params.txt, where the evaluator and the export read it
+    params = (run_dir / "params.txt").read_text()
+    assert "image_mean: [0.5, 0.5, 0.5]\n" in params and "image_std: [0.5, 0.5, 0.5]\n" in params
+    _, preprocess, _ = standalone.load_model(standalone.resolve_spec(
+        str(run_dir / "checkpoints" / "epoch_1.pt"), None, "--checkpoint", "--model"), "cpu", "fp32")
+    assert tuple(preprocess.transforms[-1].mean) == (0.5, 0.5, 0.5)
     sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
     h = torch.load(h_weights, map_location="cpu")
     # the locked image tower holds h's weights, untouched by 8 steps of training

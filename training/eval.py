@@ -32,7 +32,8 @@ from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
 from open_clip_3t._openclip import checkpoint_keys, checkpoint_unreadable, load_state_dict, three_towers_config
-from open_clip_3t.export import _model_name_from_run  # params.txt beside the run's checkpoints/ names the model
+# params.txt beside the run's checkpoints/ names the model and, for pretrained image towers, their normalisation
+from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run
 
 from .evaluation import (ThirdTowerPair, ZeroShotTask, add_eval_args, build_classifier, check_eval_args,
                          class_folders, encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs,
@@ -100,12 +101,15 @@ def three_towers_section(model_name, keys):
 
 
 def load_model(spec: ModelSpec, device, precision, third_tower=None):
-    """(model in eval mode, its eval preprocessing, its tokenizer); `third_tower`: keywords that build h too."""
+    """(model in eval mode, its eval preprocessing, its tokenizer); `third_tower`: keywords that build h too.
+    A checkpoint is evaluated with the image normalisation its run trained with (its params.txt)."""
+    normalisation = image_normalisation_of_run(spec.checkpoint) if spec.checkpoint else {}
     if third_tower is not None:
         section = three_towers_section(spec.name, checkpoint_keys(spec.checkpoint))
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
                                                                      device=device, precision=precision,
-                                                                     three_towers=section, **third_tower)
+                                                                     three_towers=section, **normalisation,
+                                                                     **third_tower)
     elif spec.checkpoint is None:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
     elif three_towers_config(spec.name) is not None:
@@ -114,7 +118,7 @@ def load_model(spec: ModelSpec, device, precision, third_tower=None):
         state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if not k.startswith("third_tower.")}
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.name, third_tower=False, device=device, precision=precision,
-            three_towers=three_towers_section(spec.name, state_dict))
+            three_towers=three_towers_section(spec.name, state_dict), **normalisation)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
@@ -124,7 +128,8 @@ def load_model(spec: ModelSpec, device, precision, third_tower=None):
                              f"with") from None
     else:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
-                                                                     device=device, precision=precision)
+                                                                     device=device, precision=precision,
+                                                                     **normalisation)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(spec.name)
 

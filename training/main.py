@@ -113,6 +113,8 @@ def create_student(args, model_name, pretrained, kwargs):
         # --image-mean/--image-std).
         data_cfg = timm.models.get_pretrained_cfg(timm_name)
         kwargs.update(image_mean=data_cfg.mean, image_std=data_cfg.std)
+        # recorded in params.txt (written after the model is built): evaluation and export read it from there
+        args.image_mean, args.image_std = list(data_cfg.mean), list(data_cfg.std)
         logging.info(f"image normalisation of {timm_name}: mean {data_cfg.mean}, std {data_cfg.std}")
     three_towers = is_three_towers(args)
     if three_towers:

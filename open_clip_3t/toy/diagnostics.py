@@ -6,6 +6,7 @@
   trains on (OpenCLIP's random resized crop), which is what h sees when it runs online.
 """
 import io
+import logging
 import tarfile
 from pathlib import Path
 
@@ -69,7 +70,11 @@ def view_agreement(weights, train_spec, cache_dir, model="3T-mini", limit=512, s
     import open_clip
 
     import open_clip_3t  # noqa: F401  (registers the 3T configs)
-    three_t, f_train_view, _ = open_clip.create_model_and_transforms(model, third_tower_weights=weights)
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded" for f and g: right, they are not used here
+    try:
+        three_t, f_train_view, _ = open_clip.create_model_and_transforms(model, third_tower_weights=weights)
+    finally:
+        logging.disable(logging.NOTSET)
     three_t.eval()
     cached, keys = cached_embeddings(cache_dir, train_spec)
     row_of = {k: i for i, k in enumerate(keys)}

@@ -15,7 +15,8 @@ the others. OUT/protocol.json refuses a rerun with another scale.
 
 Writes OUT/runs.csv (every run and seed), OUT/replication.{csv,md} (mean ± std over seeds), OUT/combination.{csv,md}
 (3T + LiT and 3T + its own third-tower pair, swept over a), OUT/online_minus_cache.{csv,md} (3T with h online
-minus 3T from the cache, per seed), OUT/towers.csv (held-out accuracies, in-batch duplicate
+minus 3T from the cache, per seed), OUT/claims.{csv,md} (each claim of the paper judged by the protocol's rule),
+OUT/towers.csv (held-out accuracies, in-batch duplicate
 rates), OUT/curves_*.png (+ .csv: the plotted series).
 """
 import argparse
@@ -30,7 +31,7 @@ from typing import Optional
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from open_clip_3t.toy import curves  # noqa: E402
+from open_clip_3t.toy import claims, curves  # noqa: E402
 from open_clip_3t.toy import experiments as ex  # noqa: E402
 from open_clip_3t.toy.diagnostics import cached_embeddings, duplicate_rate, view_agreement  # noqa: E402
 
@@ -163,7 +164,7 @@ class Replication:
             if any(own[k] != v for k, v in alone.items()):  # a = 1 is the 3T model alone, exactly
                 raise RuntimeError(f"{out}: at a = 1 the combination differs from {three_t} alone: {alone} vs {own}")
             for i, alpha in enumerate(results["alpha"]):
-                rows.append({"combination": f"{three_t} + {with_what}, a={alpha:g}", "seed": seed,
+                rows.append({"pair": f"{three_t} + {with_what}", "a": alpha, "seed": seed,
                              **ex.summary_row(results.iloc[[i]])})
         return rows
 
@@ -230,9 +231,12 @@ def main(argv=None):
     runs.to_csv(rep.out / "runs.csv", index=False)
     table = mean_std(runs, "run")
     ex.save_table(table, rep.out, "replication")
-    if combos:
-        combos = mean_std(pd.DataFrame(combos), "combination")
-        ex.save_table(combos, rep.out, "combination")
+    combos = pd.DataFrame(combos)
+    if len(combos):
+        labelled = combos.assign(combination=combos["pair"] + ", a=" + combos["a"].map("{:g}".format))
+        ex.save_table(mean_std(labelled.drop(columns=["pair", "a"]), "combination"), rep.out, "combination")
+    verdicts = claims.judge(runs, combos)
+    ex.save_table(verdicts, rep.out, "claims")
     cache_cost = paired_difference(runs, "3T (broad h) h online", "3T (broad h)")
     if cache_cost is not None:  # what training from the cache costs (or gains), per seed
         ex.save_table(cache_cost, rep.out, "online_minus_cache")
@@ -242,8 +246,7 @@ def main(argv=None):
     rep.plot_curves(args.runs)
 
     ex.say(table.to_string(index=False))
-    if len(combos):
-        ex.say(combos.to_string(index=False))
+    ex.say(verdicts[["claim", "h", "metric", "A - B", "margin", "verdict"]].to_string(index=False))
     ex.say(towers.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     ex.say(f"total {time.time() - rep.start:.0f}s; tables and curves in {rep.out}")
 

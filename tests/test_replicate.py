@@ -69,3 +69,28 @@ def test_online_minus_cache_is_paired_by_seed():
     diff = replicate.paired_difference(runs, "on", "off")  # per seed: 4, 2, 6
     assert diff.to_dict("list") == {"run": ["on minus off"], "x": ["4.0 ± 2.0"]}
     assert replicate.paired_difference(runs, "on", "missing") is None
+
+
+def test_claims_judged_by_the_protocol_rule():
+    from open_clip_3t.toy import claims
+
+    def row(run, seed, shape, colour, r1):
+        return {"run": run, "seed": seed, "shape top-1": shape, "colour top-1": colour, "I→T R@1": r1,
+                "T→I R@1": r1 + 2, "I→T R@5": 0.0, "T→I R@5": 0.0, "train s": 1.0}
+    runs = pd.DataFrame([row("CLIP", s, 20 + s, 90.0 + s, 30.0 + s) for s in range(3)]
+                        + [row("3T (weak h)", s, 21 + s, 95.0 + s, 25.0 + 3 * s) for s in range(3)])
+    verdicts = claims.judge(runs).set_index("metric")
+    assert set(verdicts["claim"]) == {"3T beats the from-scratch CLIP"}  # only claims whose two rows ran
+    # shape: +1.0 with margin 1.0 (not >): within noise; colour: +5 > 1: A beats B; mean R@1: 26+3s-(31+s):
+    # means 29 vs 32, diff -3, margin std(26,29,32)=3: within noise
+    assert verdicts.loc["shape top-1", "verdict"] == "within noise" and verdicts.loc["shape top-1", "A - B"] == 1.0
+    assert verdicts.loc["colour top-1", "verdict"] == "A beats B"
+    assert verdicts.loc["mean R@1", "A mean ± std"] == "29.0 ± 3.0" and verdicts.loc["mean R@1", "verdict"] == "within noise"
+    runs.loc[(runs["run"] == "3T (weak h)"), "I→T R@1"] = [10.0, 11.0, 12.0]
+    assert claims.judge(runs).set_index("metric").loc["mean R@1", "verdict"] == "B beats A"
+
+    combos = pd.DataFrame([{"pair": "3T (weak h) + LiT", "a": a, "seed": s, **row("", s, v + s, v, v)}
+                           for s in range(3) for a, v in ((0.0, 10.0), (0.5, 14.0), (0.75, 11.0), (1.0, 12.0))])
+    mixed = claims.judge(runs, combos.drop(columns="run")).query("claim == 'the combination beats both models'")
+    shape = mixed.set_index("metric").loc["shape top-1"]
+    assert (shape["A"], shape["B"], shape["A - B"], shape["verdict"]) == ("a=0.5", "a=1", 2.0, "A beats B")

@@ -35,7 +35,8 @@ def test_tiny_quickstart_end_to_end(tmp_path):
                         f"print(type(m).__name__, 'open_clip_3t' in sys.modules)")
     assert loaded.split() == ["CLIP", "False"]
 
-    # progress while training: samples seen and samples/s, and each epoch's evaluation
+    # progress while building the cache and while training: samples seen and samples/s, each epoch's evaluation
+    assert re.search(r"^    cache build \[1/1\]: built 2 shards, 256 samples \([\d.]+ samples/s\)", proc.stdout, flags=re.M)
     for kind in ("CLIP", "LiT", "3T"):
         assert re.search(rf"^    {kind}: epoch 2/2, 512/512 samples seen, \d+ samples/s$", proc.stdout, flags=re.M), kind
         assert re.search(rf"^    {kind}: after epoch 2: colour [\d.]+, shape [\d.]+, I->T_R@1", proc.stdout, flags=re.M)

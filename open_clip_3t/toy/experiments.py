@@ -192,7 +192,8 @@ def build_cache(root, data, weights, name):
         return str(out), None
     seconds = run([sys.executable, "-m", "open_clip_3t.cache", "build", "--train-data", data["train_spec"],
                    "--model", MODELS["3T"], "--out", out, "--third-tower-weights", weights, "--workers", "1",
-                   "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})")
+                   "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})",
+                  on_line=lambda line: say(f"    {line.strip()}") if "samples/s" in line else None)
     with open(log, "a") as f:
         f.write("build complete\n")
     return str(out), seconds

@@ -36,6 +36,7 @@ def test_tiny_quickstart_end_to_end(tmp_path):
     assert loaded.split() == ["CLIP", "False"]
 
     # progress while building the cache and while training: samples seen and samples/s, each epoch's evaluation
+    assert re.search(r"^  epoch 1/1  loss [\d.]+  heldout acc [\d.]+  \d+s, \d+ samples/s$", proc.stdout, flags=re.M)
     assert re.search(r"^    cache build \[1/1\]: built 2 shards, 256 samples \([\d.]+ samples/s\)", proc.stdout, flags=re.M)
     for kind in ("CLIP", "LiT", "3T"):
         assert re.search(rf"^    {kind}: epoch 2/2, 512/512 samples seen, \d+ samples/s$", proc.stdout, flags=re.M), kind

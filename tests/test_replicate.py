@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 
 from open_clip_3t.toy import experiments as ex
 from open_clip_3t.toy.diagnostics import duplicate_rate
@@ -25,8 +27,8 @@ def test_every_run_is_a_valid_training_command(tmp_path):
     data = {"train_spec": str(tmp_path / "val" / "00000.tar"), "val_spec": str(tmp_path / "val" / "00000.tar"),
             "zeroshot": [write_classification_folder(str(tmp_path / a), a, 1, seed=0, image_size=32)
                          for a in ex.EVAL_ATTRIBUTES]}
-    weights = tmp_path / "h.pth"
-    weights.write_bytes(b"")
+    weights = tmp_path / "h.pth"  # every tower is timm's test_resnet, as the toy's pretraining makes it
+    torch.save(timm.create_model(ex.H_ARCH, num_classes=7).state_dict(), weights)
     for name, run in replicate.RUNS.items():
         assert run.kind in ex.MODELS and (run.tower is None or run.tower in ex.TOWERS), name
         cmd = ex.train_command(tmp_path / "logs", replicate.slug(name), run.kind, data, ex.SCALES["default"], 0,

@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from open_clip_3t._openclip import (CONFIG_DIR, checkpoint_unreadable, launch_rank, model_config, model_exists,
-                                   openclip_is_webdataset, openclip_parse_args, three_towers_config)
+from open_clip_3t._openclip import (CONFIG_DIR, check_supported, checkpoint_unreadable, launch_rank, model_config,
+                                   model_exists, openclip_is_webdataset, openclip_parse_args, three_towers_config)
 from open_clip_3t.cache import CacheError, expand_shards, third_tower_cfg
 from open_clip_3t.cache.format import local_path
 from open_clip_3t.third_tower import ThirdTower, WeightsError, create_timm_model, on_meta_device
@@ -141,8 +141,18 @@ def check_args(args):
         if args.distill_model or args.distill_pretrained:
             fail("--distill-model/--distill-pretrained are for plain CLIP models: 3T's third tower already is the "
                  "teacher; drop the distill flags")
-        if args.siglip:
-            fail("--siglip is not supported with 3T (its loss is the softmax CLIP loss): drop --siglip")
+        cfg = model_config(args.model)
+        try:
+            check_supported(args.model, cfg, args.force_custom_text)
+        except (ValueError, ImportError) as e:
+            fail(str(e))
+        has_bias = cfg.get("init_logit_bias") is not None
+        if args.siglip and not has_bias:
+            fail(f"--siglip: {args.model} has no init_logit_bias, which the sigmoid loss needs (a learnable bias per "
+                 f"term); use a config with one (e.g. --model 3T-ViT-B-16-SigLIP) or drop --siglip")
+        if has_bias and not args.siglip:
+            fail(f"{args.model} has init_logit_bias (a SigLIP config): train it with --siglip, or use a config "
+                 f"without init_logit_bias for the softmax CLIP loss")
         if args.horovod:
             fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
         if args.init_image_from_third_tower:

@@ -24,7 +24,8 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
-from open_clip_3t._openclip import launch_rank, openclip_setup_logging, openclip_trainer, three_towers_config
+from open_clip_3t._openclip import (launch_rank, model_config, openclip_setup_logging, openclip_trainer,
+                                   three_towers_config)
 from open_clip_3t.cache import CacheError
 from open_clip_3t.loss import TERMS
 from open_clip_3t.third_tower import WeightsError, create_timm_model
@@ -105,7 +106,7 @@ def load_image_tower_weights(model, timm_name, path):
 
 
 def create_student(args, model_name, pretrained, kwargs):
-    vision_cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
+    vision_cfg = model_config(model_name) or {}
     timm_name = vision_cfg.get("vision_cfg", {}).get("timm_model_name")
     if timm_name and (args.image_tower_weights or args.pretrained_image) and kwargs.get("image_mean") is None:
         # A pretrained timm tower expects its own normalisation, as h does (unless --image-mean/--image-std).

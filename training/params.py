@@ -136,6 +136,10 @@ def check_args(args):
     if args.three_towers_loss_weights is not None:
         if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
             fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+    text_cfg = (model_config(args.model) or {}).get("text_cfg", {})
+    if args.lock_text and not args.lock_text_freeze_layer_norm and "hf_model_name" not in text_cfg:
+        fail(f"--lock-text: OpenCLIP locks the LayerNorms of {args.model}'s text tower with the rest of it (and stops "
+             f"with an AssertionError otherwise): add --lock-text-freeze-layer-norm")
 
     if three_towers:
         if args.distill_model or args.distill_pretrained:
@@ -147,9 +151,10 @@ def check_args(args):
         except (ValueError, ImportError) as e:
             fail(str(e))
         has_bias = cfg.get("init_logit_bias") is not None
-        if args.siglip and not has_bias:
-            fail(f"--siglip: {args.model} has no init_logit_bias, which the sigmoid loss needs (a learnable bias per "
-                 f"term); use a config with one (e.g. --model 3T-ViT-B-16-SigLIP) or drop --siglip")
+        if args.siglip and not has_bias:  # OpenCLIP would add the biases, which the config then could not load back
+            fail(f"--siglip: {args.model} has no init_logit_bias, so the biases --siglip adds would not load back into "
+                 f"it (export, evaluation, --pretrained); use a config with init_logit_bias (e.g. 3T-ViT-B-16-SigLIP, "
+                 f"3T-tiny-sigmoid) or drop --siglip")
         if has_bias and not args.siglip:
             fail(f"{args.model} has init_logit_bias (a SigLIP config): train it with --siglip, or use a config "
                  f"without init_logit_bias for the softmax CLIP loss")

@@ -5,9 +5,10 @@
 Rows: the CLIP baseline; LiT and 3T with a matched third tower (pretrained on shape x colour, what evaluation asks
 about) and with a mismatched one (pretrained on background x position: blind to shape and colour, the analogue of
 the paper's Places365 case); 3T ablations (without L(f,g), without L(f_h,h_f), without L(g_h,h_g), L2 transfer);
-and the post-hoc 3T + LiT convex combination p = a p_3T + (1 - a) p_LiT swept over a. All runs have equal budgets
-(same data, epochs, batch size, learning rate); a seed changes model initialisation and data order, while the
-data and the two pretrained towers are shared. Writes OUT/replication.{csv,md} (mean ± std), OUT/runs.csv (every
+the SigLIP baseline and SigLIP-3T with the matched tower (OpenCLIP's sigmoid loss, --siglip, on the CLIP rows'
+towers); and the post-hoc 3T + LiT convex combination p = a p_3T + (1 - a) p_LiT swept over a. All runs have equal
+budgets (same data, epochs, batch size, learning rate); a seed changes model initialisation and data order, while
+the data and the two pretrained towers are shared. Writes OUT/replication.{csv,md} (mean ± std), OUT/runs.csv (every
 run) and OUT/combination.{csv,md}.
 """
 import argparse
@@ -31,6 +32,8 @@ RUNS = {
     "3T without L(f_h,h_f)": ("3T", "matched", ("--three-towers-loss-weights", "1", "0", "1")),
     "3T without L(g_h,h_g)": ("3T", "matched", ("--three-towers-loss-weights", "1", "1", "0")),
     "3T L2 transfer": ("3T", "matched", ("--three-towers-transfer", "l2")),
+    "SigLIP": ("SigLIP", None, ()),
+    "SigLIP-3T (matched h)": ("SigLIP-3T", "matched", ()),
 }
 ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
 

@@ -1,4 +1,4 @@
-"""Toy-scale 3T / LiT / CLIP experiments on generated data, shared by the quickstart and scripts/replicate.py.
+"""Toy-scale 3T / LiT / CLIP (and their sigmoid-loss twins) experiments on generated data, shared by the quickstart and scripts/replicate.py.
 
 Everything runs through the same doors a user takes: `python -m open_clip_3t.toy.synthetic`-style shards, a third
 tower pretrained here and loaded from a file, `python -m open_clip_3t.cache build`, `python -m training.main`,
@@ -23,7 +23,9 @@ from .synthetic import write_classification_folder, write_labelled_set, write_sh
 # background x position, a task blind to what evaluation asks (the analogue of the paper's Places365 case).
 EVAL_ATTRIBUTES = ("shape", "colour")
 TOWER_TASKS = {"matched": ("shape", "colour"), "mismatched": ("background", "position")}
-MODELS = {"CLIP": "CLIP-mini", "LiT": "LiT-mini", "3T": "3T-mini"}
+# The sigmoid-loss rows (trained with --siglip) use CLIP-mini's towers as OpenCLIP's CustomTextCLIP with a bias.
+MODELS = {"CLIP": "CLIP-mini", "LiT": "LiT-mini", "3T": "3T-mini", "SigLIP": "CLIP-mini-sigmoid",
+          "SigLIP-3T": "3T-mini-sigmoid"}
 H_ARCH = "test_resnet"
 
 
@@ -133,7 +135,9 @@ def train(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, 
     if kind == "LiT":
         # LiT: h's weights, locked entirely (batch-norm statistics included), only the projection and g train.
         cmd += ["--lock-image", "--lock-image-freeze-bn-stats", "--image-tower-weights", weights]
-    if kind == "3T":
+    if kind.startswith("SigLIP"):
+        cmd += ["--siglip"]  # OpenCLIP's sigmoid loss, and its initialisation (temperature 10, bias -10)
+    if kind in ("3T", "SigLIP-3T"):
         # With a cache, h is not built: its weights file only identifies the third tower the cache must match.
         cmd += ["--third-tower-weights", weights] + (["--third-tower-cache", cache] if cache else [])
     seconds = run(cmd, Path(logs) / f"{name}.log", f"training {name}")

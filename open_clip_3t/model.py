@@ -22,9 +22,9 @@ from .third_tower import ThirdTower, ThreeTowersCfg
 
 HEADS = ("f_h", "h_f", "g_h", "h_g")
 # The temperatures and biases of the transfer terms (L(f, g) uses the base class's own `logit_scale`/`logit_bias`).
-TRANSFER_SCALES = tuple(name for term in TERMS[1:] for name in (term.scale, term.bias))
+TRANSFER_TEMPERATURES_AND_BIASES = tuple(name for term in TERMS[1:] for name in (term.scale, term.bias))
 # State-dict prefixes of everything that is not the plain OpenCLIP model (dropped at export).
-HEAD_KEYS = tuple(f"{name}." for name in HEADS) + TRANSFER_SCALES
+HEAD_KEYS = tuple(f"{name}." for name in HEADS) + TRANSFER_TEMPERATURES_AND_BIASES
 THREE_TOWERS_KEYS = ("third_tower.",) + HEAD_KEYS
 
 

@@ -10,7 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from open_clip_3t import ThreeTowersCLIP, ThreeTowersLoss, ThreeTowersSigLipLoss, export_clip
+from open_clip_3t import (ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTowersLoss, ThreeTowersSigLipLoss,
+                          clip_state_dict, export_clip)
 from open_clip_3t._openclip import model_config
 from tests.conftest import REPO, run_python
 
@@ -202,34 +203,41 @@ def test_export_errors_are_one_line_with_the_right_advice(tmp_path, h_weights, m
     assert type(open_clip.create_model(f"local-dir:{mount}")) is open_clip.CLIP
 
 
-def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(tmp_path, h_weights, monkeypatch):
-    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+@pytest.mark.parametrize("model_name, cls", [("3T-tiny", ThreeTowersCLIP),
+                                             ("3T-tiny-sigmoid", ThreeTowersCustomTextCLIP)])
+def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(model_name, cls, tmp_path, h_weights,
+                                                                      monkeypatch):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
     import timm.models._builder as builder
     monkeypatch.setattr(builder, "load_pretrained", lambda *a, **k: pytest.fail("h weights fetched again"))
-    loaded = open_clip.create_model("3T-tiny", pretrained=str(ckpt))
-    assert isinstance(loaded, ThreeTowersCLIP) and loaded.third_tower is not None
+    loaded = open_clip.create_model(model_name, pretrained=str(ckpt))
+    assert type(loaded) is cls and loaded.third_tower is not None
     reference = model.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, reference[k]), k
 
 
-def test_f_and_g_initialise_from_a_plain_clip_checkpoint(tmp_path, h_weights):
-    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+@pytest.mark.parametrize("model_name", ["3T-tiny", "3T-tiny-sigmoid"])
+def test_f_and_g_initialise_from_a_plain_checkpoint(model_name, tmp_path, h_weights):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
     out = export_clip(ckpt, tmp_path / "clip")
     torch.manual_seed(1)
-    fresh = open_clip.create_model("3T-tiny", third_tower_weights=h_weights)
+    fresh = open_clip.create_model(model_name, third_tower_weights=h_weights)
     torch.manual_seed(1)
-    init = open_clip.create_model("3T-tiny", pretrained=str(out / "open_clip_model.safetensors"),
+    init = open_clip.create_model(model_name, pretrained=str(out / "open_clip_model.safetensors"),
                                   third_tower_weights=h_weights)
-    assert torch.equal(init.visual.conv1.weight, model.visual.conv1.weight)
-    assert torch.equal(init.text_projection, model.text_projection)
-    assert torch.equal(init.logit_scale, model.logit_scale)
+    plain = clip_state_dict(model.state_dict())
+    assert {"visual.conv1.weight", "logit_scale"} <= plain.keys()
+    assert ("logit_bias" in plain) == (model_name == "3T-tiny-sigmoid")
+    for k, v in clip_state_dict(init.state_dict()).items():  # f, g, logit_scale (and logit_bias): the checkpoint's
+        assert torch.equal(v, plain[k]), k
     assert torch.equal(init.f_h.weight, fresh.f_h.weight)  # heads stay new
     assert not torch.equal(init.f_h.weight, model.f_h.weight)
     wrong = tmp_path / "wrong.pt"
     torch.save({"visual.conv1.weight": torch.zeros(1), "logit_scale": torch.tensor(1.0)}, wrong)
     with pytest.raises((ValueError, RuntimeError)):
-        open_clip.create_model("3T-tiny", pretrained=str(wrong))
+        open_clip.create_model(model_name, pretrained=str(wrong))
 
 
 def test_a_3t_checkpoint_loads_without_h_and_h_loads_beside_a_cache_trained_checkpoint(tmp_path, h_weights):

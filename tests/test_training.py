@@ -366,6 +366,7 @@ def test_init_image_from_third_tower(h_weights):
     (["--model", "CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
     (["--model", "3T-tiny", "--siglip"], "--siglip: 3T-tiny has no init_logit_bias"),
     (["--model", "3T-tiny", "--lock-text"], "add --lock-text-freeze-layer-norm"),
+    (["--model", "3T-tiny-sigmoid", "--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring: OpenCLIP's"),
     (["--model", "3T-tiny-sigmoid"], "3T-tiny-sigmoid has init_logit_bias (a SigLIP config): train it with --siglip"),
 ])
 def test_bad_flags_fail_before_any_work(argv, message, capsys):

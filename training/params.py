@@ -61,6 +61,9 @@ def parse_args(argv):
     return args
 
 
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip.loss.SigLipLoss's dist_impl values
+
+
 def is_three_towers(args):
     return three_towers_config(args.model) is not None
 
@@ -136,6 +139,9 @@ def check_args(args):
     if args.three_towers_loss_weights is not None:
         if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
             fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+    if args.siglip and args.loss_dist_impl not in (None, *SIGLIP_DIST_IMPLS):
+        fail(f"--loss-dist-impl {args.loss_dist_impl}: OpenCLIP's SigLIP exchanges features with one of "
+             f"{', '.join(SIGLIP_DIST_IMPLS)}")
     text_cfg = (model_config(args.model) or {}).get("text_cfg", {})
     if args.lock_text and not args.lock_text_freeze_layer_norm and "hf_model_name" not in text_cfg:
         fail(f"--lock-text: OpenCLIP locks the LayerNorms of {args.model}'s text tower with the rest of it (and stops "

@@ -43,17 +43,15 @@ TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab
                             r"chat_template)\.(json|txt|model|jinja)")
 
 
-def _is_earlier_export(out_dir, names):
-    """An export wrote exactly these files: the config, the weights, and the tokenizer's if the config names one."""
-    if CONFIG_FILE not in names:
-        return False
+def _not_exported(out_dir, names):
+    """The names an export would not have written: anything but the config, the weights, and the tokenizer's files
+    if the folder's config names a Hugging Face tokenizer."""
     try:
         text_cfg = json.loads((out_dir / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    ours = {CONFIG_FILE, WEIGHTS_FILE}
-    return all(name in ours or (text_cfg.get("hf_tokenizer_name") and TOKENIZER_FILE.fullmatch(name))
-               for name in names)
+        text_cfg = {}
+    return [name for name in names if name not in (CONFIG_FILE, WEIGHTS_FILE)
+            and not (text_cfg.get("hf_tokenizer_name") and TOKENIZER_FILE.fullmatch(name))]
 
 
 def _check_out(out_dir, overwrite):
@@ -65,9 +63,9 @@ def _check_out(out_dir, overwrite):
     held = sorted(p.name for p in out_dir.iterdir() if not re.fullmatch(r"\..*\.tmp-\d+", p.name))
     if not held:
         return
-    if not _is_earlier_export(out_dir, held):
-        others = [name for name in held if name not in (CONFIG_FILE, WEIGHTS_FILE)] or held
-        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    others = _not_exported(out_dir, held)
+    if others or CONFIG_FILE not in held:
+        listed = ", ".join((others or held)[:3]) + (", ..." if len(others or held) > 3 else "")
         raise FileExistsError(f"export folder {out_dir} holds {listed}, which is not an earlier export: choose "
                               f"another --out (--overwrite replaces only a folder written by export)")
     if not overwrite:

@@ -87,6 +87,11 @@ def test_export_round_trip_in_vanilla_openclip(model_name, cls, tmp_path, h_weig
         assert vanilla["bias"] is None
     else:
         assert torch.equal(vanilla["bias"], model.logit_bias.detach()) and vanilla["bias"].item() != -10.0  # trained
+    # --overwrite recognises the earlier export (its tokenizer files included), and nothing else
+    assert export_clip(ckpt, out, overwrite=True) == out and sorted(p.name for p in out.iterdir()) == files
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds notes.txt, which is not an earlier export"):
+        export_clip(ckpt, out, overwrite=True)
 
 
 def test_export_api_takes_a_bare_state_dict(tmp_path, h_weights):

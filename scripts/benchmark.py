@@ -26,7 +26,6 @@ persistent weights + gradients + optimizer state of the variant.
 """
 import argparse
 import contextlib
-import copy
 import math
 import os
 import statistics
@@ -39,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from open_clip.loss import SigLipLoss  # noqa: E402
 
-from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss, clip_state_dict  # noqa: E402  (registers 3T)
+from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss  # noqa: E402  (registers the 3T family)
 from open_clip_3t._openclip import SECTION, model_config, openclip_autocast, openclip_model_class  # noqa: E402
 
 
@@ -84,6 +83,9 @@ def exec_with_steady_malloc(args):
 def open_clip_3t_section(name):
     cfg = model_config(name)
     return None if cfg is None else cfg.get(SECTION)
+
+
+HEAD_MODULES = ("f_h.", "g_h.", "h_f.", "h_g.")
 
 
 def sync(device):
@@ -158,11 +160,6 @@ class Variant:
         self.optimizer.step()
 
 
-def f_g_and_heads(state_dict):
-    """A model's weights without its temperatures and biases (they differ between the softmax and sigmoid rows)."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(("logit_scale", "logit_bias"))}
-
-
 def build_variants(args, device):
     torch.manual_seed(args.seed)
     cfg = model_config(args.model)
@@ -173,27 +170,41 @@ def build_variants(args, device):
     sigmoid = {"init_logit_scale": math.log(10), "init_logit_bias": cfg.get("init_logit_bias") or -10.0}  # --siglip's
     h_kwargs = {"third_tower_weights": args.third_tower_weights} if args.third_tower_weights else {"third_tower": "random"}
 
-    def plain(**kwargs):
-        return plain_class(**{**plain_cfg, **kwargs}, output_dict=True).to(device)
-
     online = open_clip.create_model(args.model, device=device, output_dict=True, **h_kwargs, **softmax)
-    fed = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False, **softmax)
-    fed.load_state_dict(online.state_dict(), strict=False)  # same f, g, heads; no h
+    with torch.device("meta"):  # names the plain model's modules and parameters (f and g), holding no weights
+        reference = plain_class(**plain_cfg)
+    f_and_g = [n for n, _ in reference.named_children()] + [
+        n for n, _ in reference.named_parameters(recurse=False) if not n.startswith("logit_")]
+    del reference
+
+    def with_online_f_and_g(model):
+        """The model with online's f and g in place of its own: every variant trains the same f and g, and one copy
+        of their weights and gradients serves all (each variant keeps its own optimizer state), so that eight
+        variants fit in the memory five took."""
+        for name in f_and_g:
+            setattr(model, name, getattr(online, name))
+        return model
+
+    def plain(**kwargs):
+        return with_online_f_and_g(plain_class(**{**plain_cfg, **kwargs}, output_dict=True).to(device))
+
+    def three_towers(**kwargs):
+        model = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False, **kwargs)
+        model.load_state_dict({k: v for k, v in online.state_dict().items() if k.startswith(HEAD_MODULES)},
+                              strict=False)  # online's heads
+        return with_online_f_and_g(model)
+
     clip = plain(**softmax)
-    clip.load_state_dict(clip_state_dict(online.state_dict()))  # same f and g
+    fed = three_towers(**softmax)
     student = plain(**softmax)
-    student.load_state_dict(clip.state_dict())
     teacher_vision = {"image_size": plain_cfg["vision_cfg"].get("image_size", 224),
                       "timm_model_name": section["timm_model_name"], "timm_model_pretrained": False,
                       "timm_pool": "", "timm_proj": "linear"}
-    teacher = plain(vision_cfg=teacher_vision, **softmax).eval()
-    teacher.requires_grad_(False)
-
+    teacher = plain_class(**{**plain_cfg, "vision_cfg": teacher_vision, **softmax}, output_dict=True).to(device).eval()
+    teacher.requires_grad_(False)  # its own towers: a teacher as large as h, and g's architecture
     siglip = plain(**sigmoid)
-    siglip.load_state_dict(f_g_and_heads(clip.state_dict()), strict=False)  # same f and g; SigLIP's scale and bias
-    fed_sigmoid = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False, **sigmoid)
-    fed_sigmoid.load_state_dict(f_g_and_heads(fed.state_dict()), strict=False)  # same f, g, heads
-    online_sigmoid = copy.deepcopy(fed_sigmoid)
+    fed_sigmoid = three_towers(**sigmoid)
+    online_sigmoid = three_towers(**sigmoid)
     online_sigmoid.third_tower = online.third_tower  # the same frozen h
 
     size = plain_cfg["vision_cfg"].get("image_size", 224)
@@ -220,7 +231,7 @@ def build_variants(args, device):
         Variant("h-forward", online, None, {"image": images}, train=False),
     ]
     n_params = {"f+g": sum(p.numel() for p in clip.parameters()),
-                "heads": sum(p.numel() for n, p in fed.named_parameters() if n.startswith(("f_h", "g_h", "h_f", "h_g"))),
+                "heads": sum(p.numel() for n, p in fed.named_parameters() if n.startswith(HEAD_MODULES)),
                 "h": sum(p.numel() for p in online.third_tower.parameters()),
                 "teacher": sum(p.numel() for p in teacher.parameters())}
     return variants, autocast, n_params
@@ -281,8 +292,8 @@ def main(argv=None):
 
     def peak_ratio(name, base):
         return memory[name][0] / memory[base][0]
-    print(f"step peak / clip's: 3t-fed {peak_ratio('3t-fed', 'clip'):.3f}, 3t-online {peak_ratio('3t-online', 'clip'):.3f}, "
-          f"distill {peak_ratio('distill', 'clip'):.3f}")
+    print(f"step peak / clip's: 3t-fed {peak_ratio('3t-fed', 'clip'):.3f}, "
+          f"3t-online {peak_ratio('3t-online', 'clip'):.3f}, distill {peak_ratio('distill', 'clip'):.3f}")
     print(f"step peak / siglip's: siglip-3t-fed {peak_ratio('siglip-3t-fed', 'siglip'):.3f}, "
           f"siglip-3t-online {peak_ratio('siglip-3t-online', 'siglip'):.3f}  (target <= 1.01)")
     ratios = {"fed_ratio": median["3t-fed"] / median["clip"],

@@ -106,8 +106,8 @@ def load_image_tower_weights(model, timm_name, path):
 
 
 def create_student(args, model_name, pretrained, kwargs):
-    vision_cfg = model_config(model_name) or {}
-    timm_name = vision_cfg.get("vision_cfg", {}).get("timm_model_name")
+    cfg = model_config(model_name) or {}  # built-in name or local-dir:
+    timm_name = cfg.get("vision_cfg", {}).get("timm_model_name")
     if timm_name and (args.image_tower_weights or args.pretrained_image) and kwargs.get("image_mean") is None:
         # A pretrained timm tower expects its own normalisation, as h does (unless --image-mean/--image-std).
         data_cfg = timm.models.get_pretrained_cfg(timm_name)

@@ -66,6 +66,9 @@ RUN_WITH = {
     ("docs/api.md", 'model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms('):
         [('"3T-ViT-B-16",', '"3T-tiny",'), ('"/weights/in21k_b16.pth"', '"h.pth"'),
          ('get_tokenizer("3T-ViT-B-16")', 'get_tokenizer("3T-tiny")')],
+    ("docs/api.md", 'sigmoid_model = open_clip.create_model("3T-ViT-B-16-SigLIP", '
+                    'third_tower_weights="/weights/in21k_b16.pth",'):
+        [('"3T-ViT-B-16-SigLIP"', '"3T-tiny-sigmoid"'), ('"/weights/in21k_b16.pth"', '"h.pth"')],
     ("docs/api.md", 'open_clip_3t.export_clip("logs/run/checkpoints/epoch_20.pt", "released/")   # model name from '
                     "the run's params.txt"): [('model_name="3T-ViT-B-16"', 'model_name="3T-tiny"')],
     ("docs/api.md", "python -m open_clip_3t.export logs/run/checkpoints/epoch_20.pt --out released/ "
@@ -124,6 +127,9 @@ NOT_RUN = {
                "this command with tiny shards"),
     ("docs/training.md", "# 3T ViT-B/16, h from a local in21k file, 4 nodes x 8 GPUs"):
         NotRun("a SLURM cluster with GPUs"),
+    ("docs/training.md", "python -m training.main --model 3T-ViT-B-16-SigLIP --siglip --loss-dist-impl bidir \\"):
+        NotRun("LAION shards, in21k weights and SigLIP's tokenizer from the hub: tests/test_training.py trains "
+               "3T-tiny-sigmoid with --siglip on tiny shards"),
     ("docs/training.md", "MODEL=3T-tiny THIRD_TOWER_WEIGHTS=h.pth TRAIN_DATA='data/train/{00000..00003}.tar' "
                          "EPOCHS=2 BATCH_SIZE=16 \\"):
         NotRun("a SLURM cluster: tests/test_slurm_launchers.py submits it to the local cluster, "

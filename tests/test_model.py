@@ -58,15 +58,19 @@ def test_forward_contract_in_training_mode(model):
         assert out[k].item() == pytest.approx(1 / 0.07, rel=1e-5)  # exponentiated, init log(1/0.07)
 
 
-def test_tuple_output_feeds_the_loss_like_the_dict(model, h_weights):
-    """OpenCLIP's default output_dict=False gives a tuple: loss(*model(...)) equals loss(**model(...))."""
+@pytest.mark.parametrize("model_name, loss, n_outputs", [("3T-tiny", ThreeTowersLoss(), 9),
+                                                         ("3T-tiny-sigmoid", ThreeTowersSigLipLoss(), 12)])
+def test_tuple_output_feeds_the_loss_like_the_dict(model_name, loss, n_outputs, h_weights):
+    """OpenCLIP's default output_dict=False gives a tuple: loss(*model(...)) equals loss(**model(...)); a SigLIP
+    config's tuple ends with the three biases."""
     from open_clip_3t.loss import MODEL_OUTPUTS
     images, texts = batch()
     torch.manual_seed(0)
-    plain = open_clip.create_model("3T-tiny", third_tower_weights=h_weights).train()  # output_dict=False
-    as_dict, as_tuple = model.train()(images, texts), plain(images, texts)
-    assert isinstance(as_tuple, tuple) and tuple(as_dict) == MODEL_OUTPUTS
-    loss = ThreeTowersLoss()
+    with_dict = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True).train()
+    torch.manual_seed(0)
+    plain = open_clip.create_model(model_name, third_tower_weights=h_weights).train()  # output_dict=False
+    as_dict, as_tuple = with_dict(images, texts), plain(images, texts)
+    assert isinstance(as_tuple, tuple) and tuple(as_dict) == MODEL_OUTPUTS[:n_outputs] and len(as_tuple) == n_outputs
     assert loss(*as_tuple, output_dict=True) == loss(**as_dict, output_dict=True)
     assert loss(*as_tuple).item() == pytest.approx(sum(loss(**as_dict, output_dict=True).values()).item(), rel=1e-6)
     with pytest.raises(TypeError, match=r"loss\(\*model\(images, texts\)\)"):

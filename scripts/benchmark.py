@@ -21,8 +21,8 @@ Timing: warm-up steps first, then rounds in which the variants take turns (rotat
 (clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
 On CPU the script re-executes itself with glibc's malloc keeping freed memory (STEADY_MALLOC), as CUDA's does.
 Memory: the peak allocated during one step above what was allocated before it (on CUDA the caching allocator's
-peak statistics; on CPU the profiler's allocation events, each a signed size, summed in time order), and the
-persistent weights + gradients + optimizer state of the variant.
+peak statistics; on CPU the profiler's allocation events of the blocks the step allocates, each a signed size, summed
+in time order), and the persistent weights + gradients + optimizer state of the variant.
 """
 import argparse
 import contextlib
@@ -116,8 +116,10 @@ def quiet_stderr():
 
 
 def cpu_step_peak(fn):
-    """Peak bytes the CPU allocator held during fn() above what it held before: the CPU counterpart of
-    torch.cuda.max_memory_allocated, from the profiler's allocation events (+size on malloc, -size on free)."""
+    """Peak bytes that fn() allocated and held at once: the CPU counterpart of the step peak on CUDA, from the
+    profiler's allocation events (+size on malloc, -size on free). Only frees of memory fn() itself allocated count:
+    the profiler reports the free of an older block only if an earlier profiled call allocated it, so counting those
+    would make the figure depend on what ran before (e.g. gradients that another variant's profiled step allocated)."""
     from torch._C._profiler import _EventType  # the profiler's event tree: torch has no public CPU peak statistic
 
     with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -128,9 +130,16 @@ def cpu_step_peak(fn):
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
     held = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
+    live = {}  # ptr -> size of the blocks fn() allocated and has not freed
+    for _, size, ptr in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            live[ptr] = size
+        elif ptr in live:
+            size = -live.pop(ptr)
+        else:
+            continue  # a block allocated before fn()
         held += size
         peak = max(peak, held)
     return peak

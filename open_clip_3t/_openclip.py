@@ -20,7 +20,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
-from .model import HEAD_KEYS, ThreeTowersCLIP, ThreeTowersCustomTextCLIP, is_three_towers_key
+from .model import HEAD_KEYS, HEADS, ThreeTowersCLIP, ThreeTowersCustomTextCLIP, is_three_towers_key
 from .third_tower import ThreeTowersCfg
 
 SUPPORTED_OPENCLIP = ((3, 3), (3, 4))  # [min, max) as (major, minor)
@@ -220,6 +220,12 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
             raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}): pass a 3T checkpoint of this model or a plain checkpoint of its f "
                              f"and g")
+    if opts["precision"] in ("fp16", "bf16"):
+        # OpenCLIP's fp16/bf16 casts f and g to half (every Linear; the whole model for a timm image tower) and keeps
+        # its logit_scale fp32 where it can: the heads keep logit_scale's dtype, as the temperatures do (the forward
+        # feeds each head in its own dtype).
+        for name in HEADS:
+            getattr(model, name).to(model.logit_scale.dtype)
     if model.third_tower is not None and opts["precision"] in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
         # OpenCLIP's low-precision conversion touches only some layer types: cast h as a whole.
         model.third_tower.to(torch.float16 if "fp16" in opts["precision"] else torch.bfloat16)

@@ -26,12 +26,19 @@ TRANSFER_TEMPERATURES_AND_BIASES = tuple(name for term in TERMS[1:] for name in 
 # State-dict prefixes of everything that is not the plain OpenCLIP model (dropped at export).
 HEAD_KEYS = tuple(f"{name}." for name in HEADS) + TRANSFER_TEMPERATURES_AND_BIASES
 THREE_TOWERS_KEYS = ("third_tower.",) + HEAD_KEYS
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
 
 def make_head(in_dim: int, out_dim: int, head_type: str = "linear") -> nn.Module:
     if head_type == "linear":
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def apply_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """head(x) in the head's dtype: under --precision fp16/bf16 f and g may be half while the heads stay fp32 (see
+    _openclip), and h's embedding may come from a cache in fp16."""
+    return head(x.to(next(head.parameters()).dtype))
 
 
 class ThreeTowers:
@@ -74,9 +81,12 @@ class ThreeTowers:
                 getattr(self, term.scale).clamp_(0, max_scale)
 
     def _f_normalisation(self, device):
-        """f's mean/std as [1, 3, 1, 1] tensors, made once per device (the factory sets them after __init__)."""
+        """f's mean/std as [1, 3, 1, 1] tensors, made once per device (the factory sets them after __init__).
+        Under torch.compile they are graph constants: caching them there would make dynamo recompile the step."""
         pp = getattr(self.visual, "preprocess_cfg", {})
         key = (tuple(pp.get("mean", OPENAI_DATASET_MEAN)), tuple(pp.get("std", OPENAI_DATASET_STD)), device)
+        if _is_compiling():
+            return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in key[:2])
         if getattr(self, "_f_norm_key", None) != key:
             self._f_norm = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in key[:2])
             self._f_norm_key = key
@@ -100,15 +110,14 @@ class ThreeTowers:
         h = self.encode_third(image) if third_embeddings is None else third_embeddings
         f = self.encode_image(image)
         g = self.encode_text(text)
-        h = h.to(f.dtype)
         out = {
             "image_features": F.normalize(f, dim=-1),
             "text_features": F.normalize(g, dim=-1),
             "logit_scale": self.logit_scale.exp(),
-            "image_third_features": F.normalize(self.f_h(f), dim=-1),
-            "third_image_features": F.normalize(self.h_f(h), dim=-1),
-            "text_third_features": F.normalize(self.g_h(g), dim=-1),
-            "third_text_features": F.normalize(self.h_g(h), dim=-1),
+            "image_third_features": F.normalize(apply_head(self.f_h, f), dim=-1),
+            "third_image_features": F.normalize(apply_head(self.h_f, h), dim=-1),
+            "text_third_features": F.normalize(apply_head(self.g_h, g), dim=-1),
+            "third_text_features": F.normalize(apply_head(self.h_g, h), dim=-1),
         }
         out.update({term.scale: getattr(self, term.scale).exp() for term in TERMS[1:]})
         if self.logit_bias is not None:

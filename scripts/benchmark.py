@@ -54,6 +54,7 @@ def parse_args(argv=None):
                    help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--third-tower-weights", default=None, help="h's weights (default: random, nothing is read)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this file")
     p.add_argument("--system-malloc", action="store_true",
                    help="on CPU, time with glibc's default malloc (see STEADY_MALLOC) instead of a steady heap")
     args = p.parse_args(argv)
@@ -318,7 +319,32 @@ def main(argv=None):
             ("distill / CLIP", median["distill"] / median["clip"], None),
             ("SigLIP / CLIP", median["siglip"] / median["clip"], None)):
         print(f"{label:<36}= {value:.3f}" + (f"  (target <= {target})" if target else ""))
-    return {"median_s": median, "memory_bytes": memory, **ratios}
+    result = {"median_s": median, "memory_bytes": memory, **ratios}
+    if args.json:
+        write_json(args, device, result)
+    return result
+
+
+def write_json(args, device, result):
+    """The figures as JSON (scripts/gpu_check.py reads them): times in s, memory in bytes, ratios."""
+    import json
+    median, memory = result["median_s"], result["memory_bytes"]
+    base = {"3t-fed": "clip", "3t-online": "clip", "distill": "clip", "siglip-3t-fed": "siglip",
+            "siglip-3t-online": "siglip"}
+    figures = {
+        "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "timed_steps": args.steps, "median_step_s": median,
+        "step_peak_bytes": {name: peak for name, (peak, _) in memory.items()},
+        "state_bytes": {name: state for name, (_, state) in memory.items()},
+        "step_peak_over_base": {name: memory[name][0] / memory[b][0] for name, b in base.items()},
+        "fed_over_clip": result["fed_ratio"], "online_over_clip_plus_h": result["online_ratio"],
+        "siglip_fed_over_siglip": result["siglip_fed_ratio"],
+        "siglip_online_over_siglip_plus_h": result["siglip_online_ratio"],
+        "distill_over_clip": median["distill"] / median["clip"],
+    }
+    with open(args.json, "w") as f:
+        json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

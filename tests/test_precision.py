@@ -168,7 +168,8 @@ def csv_flags(tmp_path, h_weights):
     samples with a time-seeded RNG), so two runs see the same batches."""
     (tmp_path / "csv").mkdir()
     csv = write_csv_dataset(tmp_path / "csv", n=32)
-    return ["--precision", "fp32", "--third-tower-weights", h_weights, "--train-data", str(csv), "--dataset-type", "csv"]
+    return ["--precision", "fp32", "--third-tower-weights", h_weights, "--train-data", str(csv),
+            "--dataset-type", "csv"]
 
 
 def test_grad_checkpointing_flag_trains_identically(h_weights, tmp_path, monkeypatch):

@@ -143,9 +143,9 @@ class ShardReader(torch.utils.data.IterableDataset):
 
 
 def decode_loader(shards, h, batch_size, workers, device):
-    """The build's decode stage: `workers` processes, each decoding and resizing whole shards (so it scales with the
-    workers while there are at least as many shards as workers; no more are started) into uint8 batches, which are pinned for a
-    non-blocking copy to a CUDA device; h.normalize finishes h's preprocessing there."""
+    """The build's decode stage: `workers` processes (no more than there are shards), each decoding and resizing
+    whole shards, so that it scales with the workers while there are at least as many shards as workers. Batches are
+    uint8, pinned for a non-blocking copy to a CUDA device; h.normalize finishes h's preprocessing there."""
     reader = ShardReader(shards, h.eval_transform(normalize=False), batch_size)
     return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=min(workers, len(shards)),
                                        pin_memory=torch.device(device).type == "cuda",

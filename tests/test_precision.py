@@ -24,7 +24,7 @@ PRECISIONS = ("amp", "amp_bf16", "pure_bf16", "fp32")
 # Largest relative L2 error, over samples, of h's embedding (as the heads h_f, h_g receive it) against h in fp32:
 # fp16 keeps 11 significant bits, bf16 8; online, the error is h's forward in that precision; from the cache, it is
 # the fp16 storage of an fp32 build (plus the cast to bf16 under pure_bf16). Measured on 3T-tiny (h = test_vit):
-# online amp 8e-4, amp_bf16 7e-3, pure_bf16 1e-2; cached 3e-4 (fp16 rows), pure_bf16 3e-3.
+# online amp 8e-4, amp_bf16 7e-3, pure_bf16 1e-2; cached 2e-4 (fp16 rows), pure_bf16 2e-3.
 H_TOLERANCE = {"fp32": 1e-6, "amp": 3e-3, "amp_bf16": 2.5e-2, "pure_bf16": 2.5e-2}
 CACHED_FP16_TOLERANCE = 1e-3  # fp16 storage: half an fp16 ulp is 2**-12 = 2.4e-4 of each element
 LOSS_TERMS = ["Contrastive_loss", "Image_third_loss", "Text_third_loss", "Loss"]
@@ -213,10 +213,12 @@ def test_bf16_cache_build_is_within_tolerance_of_fp32_and_trains(data, h_weights
                            "--third-tower-weights", h_weights, "--precision", precision, "--dtype", "fp32",
                            "--workers", "0", "--batch-size", "8", "--device", "cpu"]) == 0
         built[precision] = [cache.load_sidecar(cache.sidecar_path(out, u)) for u in cache.expand_shards(data["spec"])]
+    errors = []
     for (fp32, keys32, crc32, _), (bf16, keys16, crc16, _) in zip(built["fp32"], built["bf16"]):
         assert keys16 == keys32 and np.array_equal(crc16, crc32) and bf16.dtype == np.float32
-        error = relative_error(torch.from_numpy(bf16), torch.from_numpy(fp32))
-        assert 0 < error <= H_TOLERANCE["pure_bf16"], error
+        errors.append(relative_error(torch.from_numpy(bf16), torch.from_numpy(fp32)))
+    assert 0 < max(errors) <= H_TOLERANCE["pure_bf16"], errors  # > 0: h did run in bf16
+    print(f"\nbf16 cache build vs fp32 build: {max(errors):.2e}")
     assert cache.info(str(tmp_path / "cache_bf16"))["precision"] == "bf16"
     run_dir = train(tmp_path, "from_bf16_cache", "--precision", "amp_bf16", "--third-tower-weights", h_weights,
                     "--train-data", data["spec"], "--third-tower-cache", str(tmp_path / "cache_bf16"))

@@ -404,7 +404,9 @@ def _environment(settings, path):
             "open_clip": version("open_clip_torch"), "timm": version("timm"), "cpu_cores": os.cpu_count(),
             "gpus": torch.cuda.device_count() if cuda else 0,
             "device_name": torch.cuda.get_device_name(0) if settings.device == "cuda" else "CPU",
-            "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if settings.device == "cuda" else 0}
+            "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if settings.device == "cuda" else 0,
+            # DataLoader workers hand batches over in /dev/shm: a container's small default fails the loaders
+            "shm_bytes": shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else None}
     _write_json(path, info)
 
 

@@ -13,6 +13,7 @@ with its start-up stays under 8 minutes), it runs these steps, each in its own p
     export           that checkpoint exported as a plain OpenCLIP folder; 3T's features of fixed inputs
     reload           vanilla OpenCLIP (open_clip_3t never imported) loads the folder: its features equal 3T's
     train_clip       the same 50 steps with --model ViT-B-16 (the reference of the training samples/s target)
+    report           the targets and the report, from the figures above (in this process)
 
 and writes OUT_DIR/report.md and OUT_DIR/report.json: the figures, and which targets of the issue passed. A step
 that fails (non-zero exit, a figure missing or not finite, the budget spent) stops the check: the command exits 1
@@ -122,7 +123,7 @@ class Check:
         self.deadline = self.start + settings.budget_s
         self.finished = []     # [{"step", "seconds"}]
         self.figures = {}
-        self.shards = os.path.join(work, "shards", "{00000..%05d}.tar")
+        self.shards = None  # the --train-data spec of the generated shards (step data)
         self.h_weights = os.path.join(work, "random_h.pth")
 
     def run(self, step, cmd, cwd=None):
@@ -149,7 +150,12 @@ class Check:
 
     def step(self, name, fn):
         started = time.monotonic()
-        fn(name)
+        try:
+            fn(name)
+        except StepFailed:
+            raise
+        except Exception as e:  # figures of an unexpected shape, a file that is not there: still this step's failure
+            raise StepFailed(name, f"{type(e).__name__}: {e}") from e
         self.finished.append({"step": name, "seconds": round(time.monotonic() - started, 1)})
 
     def python(self, step, *args, cwd=None):
@@ -174,7 +180,7 @@ class Check:
         self.python(step, __file__, "_data", self.work, path)
         info = self.read_json(step, path)
         require(step, info, "shards", "samples")
-        self.shards = self.shards % (info["shards"] - 1)
+        self.shards = os.path.join(self.work, "shards", f"{{00000..{info['shards'] - 1:05d}}}.tar")
         self.figures[step] = info
 
     def step_benchmark(self, step):
@@ -245,18 +251,26 @@ class Check:
             raise StepFailed(step, f"vanilla OpenCLIP's reload does not match 3T: {figures}")
         self.figures[step] = figures
 
-    def targets(self):
+    def report(self, step):
+        """The targets and the report (written by main once everything stands)."""
         f = self.figures
         bench, cache_ = f["step_benchmark"], f["cache_benchmark"]
         values = [bench["fed_over_clip"], bench["online_over_clip_plus_h"], bench["step_peak_over_clip"]["3t-fed"],
                   bench["step_peak_over_clip"]["3t-online"], cache_["build_steady_over_inference"],
                   f["train_3t"]["samples_per_s"] / f["train_clip"]["samples_per_s"]]
-        return [{"target": name, "value": round(value, 4), "limit": limit, "kind": kind,
-                 "passed": value <= limit if kind == "max" else value >= limit}
-                for (name, kind, limit), value in zip(TARGETS, values)]
+        targets = [{"target": name, "value": round(value, 4), "limit": limit, "kind": kind,
+                    "passed": value <= limit if kind == "max" else value >= limit}
+                   for (name, kind, limit), value in zip(TARGETS, values)]
+        self.result = {
+            "complete": True, "mode": "tiny-cpu" if os.environ.get("GPU_CHECK_TINY") == "1" else "gpu",
+            "settings": dataclasses.asdict(self.s), "total_seconds": round(time.monotonic() - self.start, 1),
+            "steps": list(self.finished), "targets": targets,
+            "targets_passed": f"{sum(t['passed'] for t in targets)}/{len(targets)}", "figures": self.figures}
+        self.markdown = markdown(self.result)
 
 
-STEPS = ("environment", "data", "step_benchmark", "cache_benchmark", "train_3t", "export", "reload", "train_clip")
+STEPS = ("environment", "data", "step_benchmark", "cache_benchmark", "train_3t", "export", "reload", "train_clip",
+         "report")
 
 
 def training_figures(step, log_path, steps, batch):
@@ -299,8 +313,9 @@ def markdown(report):
     t3, tc, rl = f["train_3t"], f["train_clip"], f["reload"]
     mib = 2 ** 20
     lines = [f"# open_clip_3t GPU check ({report['mode']})", "",
-             f"{env['device_name']}, torch {env['torch']} (CUDA {env['cuda']}), {env['cpu_cores']} CPU cores; "
-             f"{report['total_seconds']:.0f} s in all. Targets passed: {report['targets_passed']}.", ""]
+             f"{env['device_name']}, torch {env['torch']} (CUDA {env['cuda']}), {env['cpu_cores']} CPU cores, "
+             f"/dev/shm {(env['shm_bytes'] or 0) / 2 ** 30:.1f} GiB; {report['total_seconds']:.0f} s in all. "
+             f"Targets passed: {report['targets_passed']}.", ""]
     if report["mode"] != "gpu":
         lines += ["Tiny CPU mode: these figures test the check's logic and say nothing about the targets.", ""]
     lines += ["## Targets (issue 13)", "", "| target | value | limit | passed |", "|---|---|---|---|"]
@@ -368,22 +383,17 @@ def main(argv=None):
     try:
         for name in STEPS:
             check.step(name, getattr(check, name))
-        targets = check.targets()
     except StepFailed as e:
         fail_report(check, e, out)
         print(f"gpu_check: FAILED at step {e.step}: {e.message}; see {out}/FAILED.md (work folder kept: {work})",
               file=sys.stderr)
         return 1
-    report = {"complete": True, "mode": "tiny-cpu" if os.environ.get("GPU_CHECK_TINY") == "1" else "gpu",
-              "settings": dataclasses.asdict(settings), "total_seconds": round(time.monotonic() - check.start, 1),
-              "steps": check.finished, "targets": targets,
-              "targets_passed": f"{sum(t['passed'] for t in targets)}/{len(targets)}", "figures": check.figures}
-    write_atomic(os.path.join(out, "report.md"), markdown(report))
-    write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=1) + "\n")
+    write_atomic(os.path.join(out, "report.md"), check.markdown)
+    write_atomic(os.path.join(out, "report.json"), json.dumps(check.result, indent=1) + "\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"gpu_check: complete in {report['total_seconds']:.0f} s, targets passed {report['targets_passed']}: "
-          f"{out}/report.md")
+    print(f"gpu_check: complete in {check.result['total_seconds']:.0f} s, targets passed "
+          f"{check.result['targets_passed']}: {out}/report.md")
     return 0
 
 

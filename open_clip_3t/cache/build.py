@@ -147,9 +147,10 @@ def decode_loader(shards, h, batch_size, workers, device):
     whole shards, so that it scales with the workers while there are at least as many shards as workers. Batches are
     uint8, pinned for a non-blocking copy to a CUDA device; h.normalize finishes h's preprocessing there."""
     reader = ShardReader(shards, h.eval_transform(normalize=False), batch_size)
-    return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=min(workers, len(shards)),
-                                       pin_memory=torch.device(device).type == "cuda",
-                                       prefetch_factor=4 if workers else None)
+    workers = min(workers, len(shards))
+    return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.device(device).type == "cuda")
 
 
 # --- build ----------------------------------------------------------------------------------------------------

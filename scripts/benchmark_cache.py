@@ -64,18 +64,21 @@ def third_tower(model, weights, device, precision):
 
 def decode_rate(shards, h, batch_size, workers):
     """(samples/s, samples per worker CPU-second) of the build's decode stage alone (cache.decode_loader, no h).
-    The first is timed from the first batch (worker start-up excluded) and depends on the CPU share the workers get;
-    the second, from the workers' CPU time (counted when they exit), does not: on a node whose cores are free,
-    workers x the second is the stage's rate."""
+    The first is timed from the moment every worker has delivered its first batch (the loader takes them in turn),
+    so that worker start-up is excluded, and depends on the CPU share the workers get; the second, from the workers'
+    CPU time (counted when they exit), does not: on a node whose cores are free, workers x the second is the rate."""
     cpu_before = children_cpu_seconds()
-    n, first, start = 0, 0, None
+    counts, times = [], []
     for item in cache.decode_loader(shards, h, batch_size, workers, "cpu"):
-        count = len(item["pixels"]) if item["pixels"] is not None else 0
-        if start is None:
-            start, first = time.perf_counter(), count
-        n += count
-    wall = time.perf_counter() - start  # the loop has ended: the workers have exited and been reaped
-    return (n - first) / wall, n / (children_cpu_seconds() - cpu_before)
+        counts.append(len(item["pixels"]) if item["pixels"] is not None else 0)
+        times.append(time.perf_counter())
+    cpu = children_cpu_seconds() - cpu_before  # the loop has ended: the workers have exited and been reaped
+    warm = min(workers, len(shards))
+    if len(times) < 2 * warm or times[-1] == times[warm - 1]:
+        raise SystemExit(f"benchmark_cache.py: error: {len(shards)} shard(s) gave {len(times)} batches to {warm} "
+                         f"decode worker(s), too few to time: pass more --decode-shards-per-worker (each worker "
+                         f"needs 2 batches or more) or a smaller --batch-size")
+    return sum(counts[warm:]) / (times[-1] - times[warm - 1]), sum(counts) / cpu
 
 
 def children_cpu_seconds():

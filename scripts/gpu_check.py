@@ -61,9 +61,9 @@ class Settings:
     bench_warmup: int = 3
     image_size: int = 256                  # generated JPEGs
     unique_images: int = 512               # drawn once, then repeated under new keys (drawing is slow; decoding is not)
-    samples_per_shard: int = 128
+    samples_per_shard: int = 512          # >= 2 batches per shard, as real shards have (a batch never spans shards)
     workers: int = os.cpu_count() or 1     # decode workers of the cache build; data workers of training (shared)
-    decode_shards_per_worker: int = 4
+    decode_shards_per_worker: int = 2
     inference_samples: int = 2048          # batches held on the device for h's pure inference
     nproc: int = 1                         # training processes (GPUs)
     backend: str = "nccl"
@@ -433,8 +433,9 @@ def _draw(args):
 
 
 def _data(settings, work, path):
-    """Shards of train_steps x batch x nproc samples (each process's epoch), drawn in parallel, and a file of random
-    weights for h's architecture (the cache build and training read h from a file: nothing is downloaded)."""
+    """Shards enough for the training epoch (train_steps x batch x nproc samples) and for decode_shards_per_worker
+    shards to each decode worker, their images drawn in parallel; and a file of random weights for h's architecture
+    (the cache build and training read h from a file: nothing is downloaded)."""
     import io
     import multiprocessing
     import tarfile
@@ -443,25 +444,26 @@ def _data(settings, work, path):
     import torch
 
     from open_clip_3t import cache
-    samples = settings.train_steps * settings.batch * settings.nproc
+    train_samples = settings.train_steps * settings.batch * settings.nproc
+    shards = max(math.ceil(train_samples / settings.samples_per_shard),
+                 settings.workers * settings.decode_shards_per_worker)
     with multiprocessing.Pool(settings.workers) as pool:
         pool_items = pool.map(_draw, [(i, settings.image_size) for i in range(settings.unique_images)])
     folder = os.path.join(work, "shards")
     os.makedirs(folder, exist_ok=True)
-    shards = 0
-    for first in range(0, samples, settings.samples_per_shard):
-        with tarfile.open(os.path.join(folder, f"{shards:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(first, min(first + settings.samples_per_shard, samples)):
+    for shard in range(shards):
+        with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(shard * settings.samples_per_shard, (shard + 1) * settings.samples_per_shard):
                 jpeg, caption = pool_items[i % len(pool_items)]
                 for ext, data in (("jpg", jpeg), ("txt", caption.encode())):
                     member = tarfile.TarInfo(f"{i:09d}.{ext}")
                     member.size = len(data)
                     tar.addfile(member, io.BytesIO(data))
-        shards += 1
     cfg = cache.third_tower_cfg(settings.model)
     torch.save(timm.create_model(cfg.timm_model_name, pretrained=False, **cfg.timm_kwargs).state_dict(),
                os.path.join(work, "random_h.pth"))
-    _write_json(path, {"shards": shards, "samples": samples, "unique_images": len(pool_items),
+    _write_json(path, {"shards": shards, "samples": shards * settings.samples_per_shard,
+                       "train_samples": train_samples, "unique_images": len(pool_items),
                        "jpeg_bytes_per_image": sum(len(j) for j, _ in pool_items) / len(pool_items)})
 
 

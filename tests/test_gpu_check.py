@@ -48,7 +48,8 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
 
     # 2. the cache build: every generated sample embedded; per-worker figures are the totals over the workers
     cache = f["cache_benchmark"]
-    assert cache["samples"] == f["data"]["samples"] == 4 * 8 and f["data"]["shards"] == 2
+    assert cache["samples"] == f["data"]["samples"] == 4 * 16 and f["data"]["shards"] == 4  # 2 per decode worker
+    assert f["data"]["train_samples"] == 4 * 8
     assert set(cache["decode_samples_per_s"]) == {"1", "2"} and cache["workers"] == 2
     assert cache["decode_samples_per_s_per_worker"]["2"] == pytest.approx(cache["decode_samples_per_s"]["2"] / 2,
                                                                           abs=0.1)

@@ -270,7 +270,8 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                 crcs.setdefault(shard, []).extend(item["crc32"])
                 embedded += len(item["keys"])
                 progress.update(len(item["keys"]))
-                if first is None:  # steady-state throughput excludes worker start-up and the first batch
+                if first is None and batches >= loader.num_workers:
+                    # steady state: every decode worker has delivered a batch (the loader takes them in turn)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     first = (time.monotonic(), embedded)

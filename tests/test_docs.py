@@ -59,6 +59,12 @@ def check_slurm_fixture_api(block):
         assert re.search(rf"def {name}\(", api), f"{block}: slurm_cluster has no method {name}"
 
 
+def check_gpu_check(block):
+    for command in commands(block.text):
+        words = split_commands(command)[0]
+        check_flags(block, ("scripts/gpu_check.py",), words[words.index("scripts/gpu_check.sh") + 1:])
+
+
 # (page, first line of the block) -> substitutions: model size, device and data paths only.
 RUN_WITH = {
     ("README.md", "import open_clip"): [('"3T-ViT-B-16"', '"3T-tiny"'),
@@ -137,6 +143,9 @@ NOT_RUN = {
     ("docs/training.md", "python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 "
                          "--rounds 10"):
         NotRun("minutes per run on CPU, and a GPU for the last line"),
+    ("docs/training.md", "bash scripts/gpu_check.sh gpu_check_out      # writes gpu_check_out/report.md and "
+                         "gpu_check_out/report.json"):
+        NotRun("a GPU and 8 minutes: tests/test_gpu_check.py runs the check tiny on CPU", check_gpu_check),
 }
 
 

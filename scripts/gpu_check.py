@@ -262,7 +262,9 @@ class Check:
                     "passed": value <= limit if kind == "max" else value >= limit}
                    for (name, kind, limit), value in zip(TARGETS, values)]
         self.result = {
-            "complete": True, "mode": "tiny-cpu" if os.environ.get("GPU_CHECK_TINY") == "1" else "gpu",
+            "complete": True,
+            "mode": "tiny-cpu" if os.environ.get("GPU_CHECK_TINY") == "1" else "gpu" if self.s.device == "cuda" else
+            self.s.device,
             "settings": dataclasses.asdict(self.s), "total_seconds": round(time.monotonic() - self.start, 1),
             "steps": list(self.finished), "targets": targets,
             "targets_passed": f"{sum(t['passed'] for t in targets)}/{len(targets)}", "figures": self.figures}
@@ -317,7 +319,7 @@ def markdown(report):
              f"/dev/shm {(env['shm_bytes'] or 0) / 2 ** 30:.1f} GiB; {report['total_seconds']:.0f} s in all. "
              f"Targets passed: {report['targets_passed']}.", ""]
     if report["mode"] != "gpu":
-        lines += ["Tiny CPU mode: these figures test the check's logic and say nothing about the targets.", ""]
+        lines += ["Not a GPU run: these figures test the check's logic and say nothing about the targets.", ""]
     lines += ["## Targets (issue 13)", "", "| target | value | limit | passed |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']:.3f} | {'<=' if t['kind'] == 'max' else '>='} {t['limit']} | "
               f"{'yes' if t['passed'] else 'NO'} |" for t in report["targets"]]

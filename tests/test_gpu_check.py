@@ -79,7 +79,7 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
     passed = sum(t["passed"] for t in targets.values())
     assert report["targets_passed"] == f"{passed}/6"
     markdown = (out / "report.md").read_text()
-    assert f"Targets passed: {passed}/6" in markdown and "Tiny CPU mode" in markdown
+    assert f"Targets passed: {passed}/6" in markdown and "Not a GPU run" in markdown
     assert all(name in markdown for name in targets) and markdown.count("| yes |") == passed
     assert f"targets passed {passed}/6" in proc.stdout
 

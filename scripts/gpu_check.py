@@ -212,18 +212,20 @@ class Check:
         self.figures[step] = figures
 
     def train(self, step, name, model, *flags):
-        """torchrun of `python -m training.main` in WORK (its default ./logs), then its log's figures."""
+        """torchrun of `python -m training.main` in WORK (its default ./logs), then its log's figures. OpenCLIP rounds
+        an epoch up to a multiple of the data workers (each draws as many batches): their number divides the steps."""
         s = self.s
+        workers = max(d for d in range(1, max(1, s.workers // s.nproc) + 1) if s.train_steps % d == 0)
         self.python(step, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
                     "-m", "training.main", "--name", name, "--model", model, "--train-data", self.shards,
                     "--dataset-type", "webdataset", "--dataset-resampled",
                     "--train-num-samples", str(s.train_steps * s.batch * s.nproc), "--batch-size", str(s.batch),
-                    "--epochs", "1", "--precision", s.precision, "--workers", str(max(1, s.workers // s.nproc)),
+                    "--epochs", "1", "--precision", s.precision, "--workers", str(workers),
                     "--device", s.device, "--dist-backend", s.backend, "--lr", "5e-4", "--warmup", "5",
                     "--wd", "0.1", "--log-every-n-steps", "1", "--seed", "0", *flags, cwd=self.work)
         run_dir = os.path.join(self.work, "logs", name)
         figures = training_figures(step, os.path.join(run_dir, "out.log"), s.train_steps, s.batch)
-        figures["run_dir"] = run_dir
+        figures.update(run_dir=run_dir, data_workers=workers)
         self.figures[step] = figures
 
     def train_3t(self, step):
@@ -341,7 +343,7 @@ def markdown(report):
     if "loader_cached_over_plain" in cache_:
         lines.append(f"| training loader with the cache join / without | {cache_['loader_cached_over_plain']:.3f} |")
     lines += ["", f"## 3. Training: {s['train_steps']} steps, batch {s['batch']} x {t3['world_size']} process(es), "
-                  f"{s['precision']}, torchrun ({s['backend']}"
+                  f"{t3['data_workers']} data workers each, {s['precision']}, torchrun ({s['backend']}"
                   f"{'' if t3['distributed'] else '; one process: OpenCLIP creates no process group'})", "",
               "| run | median step (ms) | samples/s | first loss | last loss |", "|---|---|---|---|---|"]
     for name, run in ((f"{s['model']} from the cache", t3), (s["clip_model"], tc)):

@@ -3,7 +3,6 @@ online and from the cache, the dtypes the heads and temperatures keep, --grad-ch
 bf16 cache build. Tiny 3T (3T-tiny: 1-layer towers, 32 px, h = test_vit) on generated shards."""
 import logging
 import math
-import os
 
 import numpy as np
 import open_clip

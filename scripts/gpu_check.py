@@ -6,7 +6,7 @@ with its start-up stays under 8 minutes), it runs these steps, each in its own p
     environment      torch sees the GPU; versions, GPU name, CPU cores
     data             generated LAION-style shards (256-px JPEG, synthetic shapes) and random weights for h
     step_benchmark   scripts/benchmark.py at ViT-B/16, batch 256, amp_bf16: CLIP, 3T fed-in, 3T online, distill,
-                     h forward; median step time and CUDA step peak memory of each
+                     SigLIP, SigLIP-3T fed-in and online, h forward; median step time and CUDA step peak memory
     cache_benchmark  scripts/benchmark_cache.py: the cache build (one decode worker per core, h in bf16) against h's
                      pure inference, the decode stage per worker; the cache it builds feeds train_3t
     train_3t         50 steps of 3T-ViT-B-16 from that cache, amp_bf16, under torchrun (NCCL), one checkpoint
@@ -15,7 +15,8 @@ with its start-up stays under 8 minutes), it runs these steps, each in its own p
     train_clip       the same 50 steps with --model ViT-B-16 (the reference of the training samples/s target)
     report           the targets and the report, from the figures above (in this process)
 
-and writes OUT_DIR/report.md and OUT_DIR/report.json: the figures, and which targets of the issue passed. A step
+and writes OUT_DIR/report.md and OUT_DIR/report.json: the figures, and which targets of the issue passed (and the
+same step targets for SigLIP-3T against SigLIP). A step
 that fails (non-zero exit, a figure missing or not finite, the budget spent) stops the check: the command exits 1
 with one line naming the step, and OUT_DIR holds FAILED.md/FAILED.json (the step, its error, what finished before)
 instead of a report. OUT_DIR/logs/STEP.log keeps each step's output. Big files (shards, cache, checkpoint) go to a
@@ -75,7 +76,8 @@ TINY = dict(device="cpu", model="3T-tiny", clip_model="CLIP-tiny", precision="fp
             samples_per_shard=16, workers=2, decode_shards_per_worker=2, inference_samples=32, nproc=1,
             backend="gloo", budget_s=900)
 
-# (name, value, limit): the targets of issue 13, each met when value <= limit (or >= for the "min" ones).
+# (name, kind, limit): the targets of issue 13, and the step targets for SigLIP-3T against SigLIP; each is met when
+# its value is <= limit ("max") or >= limit ("min").
 TARGETS = [
     ("3T fed-in / CLIP step time", "max", 1.03),
     ("3T online / (CLIP + h forward) step time", "max", 1.02),
@@ -83,7 +85,12 @@ TARGETS = [
     ("3T online / CLIP step peak memory", "max", 1.01),
     ("cache build / h pure inference samples/s (steady)", "min", 0.9),
     ("3T from the cache / ViT-B-16 training samples/s", "min", 0.97),
+    ("SigLIP-3T fed-in / SigLIP step time", "max", 1.03),
+    ("SigLIP-3T online / (SigLIP + h forward) step time", "max", 1.02),
+    ("SigLIP-3T fed-in / SigLIP step peak memory", "max", 1.01),
+    ("SigLIP-3T online / SigLIP step peak memory", "max", 1.01),
 ]
+VARIANTS = ("clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward")
 
 
 def settings_from_env(environ=None):
@@ -189,9 +196,9 @@ class Check:
                     "--batch-size", str(s.batch), "--steps", str(s.bench_steps), "--rounds", str(s.bench_rounds),
                     "--warmup", str(s.bench_warmup), "--precision", s.precision, "--json", path)
         figures = self.read_json(step, path)
-        variants = ("clip", "3t-fed", "3t-online", "distill", "h-forward")
-        require(step, figures, *(f"median_step_s.{v}" for v in variants),
-                *(f"step_peak_bytes.{v}" for v in variants), "fed_over_clip", "online_over_clip_plus_h")
+        require(step, figures, *(f"median_step_s.{v}" for v in VARIANTS), *(f"step_peak_bytes.{v}" for v in VARIANTS),
+                "fed_over_clip", "online_over_clip_plus_h", "siglip_fed_over_siglip",
+                "siglip_online_over_siglip_plus_h")
         self.figures[step] = figures
 
     def cache_benchmark(self, step):
@@ -257,9 +264,12 @@ class Check:
         """The targets and the report (written by main once everything stands)."""
         f = self.figures
         bench, cache_ = f["step_benchmark"], f["cache_benchmark"]
-        values = [bench["fed_over_clip"], bench["online_over_clip_plus_h"], bench["step_peak_over_clip"]["3t-fed"],
-                  bench["step_peak_over_clip"]["3t-online"], cache_["build_steady_over_inference"],
-                  f["train_3t"]["samples_per_s"] / f["train_clip"]["samples_per_s"]]
+        peak = bench["step_peak_over_base"]
+        training = f["train_3t"]["samples_per_s"] / f["train_clip"]["samples_per_s"]
+        values = [bench["fed_over_clip"], bench["online_over_clip_plus_h"], peak["3t-fed"], peak["3t-online"],
+                  cache_["build_steady_over_inference"], training,
+                  bench["siglip_fed_over_siglip"], bench["siglip_online_over_siglip_plus_h"], peak["siglip-3t-fed"],
+                  peak["siglip-3t-online"]]
         targets = [{"target": name, "value": round(value, 4), "limit": limit, "kind": kind,
                     "passed": value <= limit if kind == "max" else value >= limit}
                    for (name, kind, limit), value in zip(TARGETS, values)]
@@ -336,7 +346,8 @@ def markdown(report):
               f"| h pure inference | {cache_['h_inference_samples_per_s']:.0f} |",
               f"| build (steady) | {cache_['build_steady_samples_per_s']:.0f} |",
               f"| build (whole, with start-up) | {cache_['build_samples_per_s']:.0f} |",
-              f"| predicted: min(workers x decode per worker CPU-s, h) | {cache_['predicted_build_samples_per_s']:.0f} |"]
+              f"| predicted: min(workers x decode per worker CPU-s, h) | "
+              f"{cache_['predicted_build_samples_per_s']:.0f} |"]
     for k, rate in cache_["decode_samples_per_s"].items():
         lines.append(f"| decode stage, {k} worker(s) | {rate:.0f} ({cache_['decode_samples_per_s_per_worker'][k]:.0f} "
                      f"per worker, {cache_['decode_samples_per_worker_cpu_s'][k]:.0f} per worker CPU-s) |")
@@ -373,7 +384,8 @@ def main(argv=None):
         return CHILD_STEPS[argv[0]](settings_from_env(), *argv[1:])
     parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="folder for report.md/report.json (or FAILED.md/FAILED.json) and logs/")
-    parser.add_argument("--workdir", default=None, help="folder for shards, cache, checkpoint (default: a temporary one)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for shards, cache, checkpoint (default: a temporary one)")
     args = parser.parse_args(argv)
     settings = settings_from_env()
     out = os.path.abspath(args.out)

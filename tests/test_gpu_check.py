@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = ["environment", "data", "step_benchmark", "cache_benchmark", "train_3t", "export", "reload", "train_clip"]
-VARIANTS = {"clip", "3t-fed", "3t-online", "distill", "h-forward"}
+VARIANTS = {"clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward"}
 
 
 def gpu_check(out, work, **env):
@@ -44,7 +44,10 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
     assert (bench["model"], bench["batch_size"], bench["precision"]) == ("3T-tiny", 8, "fp32")
     assert bench["fed_over_clip"] == pytest.approx(times["3t-fed"] / times["clip"])
     assert bench["online_over_clip_plus_h"] == pytest.approx(times["3t-online"] / (times["clip"] + times["h-forward"]))
-    assert bench["step_peak_over_clip"]["3t-online"] == pytest.approx(peaks["3t-online"] / peaks["clip"])
+    assert bench["siglip_online_over_siglip_plus_h"] == pytest.approx(
+        times["siglip-3t-online"] / (times["siglip"] + times["h-forward"]))
+    assert bench["step_peak_over_base"]["3t-online"] == pytest.approx(peaks["3t-online"] / peaks["clip"])
+    assert bench["step_peak_over_base"]["siglip-3t-fed"] == pytest.approx(peaks["siglip-3t-fed"] / peaks["siglip"])
 
     # 2. the cache build: every generated sample embedded; per-worker figures are the totals over the workers
     cache = f["cache_benchmark"]
@@ -68,7 +71,7 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
 
     # the targets: each value is its figures' ratio; passed says whether it meets the issue's limit
     targets = {t["target"]: t for t in report["targets"]}
-    assert len(targets) == 6
+    assert len(targets) == 10
     assert targets["3T fed-in / CLIP step time"]["value"] == pytest.approx(bench["fed_over_clip"], abs=1e-4)
     assert targets["cache build / h pure inference samples/s (steady)"]["value"] == pytest.approx(
         cache["build_steady_samples_per_s"] / cache["h_inference_samples_per_s"], abs=2e-3)
@@ -77,11 +80,11 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
     for t in targets.values():
         assert t["passed"] == (t["value"] <= t["limit"] if t["kind"] == "max" else t["value"] >= t["limit"])
     passed = sum(t["passed"] for t in targets.values())
-    assert report["targets_passed"] == f"{passed}/6"
+    assert report["targets_passed"] == f"{passed}/10"
     markdown = (out / "report.md").read_text()
-    assert f"Targets passed: {passed}/6" in markdown and "Not a GPU run" in markdown
+    assert f"Targets passed: {passed}/10" in markdown and "Not a GPU run" in markdown
     assert all(name in markdown for name in targets) and markdown.count("| yes |") == passed
-    assert f"targets passed {passed}/6" in proc.stdout
+    assert f"targets passed {passed}/10" in proc.stdout
 
 
 def test_a_failing_step_exits_non_zero_naming_it_and_leaves_no_report(tiny_run, tmp_path):

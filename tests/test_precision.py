@@ -1,6 +1,7 @@
 """The precision paths users train with on GPUs, proven on CPU: --precision amp / amp_bf16 / pure_bf16 / fp32 with h
-online and from the cache, the dtypes the heads and temperatures keep, --grad-checkpointing, --torchcompile, and a
-bf16 cache build. Tiny 3T (3T-tiny: 1-layer towers, 32 px, h = test_vit) on generated shards."""
+online and from the cache, the dtypes the heads, temperatures (and SigLIP's biases) keep, --grad-checkpointing,
+--torchcompile, and a bf16 cache build. Tiny 3T (3T-tiny: 1-layer towers, 32 px, h = test_vit) and tiny SigLIP-3T
+(3T-tiny-sigmoid: OpenCLIP's CustomTextCLIP, trained with --siglip) on generated shards."""
 import logging
 import math
 
@@ -13,13 +14,18 @@ from open_clip import get_input_dtype
 import open_clip_3t
 from open_clip_3t import cache
 from open_clip_3t._openclip import openclip_autocast
+from open_clip_3t.loss import TERMS
 from open_clip_3t.toy.synthetic import write_shards
 from tests.test_cache import tar_images
 from tests.test_training import step_logs, write_csv_dataset
 from training.main import main as training_main
 
 MODEL = "3T-tiny"
+SIGLIP = "3T-tiny-sigmoid"
+FLAGS = {MODEL: [], SIGLIP: ["--siglip"]}  # the training flags of each family
+LOSSES = {MODEL: open_clip_3t.ThreeTowersLoss, SIGLIP: open_clip_3t.ThreeTowersSigLipLoss}
 PRECISIONS = ("amp", "amp_bf16", "pure_bf16", "fp32")
+CASES = [(model, precision) for model in FLAGS for precision in PRECISIONS]
 # Largest relative L2 error, over samples, of h's embedding (as the heads h_f, h_g receive it) against h in fp32:
 # fp16 keeps 11 significant bits, bf16 8; online, the error is h's forward in that precision; from the cache, it is
 # the fp16 storage of an fp32 build (plus the cast to bf16 under pure_bf16). Measured on 3T-tiny (h = test_vit):
@@ -39,11 +45,12 @@ def data(tmp_path_factory, h_weights):
     return {"spec": spec, "cache": str(root / "cache")}
 
 
-def train(tmp_path, name, *flags):
+def train(tmp_path, name, *flags, model=MODEL):
     """One in-process `python -m training.main` run (4 steps of 8 samples, CPU); returns its run folder."""
     handlers = list(logging.root.handlers)
     try:
-        training_main(["--logs", str(tmp_path / "logs"), "--name", name, "--model", MODEL, "--device", "cpu",
+        training_main(["--logs", str(tmp_path / "logs"), "--name", name, "--model", model, *FLAGS[model],
+                       "--device", "cpu",
                        "--workers", "0", "--log-every-n-steps", "1", "--seed", "0", "--train-num-samples", "32",
                        "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", *flags])
     finally:  # OpenCLIP's setup_logging adds handlers on every call: drop this run's
@@ -51,6 +58,11 @@ def train(tmp_path, name, *flags):
             handler.close()
             logging.root.removeHandler(handler)
     return tmp_path / "logs" / name
+
+
+def temperatures_and_biases(model_name):
+    """The names of the model's temperatures (and, for SigLIP, biases): one per loss term."""
+    return [name for term in TERMS for name in (term.scale, term.bias) if name != term.bias or model_name == SIGLIP]
 
 
 def checkpoint_state(run_dir):
@@ -76,31 +88,39 @@ def head_inputs(model, images, texts, precision, third=None):
     return seen[0]
 
 
-@pytest.mark.parametrize("precision", ["amp", "amp_bf16", "fp16", "bf16", "pure_fp16", "pure_bf16", "fp32"])
-def test_heads_and_temperatures_keep_the_dtype_of_openclips_logit_scale(precision, h_weights):
-    """OpenCLIP keeps its logit_scale fp32 except under pure_*: our heads and temperatures follow it (under bf16 /
-    fp16 OpenCLIP casts every Linear to half; the heads are Linears, yet stay fp32 with the temperatures)."""
-    clip = open_clip.create_model("CLIP-tiny", precision=precision)
-    expected = torch.float32 if not precision.startswith("pure_") else clip.logit_scale.dtype
-    assert clip.logit_scale.dtype == expected
-    model = open_clip.create_model(MODEL, third_tower_weights=h_weights, precision=precision, output_dict=True)
+# Every OpenCLIP precision; not fp16/bf16 for SigLIP-3T: OpenCLIP 3.3's own conversion fails on its text tower's
+# projection (proj_bias), plain SigLIP's too (see docs/training.md).
+DTYPE_CASES = [(model, precision) for model in FLAGS
+               for precision in ("amp", "amp_bf16", "fp16", "bf16", "pure_fp16", "pure_bf16", "fp32")
+               if not (model == SIGLIP and precision in ("fp16", "bf16"))]
+
+
+@pytest.mark.parametrize("model_name, precision", DTYPE_CASES)
+def test_heads_and_temperatures_keep_the_dtype_of_openclips_logit_scale(model_name, precision, h_weights):
+    """OpenCLIP keeps its logit_scale (and logit_bias) fp32 except under pure_*: our heads, temperatures and biases
+    follow it (under bf16 / fp16 OpenCLIP casts every Linear of CLIP to half; the heads are Linears, yet stay fp32)."""
+    expected = {"pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}.get(precision, torch.float32)
+    if model_name == MODEL:  # OpenCLIP's own CLIP keeps its logit_scale in that dtype
+        clip = open_clip.create_model("CLIP-tiny", precision=precision)
+        assert clip.logit_scale.dtype == expected
+    model = open_clip.create_model(model_name, third_tower_weights=h_weights, precision=precision, output_dict=True)
     for name in ("f_h", "h_f", "g_h", "h_g"):
         assert {p.dtype for p in getattr(model, name).parameters()} == {expected}, name
-    for name in ("logit_scale", "logit_scale_image_third", "logit_scale_text_third"):
+    for name in temperatures_and_biases(model_name):
         assert getattr(model, name).dtype == expected, name
-    if precision in ("fp16", "bf16"):  # f and g are half, as in OpenCLIP's CLIP
+    if model_name == MODEL and precision in ("fp16", "bf16"):  # f and g are half, as in OpenCLIP's CLIP
         assert model.visual.conv1.weight.dtype == clip.visual.conv1.weight.dtype != torch.float32
     torch.manual_seed(0)
     head_inputs(model, torch.randn(4, 3, 32, 32), torch.randint(1, 49000, (4, 32)), precision)  # runs, finite
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_h_embeddings_under_each_precision_are_within_tolerance_of_fp32(precision, data, h_weights):
+@pytest.mark.parametrize("model_name, precision", CASES)
+def test_h_embeddings_under_each_precision_are_within_tolerance_of_fp32(model_name, precision, data, h_weights):
     # online: h runs inside the step, in the step's precision
     torch.manual_seed(0)
     images, texts = torch.randn(16, 3, 32, 32).clamp(-2, 2), torch.randint(1, 49000, (16, 32))
-    fp32 = open_clip.create_model(MODEL, third_tower_weights=h_weights, precision="fp32", output_dict=True)
-    model = open_clip.create_model(MODEL, third_tower_weights=h_weights, precision=precision, output_dict=True)
+    fp32 = open_clip.create_model(model_name, third_tower_weights=h_weights, precision="fp32", output_dict=True)
+    model = open_clip.create_model(model_name, third_tower_weights=h_weights, precision=precision, output_dict=True)
     reference = head_inputs(fp32, images, texts, "fp32")
     online = relative_error(head_inputs(model, images, texts, precision), reference)
     assert online <= H_TOLERANCE[precision], online
@@ -111,31 +131,32 @@ def test_h_embeddings_under_each_precision_are_within_tolerance_of_fp32(precisio
     h = open_clip_3t.ThirdTower(cache.third_tower_cfg(MODEL, h_weights))
     pictures = tar_images(shard)
     exact = h(torch.stack([h.eval_transform()(pictures[k]) for k in keys]))
-    model = open_clip.create_model(MODEL, third_tower=False, precision=precision, output_dict=True)
+    model = open_clip.create_model(model_name, third_tower=False, precision=precision, output_dict=True)
     n = len(keys)  # 16: the rows come with the batch; f's images do not matter to them
     cached = relative_error(head_inputs(model, images[:n], texts[:n], precision, third=torch.from_numpy(rows)), exact)
     assert cached <= (H_TOLERANCE[precision] if precision == "pure_bf16" else CACHED_FP16_TOLERANCE), cached
-    print(f"\n{precision}: h's embedding vs fp32: online {online:.2e}, cached {cached:.2e}")
+    print(f"\n{model_name} {precision}: h's embedding vs fp32: online {online:.2e}, cached {cached:.2e}")
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_training_steps_are_finite_under_each_precision(precision, data, h_weights, tmp_path):
+@pytest.mark.parametrize("model_name, precision", CASES)
+def test_training_steps_are_finite_under_each_precision(model_name, precision, data, h_weights, tmp_path):
     expected = torch.bfloat16 if precision == "pure_bf16" else torch.float32
     for mode, flags in (("online", []), ("cached", ["--third-tower-cache", data["cache"]])):
         run_dir = train(tmp_path, mode, "--precision", precision, "--third-tower-weights", h_weights,
-                        "--train-data", data["spec"], *flags)
+                        "--train-data", data["spec"], *flags, model=model_name)
         steps = step_logs((run_dir / "out.log").read_text())
         assert len(steps) == 4, (mode, steps)
-        for term in LOSS_TERMS:
+        for term in LOSS_TERMS:  # (SigLIP's loss is positive too: a sum of -log sigmoid)
             assert all(math.isfinite(s[term]) and s[term] > 0 for s in steps), (mode, term, steps)
         state = checkpoint_state(run_dir)
         assert ("third_tower.model.cls_token" in state) == (mode == "online")
-        for key in ("f_h.weight", "h_g.bias", "logit_scale", "logit_scale_text_third"):
+        for key in ["f_h.weight", "h_g.bias"] + temperatures_and_biases(model_name):
             assert state[key].dtype == expected, (mode, key)
             assert torch.isfinite(state[key]).all()
 
 
-def test_grad_checkpointing_gives_the_same_loss_and_gradients(h_weights):
+@pytest.mark.parametrize("model_name", FLAGS)
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(model_name, h_weights):
     """fp32, same seed and batch: every gradient equal with and without checkpointing, and the blocks really are
     recomputed in the backward (each runs twice per step)."""
     torch.manual_seed(0)
@@ -143,14 +164,15 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(h_weights):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = open_clip.create_model(MODEL, third_tower_weights=h_weights, output_dict=True)
+        model = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True)
         model.set_grad_checkpointing(checkpointing)
         calls = []
-        for block in (model.visual.transformer.resblocks[0], model.transformer.resblocks[0]):
+        text_tower = model.text if model_name == SIGLIP else model  # CustomTextCLIP keeps g under `text.`
+        for block in (model.visual.transformer.resblocks[0], text_tower.transformer.resblocks[0]):
             # counted in forward itself: the backward's recomputation calls it without running module hooks
             block.forward = lambda *a, _forward=block.forward, **k: calls.append(1) or _forward(*a, **k)
         model.train()
-        loss = open_clip_3t.ThreeTowersLoss()(**model(images, texts))
+        loss = LOSSES[model_name]()(**model(images, texts))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads, len(calls)))
@@ -171,30 +193,42 @@ def csv_flags(tmp_path, h_weights):
             "--dataset-type", "csv"]
 
 
-def test_grad_checkpointing_flag_trains_identically(h_weights, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_name", FLAGS)
+def test_grad_checkpointing_flag_trains_identically(model_name, h_weights, tmp_path, monkeypatch):
     recomputed = []
     original = open_clip.transformer.checkpoint
     monkeypatch.setattr(open_clip.transformer, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
     flags = csv_flags(tmp_path, h_weights)
-    runs = [train(tmp_path, "plain", *flags), train(tmp_path, "ckpt", *flags, "--grad-checkpointing")]
+    runs = [train(tmp_path, "plain", *flags, model=model_name),
+            train(tmp_path, "ckpt", *flags, "--grad-checkpointing", model=model_name)]
     assert len(recomputed) == 8  # 4 steps x (f's block + g's block), only in the second run
     plain, ckpt = (step_logs((r / "out.log").read_text()) for r in runs)
     assert len(plain) == 4 and ckpt == plain
     before, after = (checkpoint_state(r) for r in runs)
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert not torch.equal(before["f_h.weight"], open_clip.create_model(MODEL, third_tower=False).f_h.weight)
+    assert not torch.equal(before["f_h.weight"], open_clip.create_model(model_name, third_tower=False).f_h.weight)
 
 
-def test_torchcompile_trains_3t(h_weights, tmp_path, monkeypatch):
-    """--torchcompile (inductor, CPU): 4 steps with h online, one compilation (a recompile would raise), and the same
-    losses as eager to fp32 rounding."""
+@pytest.mark.parametrize("model_name", FLAGS)
+def test_torchcompile_trains_3t(model_name, h_weights, tmp_path, monkeypatch):
+    """--torchcompile, CPU: 4 steps with h online, one compilation (a recompile would raise), and the same losses as
+    eager to fp32 rounding. 3T with inductor, OpenCLIP's default backend (minutes on 2 cores: it generates and compiles
+    C++); SigLIP-3T, whose forward differs from 3T's only by its biases, with dynamo and AOTAutograd alone
+    (aot_eager: the same tracing, guards and graph, no code generation), to keep the suite short."""
+    import functools
+
     import torch._dynamo
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    if model_name == SIGLIP:
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     flags = csv_flags(tmp_path, h_weights)
-    compiled = train(tmp_path, "compiled", *flags, "--torchcompile")
-    eager = train(tmp_path, "eager", *flags)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train(tmp_path, "compiled", *flags, "--torchcompile", model=model_name)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward was compiled
+    eager = train(tmp_path, "eager", *flags, model=model_name)
     torch._dynamo.reset()
     compiled_steps, eager_steps = (step_logs((r / "out.log").read_text()) for r in (compiled, eager))
     assert len(compiled_steps) == 4
@@ -219,8 +253,10 @@ def test_bf16_cache_build_is_within_tolerance_of_fp32_and_trains(data, h_weights
     assert 0 < max(errors) <= H_TOLERANCE["pure_bf16"], errors  # > 0: h did run in bf16
     print(f"\nbf16 cache build vs fp32 build: {max(errors):.2e}")
     assert cache.info(str(tmp_path / "cache_bf16"))["precision"] == "bf16"
-    run_dir = train(tmp_path, "from_bf16_cache", "--precision", "amp_bf16", "--third-tower-weights", h_weights,
-                    "--train-data", data["spec"], "--third-tower-cache", str(tmp_path / "cache_bf16"))
-    steps = step_logs((run_dir / "out.log").read_text())
-    assert len(steps) == 4 and all(math.isfinite(s["Image_third_loss"]) for s in steps)
-    assert "third_tower.model.cls_token" not in checkpoint_state(run_dir)
+    for model_name in FLAGS:  # one cache serves every 3T model with this h
+        run_dir = train(tmp_path, f"{model_name}_from_bf16_cache", "--precision", "amp_bf16", "--third-tower-weights",
+                        h_weights, "--train-data", data["spec"], "--third-tower-cache", str(tmp_path / "cache_bf16"),
+                        model=model_name)
+        steps = step_logs((run_dir / "out.log").read_text())
+        assert len(steps) == 4 and all(math.isfinite(s["Image_third_loss"]) for s in steps)
+        assert "third_tower.model.cls_token" not in checkpoint_state(run_dir)

@@ -30,6 +30,9 @@ setup(
     ],
     extras_require={
         "eval": EVAL,
-        "test": ["pytest", *EVAL],  # the tests run CLIP_benchmark on an exported model
+        # Hugging Face text towers (text_cfg.hf_model_name, e.g. 3T-roberta-ViT-B-32); checked with transformers 5.24
+        "hf": ["transformers"],
+        "test": ["pytest", "transformers", *EVAL],  # the tests run CLIP_benchmark on an exported model
+        "plot": ["matplotlib"],
     },
 )

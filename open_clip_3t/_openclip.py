@@ -2,9 +2,9 @@
 
 OpenCLIP 3.3 has no plugin hook: `open_clip.factory.create_model` hard-codes the model class and passes every
 config key to its constructor. So we wrap `create_model` (and `create_loss`): for a config with a
-`three_towers` section the wrapper lets OpenCLIP build the model as usual (precision, device, preprocess cfg,
-checkpoint loading, pos-embed resize) with the CLIP class swapped for ours for the duration of that call.
-Every other model takes OpenCLIP's own path, untouched.
+`three_towers` section the wrapper lets OpenCLIP build the model as usual (class choice, precision, device,
+preprocess cfg, checkpoint loading, pos-embed resize) with its `CLIP` and `CustomTextCLIP` classes swapped for our
+3T subclasses for the duration of that call. Every other model takes OpenCLIP's own path, untouched.
 """
 import contextlib
 import glob
@@ -17,6 +17,11 @@ from pathlib import Path
 import open_clip
 import open_clip.factory as oc_factory
 import torch
+from open_clip.model import CLIP, CustomTextCLIP
+
+from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
+from .model import HEAD_KEYS, HEADS, ThreeTowersCLIP, ThreeTowersCustomTextCLIP, is_three_towers_key
+from .third_tower import ThreeTowersCfg
 
 SUPPORTED_OPENCLIP = ((3, 3), (3, 4))  # [min, max) as (major, minor)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -121,15 +126,30 @@ def load_state_dict(path):
 _original = {}
 
 
+# OpenCLIP's class -> ours. OpenCLIP picks the class from the config (`custom_text`, an `hf_model_name` text tower,
+# `multimodal_cfg` for CoCa); we swap the class it picks, so that choice stays OpenCLIP's.
+THREE_TOWERS_CLASSES = {"CLIP": ThreeTowersCLIP, "CustomTextCLIP": ThreeTowersCustomTextCLIP}
+
+
 @contextlib.contextmanager
-def _factory_builds(model_class):
-    """Within the block, OpenCLIP's factory instantiates `model_class` where it would build a CLIP."""
-    saved = oc_factory.CLIP
-    oc_factory.CLIP = model_class
+def _factory_builds_three_towers():
+    """Within the block, OpenCLIP's factory instantiates our 3T subclass where it would build a CLIP or a
+    CustomTextCLIP."""
+    saved = {name: getattr(oc_factory, name) for name in THREE_TOWERS_CLASSES}
+    for name, cls in THREE_TOWERS_CLASSES.items():
+        setattr(oc_factory, name, cls)
     try:
         yield
     finally:
-        oc_factory.CLIP = saved
+        for name, cls in saved.items():
+            setattr(oc_factory, name, cls)
+
+
+def openclip_model_class(cfg, force_custom_text=False):
+    """The class OpenCLIP 3.3's factory builds for a model config (its rule, in create_model)."""
+    if cfg.get("custom_text") or force_custom_text or "hf_model_name" in cfg.get("text_cfg", {}):
+        return open_clip.CoCa if "multimodal_cfg" in cfg else CustomTextCLIP
+    return CLIP
 
 
 @contextlib.contextmanager
@@ -146,24 +166,30 @@ def _hide_no_weights_warning(active):
         root.removeFilter(keep)
 
 
-def _check_supported(model_name, cfg, force_custom_text):
-    if cfg.get("custom_text") or force_custom_text or "hf_model_name" in cfg.get("text_cfg", {}) \
-            or "multimodal_cfg" in cfg:
-        raise ValueError(f"{model_name}: 3T supports OpenCLIP's built-in text tower only; remove custom_text, "
-                         f"hf_model_name and multimodal_cfg from its config")
+def check_supported(model_name, cfg, force_custom_text=False):
+    """Refuse, in one line, a 3T config whose OpenCLIP class 3T does not cover."""
+    if "multimodal_cfg" in cfg or openclip_model_class(cfg, force_custom_text).__name__ not in THREE_TOWERS_CLASSES:
+        raise ValueError(f"{model_name}: 3T does not support CoCa (multimodal_cfg): its loss adds a "
+                         f"captioning term and its forward a text decoder, which 3T's terms and export do not cover; "
+                         f"remove multimodal_cfg (a CLIP or CustomTextCLIP config) or drop the three_towers section")
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ImportError(f"{model_name}: its text tower is a Hugging Face model (text_cfg.hf_model_name): "
+                              f"run `pip install transformers` (or `pip install open_clip_3t[hf]`)") from None
 
 
 def _create_model(model_name, pretrained=None, *args, **kwargs):
-    """`open_clip.create_model`, building a `ThreeTowersCLIP` for configs with a three_towers section."""
+    """`open_clip.create_model`, building a 3T model for configs with a three_towers section."""
     if three_towers_config(model_name) is None:
         return _original["create_model"](model_name, pretrained, *args, **kwargs)
-    from .model import HEAD_KEYS, ThreeTowersCLIP, is_three_towers_key
 
     call = inspect.signature(_original["create_model"]).bind(model_name, pretrained, *args, **kwargs)
     call.apply_defaults()
     opts = dict(call.arguments)
     model_kwargs = opts.pop("model_kwargs")
-    _check_supported(model_name, model_config(model_name), opts["force_custom_text"])
+    check_supported(model_name, {**model_config(model_name), **model_kwargs}, opts["force_custom_text"])
 
     checkpoint = checkpoint_path_for(model_name, pretrained) if opts["load_weights"] else None
     if checkpoint is not None:
@@ -174,14 +200,17 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
             has_h = any(k.startswith("third_tower.") for k in keys)
             model_kwargs["third_tower"] = "random" if has_h else False
         # We load the checkpoint ourselves (below), since a strict load cannot take what legitimately differs.
+        # OpenCLIP then sees no checkpoint and would fetch f's and g's own pretrained weights (a Hugging Face text
+        # tower's, by default): the checkpoint replaces them, so do not read them.
         opts["load_weights"], opts["require_pretrained"] = False, False
+        opts["pretrained_text"], opts["pretrained_image"] = False, False
 
-    with _factory_builds(ThreeTowersCLIP), _hide_no_weights_warning(checkpoint is not None):
+    with _factory_builds_three_towers(), _hide_no_weights_warning(checkpoint is not None):
         model = _original["create_model"](**opts, **model_kwargs)
 
     if checkpoint is not None:
         result = load_openclip_checkpoint(model, checkpoint, strict=False)
-        # A plain CLIP checkpoint lacks the heads (they stay new); a 3T checkpoint trained from cached embeddings
+        # A plain checkpoint lacks the heads (they stay new); a 3T checkpoint trained from cached embeddings
         # lacks h (built from its own weights); a model built without h ignores h's weights.
         missing = [k for k in result.missing_keys
                    if not (is_three_towers_key(k) and (not has_heads or k.startswith("third_tower.")))]
@@ -189,18 +218,40 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
                       if not (k.startswith("third_tower.") and model.third_tower is None)]
         if missing or unexpected:
             raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}): pass a 3T checkpoint of this model or a CLIP checkpoint of its f and g")
+                             f"{unexpected[:3]}): pass a 3T checkpoint of this model or a plain checkpoint of its f "
+                             f"and g")
+    if opts["precision"] in ("fp16", "bf16"):
+        # OpenCLIP's fp16/bf16 casts f and g to half (every Linear; the whole model for a timm image tower) and keeps
+        # its logit_scale fp32 where it can: the heads keep logit_scale's dtype, as the temperatures do (the forward
+        # feeds each head in its own dtype).
+        for name in HEADS:
+            getattr(model, name).to(model.logit_scale.dtype)
     if model.third_tower is not None and opts["precision"] in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
         # OpenCLIP's low-precision conversion touches only some layer types: cast h as a whole.
         model.third_tower.to(torch.float16 if "fp16" in opts["precision"] else torch.bfloat16)
     return model
 
 
+def create_loss(args):
+    """The 3T loss for `python -m training.main` args (OpenCLIP's: --siglip, --loss-dist-impl, --local-loss,
+    --gather-with-grad; ours: --three-towers-loss-weights, --three-towers-transfer), over the config's defaults."""
+    cfg = ThreeTowersCfg.from_dict(three_towers_config(args.model))
+    weights = getattr(args, "three_towers_loss_weights", None) or cfg.loss_weights
+    transfer = getattr(args, "three_towers_transfer", None) or cfg.transfer
+    if getattr(args, "horovod", False):
+        raise ValueError("3T does not support Horovod: use torchrun / SLURM with torch.distributed")
+    if getattr(args, "siglip", False):
+        return ThreeTowersSigLipLoss(rank=args.rank, world_size=args.world_size,
+                                     dist_impl=getattr(args, "loss_dist_impl", None), weights=weights,
+                                     transfer=transfer)
+    return ThreeTowersLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
+                           rank=args.rank, world_size=args.world_size, weights=weights, transfer=transfer)
+
+
 def _create_loss(args):
-    """`open_clip.create_loss`, returning a `ThreeTowersLoss` for 3T models."""
+    """`open_clip.create_loss`, returning the 3T loss for 3T models."""
     if three_towers_config(args.model) is None:
         return _original["create_loss"](args)
-    from .loss import create_loss
     return create_loss(args)
 
 

@@ -1,9 +1,12 @@
-"""Export a 3T checkpoint as a plain OpenCLIP model folder (f, g and `logit_scale`; h and the heads dropped).
+"""Export a 3T checkpoint as a plain OpenCLIP model folder (f, g, `logit_scale` and, for SigLIP, `logit_bias`; h,
+the heads and the transfer terms' temperatures and biases dropped).
 
     python -m open_clip_3t.export logs/RUN/checkpoints/epoch_10.pt --out released/ [--model 3T-ViT-B-16]
 
-The folder holds `open_clip_config.json` + `open_clip_model.safetensors`, which vanilla OpenCLIP (and
-CLIP_benchmark) load with `create_model_and_transforms('local-dir:FOLDER')`, no plugin installed.
+The folder holds `open_clip_config.json` + `open_clip_model.safetensors` (+ the tokenizer's files when the text
+tower uses a Hugging Face tokenizer, `text_cfg.hf_tokenizer_name`), which vanilla OpenCLIP (and CLIP_benchmark) load
+with `create_model_and_transforms('local-dir:FOLDER')`, no plugin installed, as the class the 3T model was built on
+(`CLIP`, or `CustomTextCLIP` for custom and Hugging Face text towers and SigLIP).
 """
 import argparse
 import ast
@@ -12,14 +15,16 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from open_clip.model import CLIP
+import open_clip
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save as save_safetensors
 
-from ._openclip import SECTION, checkpoint_keys, checkpoint_unreadable, load_state_dict, model_config, model_exists
+from ._openclip import (SECTION, checkpoint_keys, checkpoint_unreadable, load_state_dict, model_config, model_exists,
+                        openclip_model_class)
 from .model import clip_state_dict, is_three_towers_key
 
 
@@ -47,6 +52,20 @@ def image_normalisation_of_run(checkpoint):
 
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
+# What a Hugging Face tokenizer's save_pretrained writes (an export ships it when the config names one).
+TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|merges|spiece|sentencepiece.*|"
+                            r"chat_template)\.(json|txt|model|jinja)")
+
+
+def _not_exported(out_dir, names):
+    """The names an export would not have written: anything but the config, the weights, and the tokenizer's files
+    if the folder's config names a Hugging Face tokenizer."""
+    try:
+        text_cfg = json.loads((out_dir / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        text_cfg = {}
+    return [name for name in names if name not in (CONFIG_FILE, WEIGHTS_FILE)
+            and not (text_cfg.get("hf_tokenizer_name") and TOKENIZER_FILE.fullmatch(name))]
 
 
 def _check_out(out_dir, overwrite):
@@ -58,7 +77,7 @@ def _check_out(out_dir, overwrite):
     held = sorted(p.name for p in out_dir.iterdir() if not re.fullmatch(r"\..*\.tmp-\d+", p.name))
     if not held:
         return
-    others = [name for name in held if name not in (CONFIG_FILE, WEIGHTS_FILE)]
+    others = _not_exported(out_dir, held)
     if others or CONFIG_FILE not in held:
         listed = ", ".join((others or held)[:3]) + (", ..." if len(others or held) > 3 else "")
         raise FileExistsError(f"export folder {out_dir} holds {listed}, which is not an earlier export: choose "
@@ -106,8 +125,22 @@ def _write_export(out_dir, files):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _tokenizer_files(model_name, tokenizer_name):
+    """{name: bytes} of the model's Hugging Face tokenizer: OpenCLIP's get_tokenizer('local-dir:FOLDER') reads such
+    a tokenizer from FOLDER itself, so the export ships it."""
+    try:
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except Exception as e:  # hub unreachable and not cached, missing files, ...
+        raise ValueError(f"cannot load {model_name}'s tokenizer {tokenizer_name!r} to ship it with the export "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}): export where the "
+                         f"training run could load it (its Hugging Face cache or local folder)") from None
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
 def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
-    """Write the plain-CLIP part of a 3T checkpoint to `out_dir`; returns the folder's path. `overwrite` replaces
+    """Write the plain-OpenCLIP part of a 3T checkpoint to `out_dir`; returns the folder's path. `overwrite` replaces
     an earlier export, never a folder that holds anything else."""
     out_dir = Path(out_dir)
     if not Path(checkpoint).is_file():
@@ -139,7 +172,12 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
     state_dict = load_state_dict(checkpoint)
     clip_cfg = {k: v for k, v in cfg.items() if k != SECTION}
     clip_weights = {k: v.detach().contiguous() for k, v in clip_state_dict(state_dict).items()}
-    CLIP(**clip_cfg).load_state_dict(clip_weights, strict=True)  # proves vanilla OpenCLIP will load it
+    # Prove that vanilla OpenCLIP will load it: build the class its factory picks for this config, strictly (a
+    # Hugging Face text tower from its config alone, as OpenCLIP does when a checkpoint follows).
+    build_cfg = {k: v for k, v in clip_cfg.items() if k != "custom_text"}
+    if "hf_model_name" in build_cfg["text_cfg"]:
+        build_cfg["text_cfg"] = {**build_cfg["text_cfg"], "hf_model_pretrained": False}
+    openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
 
     preprocess_cfg = asdict(PreprocessCfg())
     preprocess_cfg["size"] = clip_cfg["vision_cfg"].get("image_size", preprocess_cfg["size"])
@@ -147,6 +185,8 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
     preprocess_cfg.update({k[len("image_"):]: v for k, v in normalisation.items()})
     config = {"model_cfg": clip_cfg, "preprocess_cfg": preprocess_cfg}
     files = {WEIGHTS_FILE: save_safetensors(clip_weights), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
+    if clip_cfg["text_cfg"].get("hf_tokenizer_name"):
+        files.update(_tokenizer_files(model_name, clip_cfg["text_cfg"]["hf_tokenizer_name"]))
     try:
         _write_export(out_dir, files)
     except OSError as e:

@@ -1,14 +1,19 @@
-"""The 3T loss: the mean of three symmetric CLIP losses, each with its own temperature.
+"""The 3T loss: the mean of three contrastive losses, each with its own temperature (and bias, under SigLIP).
 
     L_3T = w1/3 * L(f, g) + w2/3 * L(f_h, h_f) + w3/3 * L(g_h, h_g)
-    L(a, b) = 1/2 * ( CE(s * a b^T, I) + CE(s * b a^T, I) )
 
-Built on OpenCLIP's ClipLoss (labels, local_loss, gather_with_grad semantics); the six feature sets of a
-step are gathered across ranks in a single collective.
+L(a, b) is the symmetric CLIP loss (`ThreeTowersLoss`, built on OpenCLIP's ClipLoss)
+    L(a, b) = 1/2 * ( CE(s * a b^T, I) + CE(s * b a^T, I) )
+or the sigmoid loss (`ThreeTowersSigLipLoss`, OpenCLIP's SigLipLoss, `--siglip`)
+    L(a, b) = -1/B * sum_ij logsigmoid(z_ij * (s * a_i . b_j + bias)),   z_ij = 1 if i == j else -1.
+The two transfer terms may instead be the paper's L2 ablation, |a - b|^2 averaged over the batch.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import nn
 
 try:
     import torch.distributed as dist
@@ -16,14 +21,64 @@ try:
 except ImportError:  # pragma: no cover - torch without distributed support
     dist = None
 
-# ThreeTowersCLIP's training outputs in the order of its tuple output (OpenCLIP's default output_dict=False).
-MODEL_OUTPUTS = ("image_features", "text_features", "logit_scale", "image_third_features", "third_image_features",
-                 "text_third_features", "third_text_features", "logit_scale_image_third", "logit_scale_text_third")
-TERMS = (  # loss name, its two feature sets, its temperature
-    ("contrastive_loss", "image_features", "text_features", "logit_scale"),
-    ("image_third_loss", "image_third_features", "third_image_features", "logit_scale_image_third"),
-    ("text_third_loss", "text_third_features", "third_text_features", "logit_scale_text_third"),
+
+class Term(NamedTuple):
+    """One loss term: the two model outputs it compares, and the names of its temperature and bias (each both a
+    model parameter, holding the log-temperature / the bias, and a model output, holding the temperature / bias)."""
+    name: str
+    a: str
+    b: str
+    scale: str
+    bias: str
+
+
+TERMS = (  # L(f, g) keeps OpenCLIP's own names, so it is exactly CLIP's (or SigLIP's) loss
+    Term("contrastive_loss", "image_features", "text_features", "logit_scale", "logit_bias"),
+    Term("image_third_loss", "image_third_features", "third_image_features",
+         "logit_scale_image_third", "logit_bias_image_third"),
+    Term("text_third_loss", "text_third_features", "third_text_features",
+         "logit_scale_text_third", "logit_bias_text_third"),
 )
+TRANSFERS = ("contrastive", "l2")
+# The model's training outputs in the order of its tuple output (OpenCLIP's default output_dict=False): the first
+# nine, or all twelve for a model with init_logit_bias (SigLIP).
+MODEL_OUTPUTS = ("image_features", "text_features", "logit_scale", "image_third_features", "third_image_features",
+                 "text_third_features", "third_text_features", *(term.scale for term in TERMS[1:]),
+                 *(term.bias for term in TERMS))
+
+
+def l2_loss(a, b):
+    """The paper's L2-transfer ablation: regress one embedding on the other."""
+    return (a - b).pow(2).sum(dim=1).mean()
+
+
+class _ThreeTerms(nn.Module):
+    """The weighted mean of the terms; subclasses say how one contrastive pair is scored (`pair_losses`)."""
+
+    def __init__(self, weights=(1.0, 1.0, 1.0), transfer="contrastive", **kwargs):
+        if len(weights) != len(TERMS):
+            raise ValueError(f"weights={weights!r}: give three loss weights, for L(f,g), L(f_h,h_f), L(g_h,h_g)")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer={transfer!r}: use 'contrastive' or 'l2'")
+        super().__init__(**kwargs)
+        self.weights = tuple(float(w) for w in weights)
+        self.transfer = transfer
+
+    def forward(self, *model_tuple, output_dict=False, **model_out):
+        """`loss(**model(images, texts))` for a model built with output_dict=True (as OpenCLIP's trainer builds it),
+        or `loss(*model(images, texts))` for OpenCLIP's default tuple output, as with OpenCLIP's own losses."""
+        if model_tuple:
+            if len(model_tuple) not in (len(MODEL_OUTPUTS) - len(TERMS), len(MODEL_OUTPUTS)) or model_out:
+                raise TypeError(f"{type(self).__name__} got {len(model_tuple)} positional values: pass the model's "
+                                f"whole output, loss(*model(images, texts)), or its dict, loss(**model(images, texts))")
+            model_out = dict(zip(MODEL_OUTPUTS, model_tuple))
+        terms = [(term, w) for term, w in zip(TERMS, self.weights) if w]  # weight 0 drops a term
+        l2 = {term.name for term, _ in terms if self.transfer == "l2" and term is not TERMS[0]}
+        pairs = self.pair_losses([term for term, _ in terms if term.name not in l2], model_out)
+        losses = {term.name: w * (l2_loss(model_out[term.a], model_out[term.b]) if term.name in l2
+                                  else pairs[term.name]) / len(TERMS)
+                  for term, w in terms}
+        return losses if output_dict else sum(losses.values())
 
 
 def gather_packed(features, local_loss=False, gather_with_grad=False, rank=0, world_size=1):
@@ -46,21 +101,17 @@ def gather_packed(features, local_loss=False, gather_with_grad=False, rank=0, wo
     return list(everyone.split(widths, dim=1))
 
 
-class ThreeTowersLoss(ClipLoss):
+class ThreeTowersLoss(_ThreeTerms, ClipLoss):
+    """3T with the softmax CLIP loss; the feature sets of every contrastive term are gathered in one collective."""
+
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
                  weights=(1.0, 1.0, 1.0), transfer="contrastive", use_horovod=False):
         if use_horovod:
             raise ValueError("ThreeTowersLoss does not support Horovod: use torchrun / SLURM with torch.distributed")
-        if len(weights) != 3:
-            raise ValueError(f"weights={weights!r}: give three loss weights, for L(f,g), L(f_h,h_f), L(g_h,h_g)")
-        if transfer not in ("contrastive", "l2"):
-            raise ValueError(f"transfer={transfer!r}: use 'contrastive' or 'l2'")
-        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
-                         rank=rank, world_size=world_size)
-        self.weights = tuple(float(w) for w in weights)
-        self.transfer = transfer
+        super().__init__(weights, transfer, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                         cache_labels=cache_labels, rank=rank, world_size=world_size)
 
-    def pair_loss(self, a, b, all_a, all_b, scale):
+    def clip_loss(self, a, b, all_a, all_b, scale):
         """Symmetric CLIP loss of one pair; all_a/all_b are the gathered features (a, b when world_size == 1)."""
         if self.world_size > 1 and self.local_loss:
             logits_a, logits_b = scale * a @ all_b.T, scale * b @ all_a.T
@@ -70,43 +121,28 @@ class ThreeTowersLoss(ClipLoss):
         labels = self.get_ground_truth(a.device, logits_a.shape[0])
         return (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
 
-    def forward(self, *model_tuple, output_dict=False, **model_out):
-        """`loss(**model(images, texts))` for a model built with output_dict=True (as OpenCLIP's trainer builds it),
-        or `loss(*model(images, texts))` for OpenCLIP's default tuple output, as with OpenCLIP's ClipLoss."""
-        if model_tuple:
-            if len(model_tuple) != len(MODEL_OUTPUTS) or model_out:
-                raise TypeError(f"ThreeTowersLoss got {len(model_tuple)} positional values: pass the model's whole "
-                                f"output, loss(*model(images, texts)), or its dict, loss(**model(images, texts))")
-            model_out = dict(zip(MODEL_OUTPUTS, model_tuple))
-        terms = [(name, w, model_out[a], model_out[b], model_out[s])
-                 for (name, a, b, s), w in zip(TERMS, self.weights) if w]
-        is_l2 = [self.transfer == "l2" and name != "contrastive_loss" for name, *_ in terms]
-
-        contrastive = [t for t, l2 in zip(terms, is_l2) if not l2]
-        if self.world_size > 1 and contrastive:
-            flat = [x for _, _, a, b, _ in contrastive for x in (a, b)]
-            flat = gather_packed(flat, self.local_loss, self.gather_with_grad, self.rank, self.world_size)
-            gathered = iter(zip(flat[0::2], flat[1::2]))
-        else:
-            gathered = iter((a, b) for _, _, a, b, _ in contrastive)
-
-        losses = {}
-        for (name, w, a, b, scale), l2 in zip(terms, is_l2):
-            if l2:  # the paper's ablation: regress one embedding on the other
-                loss = (a - b).pow(2).sum(dim=1).mean()
-            else:
-                loss = self.pair_loss(a, b, *next(gathered), scale)
-            losses[name] = w * loss / 3
-        return losses if output_dict else sum(losses.values())
+    def pair_losses(self, terms, model_out):
+        local = [x for term in terms for x in (model_out[term.a], model_out[term.b])]
+        everyone = local
+        if self.world_size > 1 and terms:
+            everyone = gather_packed(local, self.local_loss, self.gather_with_grad, self.rank, self.world_size)
+        return {term.name: self.clip_loss(*local[2 * i:2 * i + 2], *everyone[2 * i:2 * i + 2], model_out[term.scale])
+                for i, term in enumerate(terms)}
 
 
-def create_loss(args):
-    """The 3T loss for `python -m training.main` args: config defaults, overridden by the 3T flags if given."""
-    from ._openclip import three_towers_config
-    from .third_tower import ThreeTowersCfg
-    cfg = ThreeTowersCfg.from_dict(three_towers_config(args.model))
-    weights = getattr(args, "three_towers_loss_weights", None) or cfg.loss_weights
-    transfer = getattr(args, "three_towers_transfer", None) or cfg.transfer
-    return ThreeTowersLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
-                           rank=args.rank, world_size=args.world_size, weights=weights, transfer=transfer,
-                           use_horovod=getattr(args, "horovod", False))
+class ThreeTowersSigLipLoss(_ThreeTerms):
+    """3T with the sigmoid loss: each term is OpenCLIP's SigLipLoss with that term's own temperature and bias, so
+    every `--loss-dist-impl` (bidir, shift, reduce, gather) exchanges features exactly as for plain SigLIP."""
+
+    def __init__(self, rank=0, world_size=1, dist_impl=None, weights=(1.0, 1.0, 1.0), transfer="contrastive"):
+        super().__init__(weights, transfer)
+        self.siglip = SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
+
+    def pair_losses(self, terms, model_out):
+        missing = [term.bias for term in terms if term.bias not in model_out]
+        if missing:
+            raise ValueError(f"the sigmoid 3T loss needs the model outputs {missing}: give the model config "
+                             f"init_logit_bias (as OpenCLIP's SigLIP configs do)")
+        return {term.name: self.siglip(model_out[term.a], model_out[term.b], model_out[term.scale],
+                                       model_out[term.bias])
+                for term in terms}

@@ -184,8 +184,15 @@ class ThirdTower(nn.Module):
             x = F.interpolate(x, size=self.image_size, mode=mode, antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
-    def eval_transform(self):
-        """h's own deterministic eval preprocessing of a PIL image (resize, center crop, normalise)."""
+    def eval_transform(self, normalize: bool = True):
+        """h's own deterministic eval preprocessing of a PIL image (resize, center crop, normalise). With
+        normalize=False it stops at uint8 pixels, a quarter of the bytes to move to the device, where `normalize`
+        finishes it (timm's prefetcher split)."""
         return timm.data.create_transform(
             input_size=(3, *self.image_size), interpolation=self.interpolation, mean=self.mean, std=self.std,
-            crop_pct=self.crop_pct, is_training=False)
+            crop_pct=self.crop_pct, is_training=False, normalize=normalize)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels of `eval_transform(normalize=False)` -> h's input, in fp32 on the pixels' device: the
+        operations of torchvision's ToTensor and Normalize, so the result is bit-identical to eval_transform()."""
+        return pixels.float().div(255).sub(self._mean).div(self._std)

@@ -1,7 +1,8 @@
-"""Step time and memory of 3T against the CLIP baseline and OpenCLIP's distillation, same f, g and batch.
+"""Step time and memory of 3T and SigLIP-3T against their baselines and OpenCLIP's distillation, same f, g and batch.
 
     python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 --rounds 10
     python scripts/benchmark.py --model 3T-ViT-B-16 --device cuda --batch-size 256 --steps 30   # h: random weights
+    python scripts/benchmark.py --model 3T-ViT-B-16-SigLIP --device cpu --batch-size 16 --steps 20 --rounds 10
 
 Variants, one training step each (forward, loss, backward, AdamW step) on one batch of random data:
   clip        the CLIP baseline: f and g, OpenCLIP's ClipLoss
@@ -9,16 +10,23 @@ Variants, one training step each (forward, loss, backward, AdamW step) on one ba
   3t-online   3T with h run online in the step
   distill     OpenCLIP's --distill: the student CLIP + DistillClipLoss with a teacher CLIP whose image tower is h's
               architecture (as large as h) and whose text tower is g's
-  h-forward   h's forward alone (no grad), to compare 3t-online with clip + h-forward
+  siglip      the SigLIP baseline: f and g with a bias, OpenCLIP's SigLipLoss (initialised as OpenCLIP's --siglip)
+  siglip-3t-fed, siglip-3t-online   SigLIP-3T (three sigmoid terms, each with its temperature and bias), h fed in
+              or online
+  h-forward   h's forward alone (no grad), to compare 3t-online with clip + h-forward (and siglip-3t-online with
+              siglip + h-forward)
+The softmax rows drop the config's init_logit_bias and the sigmoid rows add one (-10 if it has none), so one config
+(3T-ViT-B-16, or 3T-ViT-B-16-SigLIP for SigLIP's own towers) gives every row the same f and g.
 Timing: warm-up steps first, then rounds in which the variants take turns (rotating order) so that drift
 (clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
 On CPU the script re-executes itself with glibc's malloc keeping freed memory (STEADY_MALLOC), as CUDA's does.
 Memory: the peak allocated during one step above what was allocated before it (on CUDA the caching allocator's
-peak statistics; on CPU the profiler's allocation events, each a signed size, summed in time order), and the
-persistent weights + gradients + optimizer state of the variant.
+peak statistics; on CPU the profiler's allocation events of the blocks the step allocates, each a signed size, summed
+in time order), and the persistent weights + gradients + optimizer state of the variant.
 """
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -28,8 +36,10 @@ import open_clip
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from open_clip_3t import ThreeTowersLoss, clip_state_dict  # noqa: E402  (registers the 3T family)
-from open_clip_3t._openclip import SECTION, model_config, openclip_autocast  # noqa: E402
+from open_clip.loss import SigLipLoss  # noqa: E402
+
+from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss  # noqa: E402  (registers the 3T family)
+from open_clip_3t._openclip import SECTION, model_config, openclip_autocast, openclip_model_class  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,6 +54,7 @@ def parse_args(argv=None):
                    help="default: amp on CUDA, fp32 on CPU")
     p.add_argument("--third-tower-weights", default=None, help="h's weights (default: random, nothing is read)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this file")
     p.add_argument("--system-malloc", action="store_true",
                    help="on CPU, time with glibc's default malloc (see STEADY_MALLOC) instead of a steady heap")
     args = p.parse_args(argv)
@@ -75,6 +86,9 @@ def open_clip_3t_section(name):
     return None if cfg is None else cfg.get(SECTION)
 
 
+HEAD_MODULES = ("f_h.", "g_h.", "h_f.", "h_g.")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,8 +117,10 @@ def quiet_stderr():
 
 
 def cpu_step_peak(fn):
-    """Peak bytes the CPU allocator held during fn() above what it held before: the CPU counterpart of
-    torch.cuda.max_memory_allocated, from the profiler's allocation events (+size on malloc, -size on free)."""
+    """Peak bytes that fn() allocated and held at once: the CPU counterpart of the step peak on CUDA, from the
+    profiler's allocation events (+size on malloc, -size on free). Only frees of memory fn() itself allocated count:
+    the profiler reports the free of an older block only if an earlier profiled call allocated it, so counting those
+    would make the figure depend on what ran before (e.g. gradients that another variant's profiled step allocated)."""
     from torch._C._profiler import _EventType  # the profiler's event tree: torch has no public CPU peak statistic
 
     with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -115,9 +131,16 @@ def cpu_step_peak(fn):
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
     held = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
+    live = {}  # ptr -> size of the blocks fn() allocated and has not freed
+    for _, size, ptr in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            live[ptr] = size
+        elif ptr in live:
+            size = -live.pop(ptr)
+        else:
+            continue  # a block allocated before fn()
         held += size
         peak = max(peak, held)
     return peak
@@ -151,43 +174,74 @@ def build_variants(args, device):
     torch.manual_seed(args.seed)
     cfg = model_config(args.model)
     section = cfg[SECTION]
-    clip_cfg = {k: v for k, v in cfg.items() if k != SECTION}
+    plain_class = openclip_model_class(cfg)  # CLIP, or CustomTextCLIP for custom text towers (SigLIP's configs)
+    plain_cfg = {k: v for k, v in cfg.items() if k not in (SECTION, "custom_text")}
+    softmax = {"init_logit_bias": None}
+    sigmoid = {"init_logit_scale": math.log(10), "init_logit_bias": cfg.get("init_logit_bias") or -10.0}  # --siglip's
     h_kwargs = {"third_tower_weights": args.third_tower_weights} if args.third_tower_weights else {"third_tower": "random"}
 
-    online = open_clip.create_model(args.model, device=device, output_dict=True, **h_kwargs)
-    fed = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False)
-    fed.load_state_dict(online.state_dict(), strict=False)  # same f, g, heads; no h
-    clip = open_clip.CLIP(**clip_cfg, output_dict=True).to(device)
-    clip.load_state_dict(clip_state_dict(online.state_dict()))  # same f and g
-    student = open_clip.CLIP(**clip_cfg, output_dict=True).to(device)
-    student.load_state_dict(clip.state_dict())
-    teacher_vision = {"image_size": clip_cfg["vision_cfg"].get("image_size", 224),
+    online = open_clip.create_model(args.model, device=device, output_dict=True, **h_kwargs, **softmax)
+    with torch.device("meta"):  # names the plain model's modules and parameters (f and g), holding no weights
+        reference = plain_class(**plain_cfg)
+    f_and_g = [n for n, _ in reference.named_children()] + [
+        n for n, _ in reference.named_parameters(recurse=False) if not n.startswith("logit_")]
+    del reference
+
+    def with_online_f_and_g(model):
+        """The model with online's f and g in place of its own: every variant trains the same f and g, and one copy
+        of their weights and gradients serves all (each variant keeps its own optimizer state), so that eight
+        variants fit in the memory five took."""
+        for name in f_and_g:
+            setattr(model, name, getattr(online, name))
+        return model
+
+    def plain(**kwargs):
+        return with_online_f_and_g(plain_class(**{**plain_cfg, **kwargs}, output_dict=True).to(device))
+
+    def three_towers(**kwargs):
+        model = open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False, **kwargs)
+        model.load_state_dict({k: v for k, v in online.state_dict().items() if k.startswith(HEAD_MODULES)},
+                              strict=False)  # online's heads
+        return with_online_f_and_g(model)
+
+    clip = plain(**softmax)
+    fed = three_towers(**softmax)
+    student = plain(**softmax)
+    teacher_vision = {"image_size": plain_cfg["vision_cfg"].get("image_size", 224),
                       "timm_model_name": section["timm_model_name"], "timm_model_pretrained": False,
                       "timm_pool": "", "timm_proj": "linear"}
-    teacher = open_clip.CLIP(embed_dim=clip_cfg["embed_dim"], vision_cfg=teacher_vision,
-                             text_cfg=clip_cfg["text_cfg"], output_dict=True).to(device).eval()
-    teacher.requires_grad_(False)
+    teacher = plain_class(**{**plain_cfg, "vision_cfg": teacher_vision, **softmax}, output_dict=True).to(device).eval()
+    teacher.requires_grad_(False)  # its own towers: a teacher as large as h, and g's architecture
+    siglip = plain(**sigmoid)
+    fed_sigmoid = three_towers(**sigmoid)
+    online_sigmoid = three_towers(**sigmoid)
+    online_sigmoid.third_tower = online.third_tower  # the same frozen h
 
-    size = clip_cfg["vision_cfg"].get("image_size", 224)
-    ctx = clip_cfg["text_cfg"].get("context_length", 77)
-    vocab = clip_cfg["text_cfg"].get("vocab_size", 49408)
+    size = plain_cfg["vision_cfg"].get("image_size", 224)
+    ctx = plain_cfg["text_cfg"].get("context_length", 77)
+    vocab = plain_cfg["text_cfg"].get("vocab_size", 49408)
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     texts = torch.randint(1, vocab - 1, (args.batch_size, ctx), device=device)
     texts[:, -1] = vocab - 1  # an end-of-text token (the largest id) where the text tower pools
     autocast = openclip_autocast(args.precision, device.type)
-    online.train(), fed.train(), clip.train(), student.train()
+    for model in (online, fed, clip, student, siglip, fed_sigmoid, online_sigmoid):
+        model.train()
     with torch.no_grad(), autocast():
         third = online.encode_third(images).float()
 
+    pair = {"image": images, "text": texts}
     variants = [
-        Variant("clip", clip, open_clip.ClipLoss(), {"image": images, "text": texts}),
-        Variant("3t-fed", fed, ThreeTowersLoss(), {"image": images, "text": texts, "third_embeddings": third}),
-        Variant("3t-online", online, ThreeTowersLoss(), {"image": images, "text": texts}),
-        Variant("distill", student, open_clip.DistillClipLoss(), {"image": images, "text": texts}, teacher=teacher),
+        Variant("clip", clip, open_clip.ClipLoss(), pair),
+        Variant("3t-fed", fed, ThreeTowersLoss(), {**pair, "third_embeddings": third}),
+        Variant("3t-online", online, ThreeTowersLoss(), pair),
+        Variant("distill", student, open_clip.DistillClipLoss(), pair, teacher=teacher),
+        Variant("siglip", siglip, SigLipLoss(), pair),
+        Variant("siglip-3t-fed", fed_sigmoid, ThreeTowersSigLipLoss(), {**pair, "third_embeddings": third}),
+        Variant("siglip-3t-online", online_sigmoid, ThreeTowersSigLipLoss(), pair),
         Variant("h-forward", online, None, {"image": images}, train=False),
     ]
     n_params = {"f+g": sum(p.numel() for p in clip.parameters()),
-                "heads": sum(p.numel() for n, p in fed.named_parameters() if n.startswith(("f_h", "g_h", "h_f", "h_g"))),
+                "heads": sum(p.numel() for n, p in fed.named_parameters() if n.startswith(HEAD_MODULES)),
                 "h": sum(p.numel() for p in online.third_tower.parameters()),
                 "teacher": sum(p.numel() for p in teacher.parameters())}
     return variants, autocast, n_params
@@ -239,20 +293,58 @@ def main(argv=None):
 
     median = {v.name: statistics.median(v.times) for v in variants}
     print(f"\n{'variant':<22}{'median step (ms)':>18}{'vs clip':>10}{'step peak (MiB)':>18}{'state (MiB)':>14}")
-    rows = list(median.items()) + [("clip + h-forward", median["clip"] + median["h-forward"])]
+    rows = list(median.items()) + [(f"{base} + h-forward", median[base] + median["h-forward"])
+                                   for base in ("clip", "siglip")]
     for name, t in rows:
         mem = memory.get(name)
         mem_cols = f"{mem[0] / 2**20:>18.1f}{mem[1] / 2**20:>14.1f}" if mem else f"{'-':>18}{'-':>14}"
         print(f"{name:<22}{t * 1e3:>18.2f}{t / median['clip']:>10.3f}{mem_cols}")
-    print(f"step peak / clip's: 3t-fed {memory['3t-fed'][0] / memory['clip'][0]:.3f}, "
-          f"3t-online {memory['3t-online'][0] / memory['clip'][0]:.3f}, "
-          f"distill {memory['distill'][0] / memory['clip'][0]:.3f}")
-    fed_ratio = median["3t-fed"] / median["clip"]
-    online_ratio = median["3t-online"] / (median["clip"] + median["h-forward"])
-    print(f"\n3T fed-in / CLIP             = {fed_ratio:.3f}  (target <= 1.03)")
-    print(f"3T online / (CLIP + h fwd)   = {online_ratio:.3f}  (target <= 1.02)")
-    print(f"distill / CLIP               = {median['distill'] / median['clip']:.3f}")
-    return {"median_s": median, "memory_bytes": memory, "fed_ratio": fed_ratio, "online_ratio": online_ratio}
+
+    def peak_ratio(name, base):
+        return memory[name][0] / memory[base][0]
+    print(f"step peak / clip's: 3t-fed {peak_ratio('3t-fed', 'clip'):.3f}, "
+          f"3t-online {peak_ratio('3t-online', 'clip'):.3f}, distill {peak_ratio('distill', 'clip'):.3f}")
+    print(f"step peak / siglip's: siglip-3t-fed {peak_ratio('siglip-3t-fed', 'siglip'):.3f}, "
+          f"siglip-3t-online {peak_ratio('siglip-3t-online', 'siglip'):.3f}  (target <= 1.01)")
+    ratios = {"fed_ratio": median["3t-fed"] / median["clip"],
+              "online_ratio": median["3t-online"] / (median["clip"] + median["h-forward"]),
+              "siglip_fed_ratio": median["siglip-3t-fed"] / median["siglip"],
+              "siglip_online_ratio": median["siglip-3t-online"] / (median["siglip"] + median["h-forward"])}
+    print()
+    for label, value, target in (
+            ("3T fed-in / CLIP", ratios["fed_ratio"], 1.03),
+            ("3T online / (CLIP + h fwd)", ratios["online_ratio"], 1.02),
+            ("SigLIP-3T fed-in / SigLIP", ratios["siglip_fed_ratio"], 1.03),
+            ("SigLIP-3T online / (SigLIP + h fwd)", ratios["siglip_online_ratio"], 1.02),
+            ("distill / CLIP", median["distill"] / median["clip"], None),
+            ("SigLIP / CLIP", median["siglip"] / median["clip"], None)):
+        print(f"{label:<36}= {value:.3f}" + (f"  (target <= {target})" if target else ""))
+    result = {"median_s": median, "memory_bytes": memory, **ratios}
+    if args.json:
+        write_json(args, device, result)
+    return result
+
+
+def write_json(args, device, result):
+    """The figures as JSON (scripts/gpu_check.py reads them): times in s, memory in bytes, ratios."""
+    import json
+    median, memory = result["median_s"], result["memory_bytes"]
+    base = {"3t-fed": "clip", "3t-online": "clip", "distill": "clip", "siglip-3t-fed": "siglip",
+            "siglip-3t-online": "siglip"}
+    figures = {
+        "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "timed_steps": args.steps, "median_step_s": median,
+        "step_peak_bytes": {name: peak for name, (peak, _) in memory.items()},
+        "state_bytes": {name: state for name, (_, state) in memory.items()},
+        "step_peak_over_base": {name: memory[name][0] / memory[b][0] for name, b in base.items()},
+        "fed_over_clip": result["fed_ratio"], "online_over_clip_plus_h": result["online_ratio"],
+        "siglip_fed_over_siglip": result["siglip_fed_ratio"],
+        "siglip_online_over_siglip_plus_h": result["siglip_online_ratio"],
+        "distill_over_clip": median["distill"] / median["clip"],
+    }
+    with open(args.json, "w") as f:
+        json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

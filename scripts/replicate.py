@@ -78,6 +78,9 @@ RUNS = {
     "3T (broad h) finetuning": Run("3T", "broad", ("--init-image-from-third-tower",), model="3T-mini-timm"),
     "LiT (broad h) finetune": Run("LiT", "broad", lock_image=False),
     "3T (broad h) h online": Run("3T", "broad", online=True),
+    # the sigmoid loss (OpenCLIP's --siglip) on the CLIP rows' towers, with the strong matched tower
+    "SigLIP": Run("SigLIP"),
+    "SigLIP-3T (matched h)": Run("SigLIP-3T", "matched"),
 }
 # Post-hoc combinations, p = a p_3T + (1 - a) p_other: with the LiT of the same tower, and with the 3T model's own
 # third-tower pair h_g(h(I)) . g_h(g(T)).
@@ -139,7 +142,7 @@ class Replication:
             return json.loads(row_file.read_text())
         run = RUNS[name]
         weights = self.towers.get(run.tower)
-        cache = None if run.online or run.kind != "3T" else self.caches.get(run.tower)
+        cache = None if run.online or not run.kind.endswith("3T") else self.caches.get(run.tower)
         self.say(f"seed {seed}: {name}")
         checkpoint, seconds = ex.train(self.out / "runs" / f"seed{seed}", slug(name), run.kind, self.data, self.scale,
                                        seed, weights=weights, cache=cache, extra=run.flags, model=run.model,

@@ -29,15 +29,29 @@ def test_cpu_step_peak_counts_what_is_held_at_once():
     del before
 
 
+def test_cpu_step_peak_does_not_depend_on_what_ran_before():
+    """A step that frees an older block and allocates one as large peaks at that block, whether the older block was
+    allocated outside any profiling or by an earlier profiled step (the profiler reports only the latter's free)."""
+    held = [torch.empty(4 * MiB, dtype=torch.uint8)]
+
+    def step():
+        held.pop()
+        held.append(torch.empty(4 * MiB, dtype=torch.uint8))
+    assert [benchmark.cpu_step_peak(step) for _ in range(3)] == [4 * MiB] * 3
+
+
 def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
     out = benchmark.main(["--model", "3T-tiny", "--device", "cpu", "--batch-size", "4",
                           "--steps", "2", "--rounds", "1", "--warmup", "1"])
     printed = capsys.readouterr().out
-    names = {"clip", "3t-fed", "3t-online", "distill", "h-forward"}
+    names = {"clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward"}
     assert set(out["median_s"]) == names and set(out["memory_bytes"]) == names
     assert all(t > 0 for t in out["median_s"].values())
     assert all(peak > 0 for peak, _ in out["memory_bytes"].values())
     assert "step peak / clip's" in printed and "3T fed-in / CLIP" in printed
+    assert "step peak / siglip's" in printed and "SigLIP-3T online / (SigLIP + h fwd)" in printed
+    assert out["siglip_online_ratio"] == out["median_s"]["siglip-3t-online"] / (
+        out["median_s"]["siglip"] + out["median_s"]["h-forward"])
 
     # Persistent state by hand, fp32: each trainable parameter has its weight, gradient and AdamW's two moments
     # (4 x 4 bytes per element) plus AdamW's 0-D step counter (4 bytes); h's frozen weights are held once.
@@ -49,6 +63,10 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
     assert state["3t-fed"] - state["clip"] == sum(16 * p.numel() + 4 for p in heads)
     assert state["3t-online"] - state["3t-fed"] == sum(4 * p.numel() for p in h)
     assert state["distill"] == state["clip"] and state["h-forward"] == 0
+    # SigLIP: one more 0-D parameter (the bias); SigLIP-3T adds the heads, two temperatures and two biases.
+    assert state["siglip"] - state["clip"] == 16 + 4
+    assert state["siglip-3t-fed"] - state["siglip"] == sum(16 * p.numel() + 4 for p in heads) + 2 * (16 + 4)
+    assert state["siglip-3t-online"] - state["siglip-3t-fed"] == sum(4 * p.numel() for p in h)
 
 
 def test_h_runs_before_f_and_g_hold_their_activations():

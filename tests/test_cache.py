@@ -450,3 +450,18 @@ def test_join_refuses_a_pipeline_of_another_shape(tmp_path):
     val = openclip_get_wds_dataset(args, preprocess_val, is_train=False, tokenizer=open_clip.get_tokenizer(MODEL))
     with pytest.raises(RuntimeError, match="expected one tarfile_to_samples_nothrow stage, found 0"):
         wds_join_field(val, lambda samples: samples, "__third__")
+
+
+def test_the_build_moves_uint8_pixels_and_normalises_them_bit_identically(tmp_path, h_weights):
+    """The decode stage stops at uint8 (a quarter of the bytes to pin and copy); h.normalize on the device finishes
+    the preprocessing with exactly the values of h's eval transform."""
+    spec = make_shards(tmp_path / "data", 2)
+    h = h_model(h_weights)
+    shards = list(enumerate(cache.expand_shards(spec)))
+    batches = list(cache.decode_loader(shards, h, batch_size=4, workers=2, device="cpu"))
+    assert sorted(b["shard"] for b in batches) == [0, 0, 1, 1] and all(b["pixels"].dtype == torch.uint8 for b in batches)
+    transform = h.eval_transform()
+    for batch in batches:
+        pictures = tar_images(cache.expand_shards(spec)[batch["shard"]])
+        expected = torch.stack([transform(pictures[k]) for k in batch["keys"]])
+        assert torch.equal(h.normalize(batch["pixels"]), expected)

@@ -59,6 +59,12 @@ def check_slurm_fixture_api(block):
         assert re.search(rf"def {name}\(", api), f"{block}: slurm_cluster has no method {name}"
 
 
+def check_gpu_check(block):
+    for command in commands(block.text):
+        words = split_commands(command)[0]
+        check_flags(block, ("scripts/gpu_check.py",), words[words.index("scripts/gpu_check.sh") + 1:])
+
+
 # (page, first line of the block) -> substitutions: model size, device and data paths only.
 RUN_WITH = {
     ("README.md", "import open_clip"): [('"3T-ViT-B-16"', '"3T-tiny"'),
@@ -66,6 +72,9 @@ RUN_WITH = {
     ("docs/api.md", 'model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms('):
         [('"3T-ViT-B-16",', '"3T-tiny",'), ('"/weights/in21k_b16.pth"', '"h.pth"'),
          ('get_tokenizer("3T-ViT-B-16")', 'get_tokenizer("3T-tiny")')],
+    ("docs/api.md", 'sigmoid_model = open_clip.create_model("3T-ViT-B-16-SigLIP", '
+                    'third_tower_weights="/weights/in21k_b16.pth",'):
+        [('"3T-ViT-B-16-SigLIP"', '"3T-tiny-sigmoid"'), ('"/weights/in21k_b16.pth"', '"h.pth"')],
     ("docs/api.md", 'open_clip_3t.export_clip("logs/run/checkpoints/epoch_20.pt", "released/")   # model name from '
                     "the run's params.txt"): [('model_name="3T-ViT-B-16"', 'model_name="3T-tiny"')],
     ("docs/api.md", "python -m open_clip_3t.export logs/run/checkpoints/epoch_20.pt --out released/ "
@@ -126,6 +135,9 @@ NOT_RUN = {
                "this command with tiny shards"),
     ("docs/training.md", "# 3T ViT-B/16, h from a local in21k file, 4 nodes x 8 GPUs"):
         NotRun("a SLURM cluster with GPUs"),
+    ("docs/training.md", "python -m training.main --model 3T-ViT-B-16-SigLIP --siglip --loss-dist-impl bidir \\"):
+        NotRun("LAION shards, in21k weights and SigLIP's tokenizer from the hub: tests/test_training.py trains "
+               "3T-tiny-sigmoid with --siglip on tiny shards"),
     ("docs/training.md", "MODEL=3T-tiny THIRD_TOWER_WEIGHTS=h.pth TRAIN_DATA='data/train/{00000..00003}.tar' "
                          "EPOCHS=2 BATCH_SIZE=16 \\"):
         NotRun("a SLURM cluster: tests/test_slurm_launchers.py submits it to the local cluster, "
@@ -133,6 +145,9 @@ NOT_RUN = {
     ("docs/training.md", "python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 "
                          "--rounds 10"):
         NotRun("minutes per run on CPU, and a GPU for the last line"),
+    ("docs/training.md", "bash scripts/gpu_check.sh gpu_check_out      # writes gpu_check_out/report.md and "
+                         "gpu_check_out/report.json"):
+        NotRun("a GPU and 8 minutes: tests/test_gpu_check.py runs the check tiny on CPU", check_gpu_check),
 }
 
 

@@ -10,20 +10,24 @@ import open_clip
 import pytest
 import torch
 
-from open_clip_3t import ThreeTowersCLIP, ThreeTowersLoss, export_clip
+from open_clip_3t import (ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTowersLoss, ThreeTowersSigLipLoss,
+                          clip_state_dict, export_clip)
+from open_clip_3t._openclip import model_config
 from tests.conftest import REPO, run_python
 
 
-def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True):
-    """A few optimizer steps of 3T-tiny, saved the way open_clip_train saves epoch_N.pt (module. prefixes)."""
+def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True, model_name="3T-tiny"):
+    """A few optimizer steps of a tiny 3T model, saved the way open_clip_train saves epoch_N.pt (module. prefixes);
+    models with init_logit_bias train with the sigmoid loss, as under --siglip."""
     torch.manual_seed(0)
-    model = open_clip.create_model("3T-tiny", third_tower_weights=h_weights, output_dict=True)
+    model = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True)
+    loss = ThreeTowersSigLipLoss() if model.logit_bias is not None else ThreeTowersLoss()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    images, texts = torch.randn(8, 3, 32, 32), open_clip.get_tokenizer("3T-tiny")(["a red circle"] * 8)
+    images, texts = torch.randn(8, 3, 32, 32), open_clip.get_tokenizer(model_name)(["a red circle"] * 8)
     model.train()
     for _ in range(3):
         opt.zero_grad()
-        ThreeTowersLoss()(**model(images, texts)).backward()
+        loss(**model(images, texts)).backward()
         opt.step()
     model.eval()
     sd = model.state_dict()
@@ -31,41 +35,63 @@ def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True):
         sd = {"module." + k: v for k, v in sd.items()}
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "params.txt").write_text("lr: 0.001\nmodel: 3T-tiny\nprecision: fp32\n")
+    (run / "params.txt").write_text(f"lr: 0.001\nmodel: {model_name}\nprecision: fp32\n")
     path = run / "checkpoints" / "epoch_1.pt"
     torch.save({"epoch": 1, "name": "run", "state_dict": sd, "optimizer": opt.state_dict()}, path)
     return model, path
 
 
-def test_export_round_trip_in_vanilla_openclip(tmp_path, h_weights):
-    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+VANILLA = """
+import sys, torch, open_clip
+m, _, val = open_clip.create_model_and_transforms('local-dir:{out}')
+m.eval()
+x = torch.load('{inputs}')
+texts = open_clip.get_tokenizer('local-dir:{out}')(x['captions'])
+with torch.no_grad():
+    torch.save({{'image': m.encode_image(x['images'], normalize=True), 'text': m.encode_text(texts, normalize=True),
+                'texts': texts, 'scale': m.logit_scale, 'bias': m.logit_bias, 'cls': type(m).__name__,
+                'size': val.transforms[0].size, 'plugin': 'open_clip_3t' in sys.modules}}, '{result}')
+"""
+
+
+@pytest.mark.parametrize("model_name, cls", [("3T-tiny", "CLIP"), ("3T-tiny-sigmoid", "CustomTextCLIP"),
+                                             ("hf_three_towers", "CustomTextCLIP")])
+def test_export_round_trip_in_vanilla_openclip(model_name, cls, tmp_path, h_weights, request):
+    """The export of each class (CLIP; SigLIP-3T and a Hugging Face text tower: CustomTextCLIP) loads in a process
+    that never imports open_clip_3t with equal image and text features, logit_scale and logit_bias."""
+    if model_name == "hf_three_towers":
+        model_name = request.getfixturevalue("hf_three_towers")
+    model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
     out = tmp_path / "released"
     proc = subprocess.run([sys.executable, "-m", "open_clip_3t.export", str(ckpt), "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files[:2] == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert (len(files) > 2) == ("hf_tokenizer_name" in model_config(model_name)["text_cfg"])  # + tokenizer files
     assert "three_towers" not in json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
 
     images = torch.randn(3, 3, 32, 32)
-    texts = open_clip.get_tokenizer("3T-tiny")(["a blue square", "two stars", "a dot"])
-    torch.save({"images": images, "texts": texts}, tmp_path / "inputs.pt")
-    code = f"""
-import sys, torch, open_clip
-m, _, val = open_clip.create_model_and_transforms('local-dir:{out}')
-m.eval()
-x = torch.load('{tmp_path / "inputs.pt"}')
-with torch.no_grad():
-    torch.save({{'image': m.encode_image(x['images'], normalize=True), 'text': m.encode_text(x['texts'], normalize=True),
-                'scale': m.logit_scale, 'cls': type(m).__name__, 'size': val.transforms[0].size,
-                'plugin': 'open_clip_3t' in sys.modules}}, '{tmp_path / "vanilla.pt"}')
-"""
-    run_python(code)
+    captions = ["a blue square", "two stars", "a dot"]
+    torch.save({"images": images, "captions": captions}, tmp_path / "inputs.pt")
+    run_python(VANILLA.format(out=out, inputs=tmp_path / "inputs.pt", result=tmp_path / "vanilla.pt"))
     vanilla = torch.load(tmp_path / "vanilla.pt")
-    assert vanilla["cls"] == "CLIP" and vanilla["plugin"] is False and vanilla["size"] == 32
+    assert vanilla["cls"] == cls and vanilla["plugin"] is False and vanilla["size"] == 32
+    texts = open_clip.get_tokenizer(model_name)(captions)
+    assert torch.equal(vanilla["texts"], texts)  # the same tokenizer
     with torch.no_grad():
         torch.testing.assert_close(vanilla["image"], model.encode_image(images, normalize=True))
         torch.testing.assert_close(vanilla["text"], model.encode_text(texts, normalize=True))
     assert torch.equal(vanilla["scale"], model.logit_scale.detach())
+    if model.logit_bias is None:
+        assert vanilla["bias"] is None
+    else:
+        assert torch.equal(vanilla["bias"], model.logit_bias.detach()) and vanilla["bias"].item() != -10.0  # trained
+    # --overwrite recognises the earlier export (its tokenizer files included), and nothing else
+    assert export_clip(ckpt, out, overwrite=True) == out and sorted(p.name for p in out.iterdir()) == files
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds notes.txt, which is not an earlier export"):
+        export_clip(ckpt, out, overwrite=True)
 
 
 def test_export_api_takes_a_bare_state_dict(tmp_path, h_weights):
@@ -194,34 +220,41 @@ def test_export_errors_are_one_line_with_the_right_advice(tmp_path, h_weights, m
     assert type(open_clip.create_model(f"local-dir:{mount}")) is open_clip.CLIP
 
 
-def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(tmp_path, h_weights, monkeypatch):
-    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+@pytest.mark.parametrize("model_name, cls", [("3T-tiny", ThreeTowersCLIP),
+                                             ("3T-tiny-sigmoid", ThreeTowersCustomTextCLIP)])
+def test_create_model_loads_a_full_3t_checkpoint_without_refetching_h(model_name, cls, tmp_path, h_weights,
+                                                                      monkeypatch):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
     import timm.models._builder as builder
     monkeypatch.setattr(builder, "load_pretrained", lambda *a, **k: pytest.fail("h weights fetched again"))
-    loaded = open_clip.create_model("3T-tiny", pretrained=str(ckpt))
-    assert isinstance(loaded, ThreeTowersCLIP) and loaded.third_tower is not None
+    loaded = open_clip.create_model(model_name, pretrained=str(ckpt))
+    assert type(loaded) is cls and loaded.third_tower is not None
     reference = model.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, reference[k]), k
 
 
-def test_f_and_g_initialise_from_a_plain_clip_checkpoint(tmp_path, h_weights):
-    model, ckpt = trained_checkpoint(tmp_path, h_weights)
+@pytest.mark.parametrize("model_name", ["3T-tiny", "3T-tiny-sigmoid"])
+def test_f_and_g_initialise_from_a_plain_checkpoint(model_name, tmp_path, h_weights):
+    model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
     out = export_clip(ckpt, tmp_path / "clip")
     torch.manual_seed(1)
-    fresh = open_clip.create_model("3T-tiny", third_tower_weights=h_weights)
+    fresh = open_clip.create_model(model_name, third_tower_weights=h_weights)
     torch.manual_seed(1)
-    init = open_clip.create_model("3T-tiny", pretrained=str(out / "open_clip_model.safetensors"),
+    init = open_clip.create_model(model_name, pretrained=str(out / "open_clip_model.safetensors"),
                                   third_tower_weights=h_weights)
-    assert torch.equal(init.visual.conv1.weight, model.visual.conv1.weight)
-    assert torch.equal(init.text_projection, model.text_projection)
-    assert torch.equal(init.logit_scale, model.logit_scale)
+    plain = clip_state_dict(model.state_dict())
+    assert {"visual.conv1.weight", "logit_scale"} <= plain.keys()
+    assert ("logit_bias" in plain) == (model_name == "3T-tiny-sigmoid")
+    for k, v in clip_state_dict(init.state_dict()).items():  # f, g, logit_scale (and logit_bias): the checkpoint's
+        assert torch.equal(v, plain[k]), k
     assert torch.equal(init.f_h.weight, fresh.f_h.weight)  # heads stay new
     assert not torch.equal(init.f_h.weight, model.f_h.weight)
     wrong = tmp_path / "wrong.pt"
     torch.save({"visual.conv1.weight": torch.zeros(1), "logit_scale": torch.tensor(1.0)}, wrong)
     with pytest.raises((ValueError, RuntimeError)):
-        open_clip.create_model("3T-tiny", pretrained=str(wrong))
+        open_clip.create_model(model_name, pretrained=str(wrong))
 
 
 def test_a_3t_checkpoint_loads_without_h_and_h_loads_beside_a_cache_trained_checkpoint(tmp_path, h_weights):

@@ -7,22 +7,25 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip import ClipLoss
+from open_clip.loss import SigLipLoss
 
 import open_clip_3t.loss as loss_module
-from open_clip_3t import ThreeTowersLoss
+from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss
 
 B, D, DH = 5, 4, 3
 NAMES = ("image_features", "text_features", "image_third_features", "third_image_features",
          "text_third_features", "third_text_features")
 
 
-def features(batch=B, seed=0, requires_grad=False):
+SCALES = {"logit_scale": 10.0, "logit_scale_image_third": 7.0, "logit_scale_text_third": 3.0}
+BIASES = {"logit_bias": -2.0, "logit_bias_image_third": 0.5, "logit_bias_text_third": -1.0}
+
+
+def features(batch=B, seed=0, requires_grad=False, biases=False):
     g = torch.Generator().manual_seed(seed)
     dims = (D, D, DH, DH, DH, DH)
     out = {n: F.normalize(torch.randn(batch, d, generator=g, dtype=torch.float64), dim=-1) for n, d in zip(NAMES, dims)}
-    out.update(logit_scale=torch.tensor(10.0, dtype=torch.float64),
-               logit_scale_image_third=torch.tensor(7.0, dtype=torch.float64),
-               logit_scale_text_third=torch.tensor(3.0, dtype=torch.float64))
+    out.update({k: torch.tensor(v, dtype=torch.float64) for k, v in {**SCALES, **(BIASES if biases else {})}.items()})
     if requires_grad:
         for v in out.values():
             v.requires_grad_(True)
@@ -99,6 +102,71 @@ def test_bad_arguments_are_refused():
         ThreeTowersLoss(transfer="mse")
 
 
+# --- the sigmoid loss (SigLIP-3T) ---------------------------------------------------------------------------------
+
+def hand_sigmoid_loss(a, b, t, bias):
+    """-mean_i sum_j log sigmoid(z_ij * (t * a_i . b_j + bias)), z_ij = 1 if i == j else -1, written out."""
+    n = a.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1.0 / (1.0 + math.exp(-z * (t * float(a[i] @ b[j]) + bias))))
+    return -total / n
+
+
+SIGMOID_TERMS = (("contrastive_loss", "image_features", "text_features", "logit_scale", "logit_bias"),
+                 ("image_third_loss", "image_third_features", "third_image_features", "logit_scale_image_third",
+                  "logit_bias_image_third"),
+                 ("text_third_loss", "text_third_features", "third_text_features", "logit_scale_text_third",
+                  "logit_bias_text_third"))
+
+
+def test_each_sigmoid_term_with_its_own_temperature_and_bias_matches_hand_computation():
+    x = features(seed=5, biases=True)
+    out = ThreeTowersSigLipLoss()(**x, output_dict=True)
+    assert set(out) == {"contrastive_loss", "image_third_loss", "text_third_loss"}
+    expect = {name: hand_sigmoid_loss(x[a], x[b], SCALES[s], BIASES[bias]) / 3
+              for name, a, b, s, bias in SIGMOID_TERMS}
+    assert len(set(round(v, 6) for v in expect.values())) == 3  # three different numbers: a swap would show
+    for k, v in expect.items():
+        assert out[k].item() == pytest.approx(v, rel=1e-10), k
+    assert ThreeTowersSigLipLoss()(**x).item() == pytest.approx(sum(expect.values()), rel=1e-10)
+
+
+def test_sigmoid_weights_scale_and_drop_terms_and_l2_transfer():
+    x = features(seed=6, biases=True)
+    full = ThreeTowersSigLipLoss()(**x, output_dict=True)
+    out = ThreeTowersSigLipLoss(weights=(2.0, 0.0, 0.5))(**x, output_dict=True)
+    assert set(out) == {"contrastive_loss", "text_third_loss"}
+    assert out["contrastive_loss"].item() == pytest.approx(2.0 * full["contrastive_loss"].item(), rel=1e-12)
+    assert out["text_third_loss"].item() == pytest.approx(0.5 * full["text_third_loss"].item(), rel=1e-12)
+    l2 = ThreeTowersSigLipLoss(transfer="l2")(**x, output_dict=True)
+    for name, a, b, _, _ in SIGMOID_TERMS[1:]:
+        hand = sum(float(((x[a][i] - x[b][i]) ** 2).sum()) for i in range(B)) / B / 3
+        assert l2[name].item() == pytest.approx(hand, rel=1e-10)
+    assert l2["contrastive_loss"].item() == pytest.approx(full["contrastive_loss"].item(), rel=1e-12)
+
+
+def test_sigmoid_main_term_is_openclip_siglip_loss_and_gradients():
+    x = features(seed=7, requires_grad=True, biases=True)
+    ours = ThreeTowersSigLipLoss(weights=(3.0, 0.0, 0.0))(**x)
+    ours.backward()
+    keys = ("image_features", "text_features", "logit_scale", "logit_bias")
+    y = features(seed=7, requires_grad=True, biases=True)
+    ref = SigLipLoss()(*(y[k] for k in keys))
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for k in keys:
+        torch.testing.assert_close(x[k].grad, y[k].grad, rtol=1e-12, atol=1e-12)
+    assert x["image_third_features"].grad is None and x["logit_bias_image_third"].grad is None  # dropped terms
+
+
+def test_sigmoid_loss_names_a_missing_bias():
+    with pytest.raises(ValueError, match="needs the model outputs .*logit_bias.*: give the model config init_logit_bias"):
+        ThreeTowersSigLipLoss()(**features(seed=8))
+
+
 # --- two processes, gloo -----------------------------------------------------------------------------------------
 
 def _free_port():
@@ -156,6 +224,76 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(local_loss):
                                    rtol=1e-9, atol=1e-12)
 
 
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def siglip_batch(n):
+    """Images, token ids and fed-in h embeddings for the tiny SigLIP-3T model (float64, fixed seed)."""
+    g = torch.Generator().manual_seed(9)
+    return (torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
+            torch.randint(1, 49407, (n, 32), generator=g),
+            torch.randn(n, 64, generator=g, dtype=torch.float64))
+
+
+def siglip_model():
+    import open_clip
+    torch.manual_seed(0)
+    return open_clip.create_model("3T-tiny-sigmoid", third_tower=False, output_dict=True).double().train()
+
+
+def _siglip_rank_worker(rank, world_size, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = siglip_model()
+        images, texts, third = (t[rank * B:(rank + 1) * B] for t in siglip_batch(world_size * B))
+        for impl in DIST_IMPLS:
+            model.zero_grad()
+            loss = ThreeTowersSigLipLoss(rank=rank, world_size=world_size, dist_impl=impl)(
+                **model(images, texts, third_embeddings=third))
+            loss.backward()
+            grads = {}
+            for name, p in model.named_parameters():  # DDP's gradient: the mean over ranks
+                torch.distributed.all_reduce(p.grad)
+                grads[name] = (p.grad / world_size).numpy()  # by value: a shared tensor dies with this process
+            queue.put((impl, rank, loss.item(), grads if rank == 0 else None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_siglip_3t_equals_one_process_for_every_dist_impl():
+    """For each --loss-dist-impl: the mean of the per-rank SigLIP-3T losses is the single-process loss on the
+    concatenated batch, and so is DDP's gradient on every parameter (f, g, heads, temperatures, biases)."""
+    world_size = 2
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_siglip_rank_worker, args=(r, world_size, port, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in range(world_size * len(DIST_IMPLS))]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    model = siglip_model()
+    images, texts, third = siglip_batch(world_size * B)
+    single = ThreeTowersSigLipLoss()(**model(images, texts, third_embeddings=third))
+    single.backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    assert {"visual.conv1.weight", "text.token_embedding.weight", "logit_bias_text_third"} <= set(expected)
+    assert all(g.abs().sum() > 0 for g in expected.values())
+    for impl in DIST_IMPLS:
+        losses = [loss for i, _, loss, _ in results if i == impl]
+        assert len(losses) == world_size
+        assert sum(losses) / world_size == pytest.approx(single.item(), rel=1e-10), impl
+        grads = next(g for i, rank, _, g in results if i == impl and rank == 0)
+        assert grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(torch.from_numpy(grad), expected[name], rtol=1e-8, atol=1e-12,
+                                       msg=f"{impl}: {name}")
+
+
 def test_openclip_create_loss_returns_the_3t_loss_for_3t_models():
     from argparse import Namespace
 
@@ -171,6 +309,20 @@ def test_openclip_create_loss_returns_the_3t_loss_for_3t_models():
     assert (defaults.weights, defaults.transfer) == ((1.0, 1.0, 1.0), "contrastive")  # from the 3T-tiny config
     plain = open_clip.create_loss(Namespace(**{**vars(args), "model": "ViT-B-32"}))
     assert type(plain) is ClipLoss
+
+
+def test_openclip_create_loss_with_siglip_returns_the_sigmoid_3t_loss():
+    from argparse import Namespace
+
+    import open_clip
+    args = Namespace(model="3T-tiny-sigmoid", siglip=True, loss_dist_impl="shift", rank=1, world_size=4,
+                     local_loss=False, gather_with_grad=False, horovod=False, distill=False,
+                     three_towers_loss_weights=[1.0, 0.0, 2.0], three_towers_transfer=None)
+    loss = open_clip.create_loss(args)
+    assert type(loss) is ThreeTowersSigLipLoss and loss.weights == (1.0, 0.0, 2.0)
+    assert (loss.siglip.dist_impl, loss.siglip.rank, loss.siglip.world_size) == ("shift", 1, 4)
+    plain = open_clip.create_loss(Namespace(**{**vars(args), "model": "ViT-B-16-SigLIP"}))
+    assert type(plain) is SigLipLoss and plain.dist_impl == "shift"  # plain models: OpenCLIP's own loss
 
 
 def test_trainer_imported_first_still_gets_the_3t_loss():

@@ -2,6 +2,7 @@ import hashlib
 import importlib
 import json
 import math
+from pathlib import Path
 
 import open_clip
 import open_clip.factory as oc_factory
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import open_clip_3t
-from open_clip_3t import ThreeTowersCLIP, ThreeTowersLoss, _openclip
+from open_clip_3t import ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTowersLoss, ThreeTowersSigLipLoss, _openclip
 from tests.conftest import run_python
 
 OUTPUT_KEYS = {"image_features", "text_features", "logit_scale", "image_third_features", "third_image_features",
@@ -57,15 +58,19 @@ def test_forward_contract_in_training_mode(model):
         assert out[k].item() == pytest.approx(1 / 0.07, rel=1e-5)  # exponentiated, init log(1/0.07)
 
 
-def test_tuple_output_feeds_the_loss_like_the_dict(model, h_weights):
-    """OpenCLIP's default output_dict=False gives a tuple: loss(*model(...)) equals loss(**model(...))."""
+@pytest.mark.parametrize("model_name, loss, n_outputs", [("3T-tiny", ThreeTowersLoss(), 9),
+                                                         ("3T-tiny-sigmoid", ThreeTowersSigLipLoss(), 12)])
+def test_tuple_output_feeds_the_loss_like_the_dict(model_name, loss, n_outputs, h_weights):
+    """OpenCLIP's default output_dict=False gives a tuple: loss(*model(...)) equals loss(**model(...)); a SigLIP
+    config's tuple ends with the three biases."""
     from open_clip_3t.loss import MODEL_OUTPUTS
     images, texts = batch()
     torch.manual_seed(0)
-    plain = open_clip.create_model("3T-tiny", third_tower_weights=h_weights).train()  # output_dict=False
-    as_dict, as_tuple = model.train()(images, texts), plain(images, texts)
-    assert isinstance(as_tuple, tuple) and tuple(as_dict) == MODEL_OUTPUTS
-    loss = ThreeTowersLoss()
+    with_dict = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True).train()
+    torch.manual_seed(0)
+    plain = open_clip.create_model(model_name, third_tower_weights=h_weights).train()  # output_dict=False
+    as_dict, as_tuple = with_dict(images, texts), plain(images, texts)
+    assert isinstance(as_tuple, tuple) and tuple(as_dict) == MODEL_OUTPUTS[:n_outputs] and len(as_tuple) == n_outputs
     assert loss(*as_tuple, output_dict=True) == loss(**as_dict, output_dict=True)
     assert loss(*as_tuple).item() == pytest.approx(sum(loss(**as_dict, output_dict=True).values()).item(), rel=1e-6)
     with pytest.raises(TypeError, match=r"loss\(\*model\(images, texts\)\)"):
@@ -161,8 +166,11 @@ def test_mlp_heads_option():
     assert isinstance(m.f_h, torch.nn.Sequential) and m.f_h[-1].out_features == 32
 
 
-def test_bf16_casts_h_as_a_whole(h_weights):
-    m = open_clip.create_model("3T-tiny", third_tower_weights=h_weights, precision="bf16")
+# (not 3T-tiny-sigmoid: OpenCLIP 3.3's own bf16 conversion fails on a text tower with proj_bias, plain SigLIP's too)
+@pytest.mark.parametrize("model_name", ["3T-tiny", "3T-mini-sigmoid"])
+def test_bf16_casts_h_as_a_whole(model_name, h_weights):
+    h = {"third_tower_weights": h_weights} if model_name == "3T-tiny" else {"third_tower": "random"}  # mini: a ResNet h
+    m = open_clip.create_model(model_name, precision="bf16", **h)
     assert {p.dtype for p in m.third_tower.parameters()} == {torch.bfloat16}
     images, _ = batch()
     assert m.encode_third(images.bfloat16()).dtype == torch.bfloat16
@@ -228,6 +236,83 @@ def test_unsupported_openclip_version_is_refused():
     _openclip.check_openclip_version("3.3.7")
 
 
-def test_custom_text_configs_are_refused():
-    with pytest.raises(ValueError, match="built-in text tower only"):
-        open_clip.create_model("3T-tiny", force_custom_text=True)
+# --- OpenCLIP's other classes: CustomTextCLIP (custom and Hugging Face text towers, SigLIP); CoCa refused ----------
+
+THREE_TOWERS_ONLY = {"f_h.weight", "f_h.bias", "h_f.weight", "h_f.bias", "g_h.weight", "g_h.bias", "h_g.weight",
+                     "h_g.bias", "logit_scale_image_third", "logit_scale_text_third"}
+SIGMOID_ONLY = {"logit_bias_image_third", "logit_bias_text_third"}
+
+
+def plain_keys(name):
+    """State-dict keys of the plain OpenCLIP model (no plugin class) of config `name` minus its 3T section."""
+    cfg = json.loads((_openclip.CONFIG_DIR / f"{name}.json").read_text())
+    cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    cfg.pop("three_towers")
+    return set(cls(**cfg).state_dict())
+
+
+def test_every_class_keeps_openclip_names_and_3t_keys_are_unchanged():
+    clip = open_clip.create_model("3T-tiny", third_tower=False)
+    assert set(clip.state_dict()) - plain_keys("3T-tiny") == THREE_TOWERS_ONLY  # today's checkpoints load unchanged
+    sigmoid = open_clip.create_model("3T-tiny-sigmoid", third_tower=False)
+    assert type(sigmoid) is ThreeTowersCustomTextCLIP and isinstance(sigmoid, open_clip.CustomTextCLIP)
+    plain = plain_keys("3T-tiny-sigmoid")
+    assert set(sigmoid.state_dict()) - plain == THREE_TOWERS_ONLY | SIGMOID_ONLY
+    assert {"logit_bias", "text.token_embedding.weight"} <= plain  # g under text., as OpenCLIP's CustomTextCLIP
+    assert set(open_clip_3t.clip_state_dict(sigmoid.state_dict())) == plain  # export is a filter
+    # force_custom_text turns the built-in text tower into OpenCLIP's custom one, as for plain models
+    assert type(open_clip.create_model("3T-tiny", force_custom_text=True)) is ThreeTowersCustomTextCLIP
+
+
+def test_sigmoid_3t_outputs_and_initialisation():
+    torch.manual_seed(0)
+    m = open_clip.create_model("3T-tiny-sigmoid", third_tower="random", output_dict=True).train()
+    images, _ = batch()
+    out = m(images, open_clip.get_tokenizer("3T-tiny-sigmoid")(["a red circle"] * 4))
+    assert set(out) == OUTPUT_KEYS | {"logit_bias", "logit_bias_image_third", "logit_bias_text_third"}
+    for k in ("logit_bias", "logit_bias_image_third", "logit_bias_text_third"):
+        assert out[k].item() == -10.0  # init_logit_bias of the config, as OpenCLIP initialises SigLIP's
+    for k in ("logit_scale", "logit_scale_image_third", "logit_scale_text_third"):
+        assert out[k].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    m.eval()
+    assert set(m(images, torch.zeros(4, 32, dtype=torch.long))) == \
+        {"image_features", "text_features", "logit_scale", "logit_bias"}  # eval: OpenCLIP's own forward
+
+
+def test_sigmoid_gradients_reach_the_three_temperatures_and_biases_but_never_h(h_weights):
+    torch.manual_seed(0)
+    m = open_clip.create_model("3T-tiny-sigmoid", third_tower_weights=h_weights, output_dict=True).train()
+    images, _ = batch()
+    ThreeTowersSigLipLoss()(**m(images, open_clip.get_tokenizer("3T-tiny-sigmoid")(["two stars"] * 4))).backward()
+    for name, p in m.named_parameters():
+        if name.startswith("third_tower."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name in ("logit_scale", "logit_scale_image_third", "logit_scale_text_third", "logit_bias",
+                 "logit_bias_image_third", "logit_bias_text_third"):
+        assert getattr(m, name).grad.abs().item() > 0, name
+
+
+def test_hugging_face_text_tower_is_a_3t_model(hf_three_towers, h_weights):
+    torch.manual_seed(0)
+    m = open_clip.create_model(hf_three_towers, third_tower_weights=h_weights, output_dict=True).train()
+    assert type(m) is ThreeTowersCustomTextCLIP and type(m.text).__name__ == "HFTextEncoder"
+    texts = open_clip.get_tokenizer(hf_three_towers)(["a photo of two red circles", "a green star"] * 2)
+    assert texts.shape == (4, 16) and texts[0, 0].item() == 0  # RoBERTa's <s>: the tokenizer written by the fixture
+    images, _ = batch()
+    out = m(images, texts)
+    assert set(out) == OUTPUT_KEYS
+    ThreeTowersLoss()(**out).backward()
+    assert m.text.transformer.embeddings.word_embeddings.weight.grad.abs().sum() > 0  # g is trained
+    assert all(p.grad is None for p in m.third_tower.parameters())
+
+
+def test_coca_configs_are_refused_with_the_reason(tmp_path):
+    cfg = json.loads((Path(open_clip.__file__).parent / "model_configs" / "coca_ViT-B-32.json").read_text())
+    cfg["three_towers"] = _tiny_section()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    with pytest.raises(ValueError, match=r"3T does not support CoCa \(multimodal_cfg\): its loss adds a captioning "
+                                         r"term") as e:
+        open_clip.create_model(f"local-dir:{tmp_path}")
+    assert "\n" not in str(e.value)

@@ -13,7 +13,7 @@ import open_clip
 import pytest
 import torch
 
-from open_clip_3t import ThreeTowersLoss
+from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss
 from open_clip_3t.toy.synthetic import draw_sample, write_classification_folder, write_shards
 from tests.conftest import REPO
 from training import eval as standalone
@@ -49,7 +49,7 @@ def step_logs(log_text):
         if not STEP_LINE.search(line):
             continue
         values = {"epoch": int(STEP_LINE.search(line).group(1))}
-        for key, val in re.findall(r"((?:Logit Scale[A-Za-z ]*)|[A-Z][a-z_]*loss|Loss): " + NUMBER, line):
+        for key, val in re.findall(r"((?:Logit (?:Scale|Bias)[A-Za-z ]*)|[A-Z][a-z_]*loss|Loss): " + NUMBER, line):
             values[key.strip()] = float(val)
         steps.append(values)
     return steps
@@ -104,6 +104,93 @@ def test_3t_trains_logs_its_terms_and_checkpoints(shards, h_weights, tmp_path):
     out = export_clip(run_dir / "checkpoints" / "epoch_1.pt", tmp_path / "released")
     clip = open_clip.create_model("local-dir:" + str(out))
     assert torch.equal(clip.state_dict()["visual.conv1.weight"], sd["visual.conv1.weight"])
+
+
+SIGMOID_TERMS = ["Contrastive_loss", "Image_third_loss", "Text_third_loss"]
+BIASES = {"Logit Bias": "logit_bias", "Logit Bias Image Third": "logit_bias_image_third",
+          "Logit Bias Text Third": "logit_bias_text_third"}
+
+
+def check_biases(steps, state_dict):
+    """The three biases are logged at every step, learned, and the checkpoint holds the last logged values."""
+    for name, key in BIASES.items():
+        assert steps[0][name] == pytest.approx(-10.0, abs=1e-2)  # init_logit_bias (after the first step's update)
+        assert steps[-1][name] != steps[0][name]
+        assert state_dict[key].item() == pytest.approx(steps[-1][name], abs=2e-3)
+
+
+def test_sigmoid_3t_trains_logs_its_terms_and_biases_evaluates_and_exports(shards, h_weights, tmp_path):
+    folder = write_classification_folder(str(tmp_path / "shape"), "shape", 2, seed=0, image_size=32)
+    run_dir = train(tmp_path, "sigmoid", "--model", "3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights,
+                    "--train-data", str(shards / "00000.tar"), *OVERFIT, "--zeroshot-data", folder,
+                    "--zeroshot-frequency", "1")
+    steps = step_logs((run_dir / "out.log").read_text())
+    check_overfit(steps, SIGMOID_TERMS)
+    sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    check_biases(steps, sd)
+    results = [json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 1 and 0.0 <= results[0]["shape-zeroshot-top1"] <= 1.0
+    from open_clip_3t import export_clip
+    plain = open_clip.create_model("local-dir:" + str(export_clip(run_dir / "checkpoints" / "epoch_1.pt",
+                                                                  tmp_path / "released")))
+    assert type(plain) is open_clip.CustomTextCLIP and torch.equal(plain.logit_bias, sd["logit_bias"])
+
+
+def test_sigmoid_3t_trains_from_the_cache(shards, h_weights, tmp_path):
+    from open_clip_3t import cache
+    cache.build(str(shards / "00000.tar"), "3T-tiny-sigmoid", str(tmp_path / "cache"), h_weights, batch_size=16,
+                workers=0, device="cpu")
+    run_dir = train(tmp_path, "cached", "--model", "3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights,
+                    "--third-tower-cache", str(tmp_path / "cache"), "--train-data", str(shards / "00000.tar"),
+                    *OVERFIT)
+    log = (run_dir / "out.log").read_text()
+    steps = step_logs(log)
+    check_overfit(steps, SIGMOID_TERMS)
+    assert re.search(r"Third-tower cache after epoch 0 on rank 0: \d+ joined, 0 missing", log)
+    sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith("third_tower.") for k in sd)  # h was never built
+    check_biases(steps, sd)
+
+
+def test_sigmoid_3t_with_locked_text_grad_checkpointing_and_accumulation(shards, h_weights, tmp_path):
+    """OpenCLIP's --lock-text, --grad-checkpointing and --accum-freq on a CustomTextCLIP 3T model under --siglip:
+    g stays as built while f, the heads, temperatures and biases train."""
+    run_dir = train(tmp_path, "locked", "--model", "3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights,
+                    "--lock-text", "--lock-text-freeze-layer-norm", "--grad-checkpointing", "--accum-freq", "2",
+                    "--train-data",
+                    str(shards / "00000.tar"), "--train-num-samples", "64", "--batch-size", "8", "--epochs", "2",
+                    "--lr", "1e-3", "--warmup", "1")
+    steps = step_logs((run_dir / "out.log").read_text())
+    assert len(steps) == 8 and all(math.isfinite(s[t]) for s in steps for t in SIGMOID_TERMS)
+    first, second = (torch.load(run_dir / "checkpoints" / f"epoch_{e}.pt", map_location="cpu",
+                                weights_only=False)["state_dict"] for e in (1, 2))
+    text = [k for k in first if k.startswith("text.")]
+    assert len(text) > 5 and all(torch.equal(first[k], second[k]) for k in text)  # locked
+    for k in ("visual.conv1.weight", "g_h.weight", "logit_bias_text_third"):
+        assert not torch.equal(first[k], second[k]), k
+
+
+def test_hugging_face_text_tower_3t_trains(shards, h_weights, hf_three_towers, tmp_path):
+    """`--model local-dir:` of a 3T config whose g is a Hugging Face RoBERTa: g starts from the HF weights file and
+    is trained with the three terms."""
+    from safetensors.torch import load_file
+    folder = write_classification_folder(str(tmp_path / "shape"), "shape", 2, seed=0, image_size=32)
+    run_dir = train(tmp_path, "hf", "--model", hf_three_towers, "--third-tower-weights", h_weights,
+                    "--train-data", str(shards / "00000.tar"), *OVERFIT, "--zeroshot-data", folder,
+                    "--zeroshot-frequency", "1")
+    steps = step_logs((run_dir / "out.log").read_text())
+    terms = ["Contrastive_loss", "Image_third_loss", "Text_third_loss"]
+    assert len(steps) == 8 and all(math.isfinite(s[t]) for s in steps for t in terms)
+    assert steps[-1]["Loss"] < 0.95 * steps[0]["Loss"]
+    sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    hf_dir = json.loads(open(hf_three_towers[len("local-dir:"):] + "/open_clip_config.json").read())["model_cfg"][
+        "text_cfg"]["hf_model_name"]
+    hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+    key = "embeddings.word_embeddings.weight"
+    trained = sd["text.transformer." + key]
+    assert trained.shape == hf[key].shape and not torch.equal(trained, hf[key])  # g: the HF tower, trained
+    results = json.loads((run_dir / "checkpoints" / "results.jsonl").read_text())  # zero-shot with the HF tokenizer
+    assert 0.0 <= results["shape-zeroshot-top1"] <= 1.0
 
 
 def test_clip_baseline_trains_and_evaluates(shards, tmp_path):
@@ -199,15 +286,17 @@ class Loader(list):
     num_samples = 16
 
 
-def test_gradient_accumulation_equals_full_batch(h_weights):
+@pytest.mark.parametrize("model_name, loss", [("3T-tiny", ThreeTowersLoss()),
+                                              ("3T-tiny-sigmoid", ThreeTowersSigLipLoss())])
+def test_gradient_accumulation_equals_full_batch(model_name, loss, h_weights):
     """--accum-freq 2 with batches of 8 moves every weight as one batch of 16 does (SGD, lr 0.1); the
-    temperatures get accum_freq x the full-batch gradient (each micro-step's loss uses them, as in OpenCLIP)."""
+    temperatures (and biases) get accum_freq x the full-batch gradient (each micro-step's loss uses them, as in
+    OpenCLIP)."""
     from training.train import train_one_epoch
     torch.manual_seed(0)
-    model = open_clip.create_model("3T-tiny", third_tower_weights=h_weights, output_dict=True)
+    model = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True)
     images = torch.randn(16, 3, 32, 32)
-    texts = open_clip.get_tokenizer("3T-tiny")([f"{i} red circles on the left" for i in range(16)])
-    loss = ThreeTowersLoss()
+    texts = open_clip.get_tokenizer(model_name)([f"{i} red circles on the left" for i in range(16)])
 
     reference = copy.deepcopy(model).train()
     sum(loss(**reference(images, texts), output_dict=True).values()).backward()
@@ -223,6 +312,8 @@ def test_gradient_accumulation_equals_full_batch(h_weights):
     train_one_epoch(model, data, loss, 0, optimizer, None, None, None, args)
 
     scales = {"logit_scale", "logit_scale_image_third", "logit_scale_text_third"}
+    if model.logit_bias is not None:
+        scales |= {"logit_bias", "logit_bias_image_third", "logit_bias_text_third"}
     assert set(grads) > scales
     for name, p in model.named_parameters():
         if name not in grads:
@@ -246,6 +337,17 @@ def test_unused_heads_and_temperatures_are_frozen(h_weights):
     assert model.three_towers_cfg.loss_weights == [1.0, 0.0, 1.0] and model.three_towers_cfg.head_type == "mlp"
     args.rank, args.world_size = 0, 1
     assert open_clip.create_loss(args).weights == (1.0, 0.0, 1.0)
+
+
+def test_unused_temperatures_and_biases_are_frozen_under_siglip(h_weights):
+    from training.main import create_student
+    from training.params import parse_args
+    args = parse_args(["--model", "3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights,
+                       "--three-towers-loss-weights", "0", "1", "1", "--three-towers-transfer", "l2"])
+    model = create_student(args, args.model, None, {"output_dict": True})[0]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("third_tower.")}
+    assert frozen == {"logit_scale", "logit_bias", "logit_scale_image_third", "logit_scale_text_third",
+                      "logit_bias_image_third", "logit_bias_text_third"}
 
 
 def test_init_image_from_third_tower(h_weights):
@@ -272,6 +374,10 @@ def test_init_image_from_third_tower(h_weights):
     (["--model", "3T-tiny", "--cache-missing", "skip"], "needs --third-tower-cache"),
     (["--model", "3T-tiny", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "plain CLIP models"),
     (["--model", "CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
+    (["--model", "3T-tiny", "--siglip"], "--siglip: 3T-tiny has no init_logit_bias"),
+    (["--model", "3T-tiny", "--lock-text"], "add --lock-text-freeze-layer-norm"),
+    (["--model", "3T-tiny-sigmoid", "--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring: OpenCLIP's"),
+    (["--model", "3T-tiny-sigmoid"], "3T-tiny-sigmoid has init_logit_bias (a SigLIP config): train it with --siglip"),
 ])
 def test_bad_flags_fail_before_any_work(argv, message, capsys):
     from training.params import parse_args

@@ -5,10 +5,11 @@ TensorBoard/W&B) with seven of its helpers replaced (see open_clip_3t._openclip.
 - parse_args: adds the 3T flags and rejects inconsistent ones before any work (training/params.py);
 - create_model_and_transforms: passes the 3T options to the factory (h's weights, a cache instead of h, head
   type...), loads local timm weights into a LiT image tower, copies h into f for 3T finetuning, and freezes the
-  heads and temperatures that no loss term uses (DDP fails on parameters that never get a gradient);
+  heads, temperatures and biases that no loss term uses (DDP fails on parameters that never get a gradient);
 - get_data: joins cached h embeddings to the shards, stops an epoch that could never end, adds evaluation sets
   (training/data.py);
-- train_one_epoch: batches with h embeddings, three temperatures, 3T gradient accumulation (training/train.py);
+- train_one_epoch: batches with h embeddings, three temperatures (and biases), 3T gradient accumulation
+  (training/train.py);
 - evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py);
 - pt_load: --resume latest falls back to the newest checkpoint that loads (training/run_folder.py);
 - setup_logging: OpenCLIP's, without forcing INFO onto torch's loggers (their dynamo statistics at exit); TORCH_LOGS works.
@@ -23,8 +24,10 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
-from open_clip_3t._openclip import launch_rank, openclip_setup_logging, openclip_trainer, three_towers_config
+from open_clip_3t._openclip import (launch_rank, model_config, openclip_setup_logging, openclip_trainer,
+                                   three_towers_config)
 from open_clip_3t.cache import CacheError
+from open_clip_3t.loss import TERMS
 from open_clip_3t.third_tower import WeightsError, create_timm_model
 
 from .data import TrainingDataError, get_data
@@ -33,11 +36,8 @@ from .params import fail, is_three_towers, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import train_one_epoch
 
-# Parameters each loss term needs; a term with weight 0 leaves them without gradient.
-TERM_PARAMETERS = (("logit_scale",),
-                   ("f_h", "h_f", "logit_scale_image_third"),
-                   ("g_h", "h_g", "logit_scale_text_third"))
-TRANSFER_TEMPERATURES = ("logit_scale_image_third", "logit_scale_text_third")  # unused under l2 transfer
+# The heads each loss term needs, besides its temperature and bias; a term with weight 0 leaves them without gradient.
+TERM_HEADS = {"contrastive_loss": (), "image_third_loss": ("f_h", "h_f"), "text_third_loss": ("g_h", "h_g")}
 
 
 def three_towers_kwargs(args):
@@ -58,13 +58,14 @@ def three_towers_kwargs(args):
 
 
 def freeze_unused(model):
-    """requires_grad=False on the heads/temperatures of terms with weight 0 and on temperatures unused by l2
-    transfer, before DDP and the optimizer are created."""
+    """requires_grad=False on the heads, temperatures and biases of terms with weight 0 and on the temperatures and
+    biases unused by l2 transfer, before DDP and the optimizer are created."""
     cfg = model.three_towers_cfg
-    names = [name for weight, term in zip(cfg.loss_weights, TERM_PARAMETERS) if not weight for name in term]
-    if cfg.transfer == "l2":
-        names += TRANSFER_TEMPERATURES
-    names = list(dict.fromkeys(names))
+    names = [name for weight, term in zip(cfg.loss_weights, TERMS) if not weight
+             for name in (*TERM_HEADS[term.name], term.scale, term.bias)]
+    if cfg.transfer == "l2":  # the transfer terms then use neither temperature nor bias
+        names += [name for term in TERMS[1:] for name in (term.scale, term.bias)]
+    names = [name for name in dict.fromkeys(names) if getattr(model, name, None) is not None]  # biases: SigLIP only
     for name in names:
         part = getattr(model, name)
         for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
@@ -105,8 +106,8 @@ def load_image_tower_weights(model, timm_name, path):
 
 
 def create_student(args, model_name, pretrained, kwargs):
-    vision_cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
-    timm_name = vision_cfg.get("vision_cfg", {}).get("timm_model_name")
+    cfg = model_config(model_name) or {}  # built-in name or local-dir:
+    timm_name = cfg.get("vision_cfg", {}).get("timm_model_name")
     starts_pretrained = args.image_tower_weights or args.pretrained_image or args.init_image_from_third_tower
     if timm_name and starts_pretrained and kwargs.get("image_mean") is None:
         # A pretrained timm tower (LiT, or f started from h) expects its own normalisation, as h does (unless

@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from open_clip_3t._openclip import (CONFIG_DIR, checkpoint_unreadable, launch_rank, model_config, model_exists,
-                                   openclip_is_webdataset, openclip_parse_args, three_towers_config)
+from open_clip_3t._openclip import (CONFIG_DIR, check_supported, checkpoint_unreadable, launch_rank, model_config,
+                                   model_exists, openclip_is_webdataset, openclip_parse_args, three_towers_config)
 from open_clip_3t.cache import CacheError, expand_shards, third_tower_cfg
 from open_clip_3t.cache.format import local_path
 from open_clip_3t.third_tower import ThirdTower, WeightsError, create_timm_model, on_meta_device
@@ -59,6 +59,9 @@ def parse_args(argv):
         setattr(args, name, value)
     check_args(args)
     return args
+
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip.loss.SigLipLoss's dist_impl values
 
 
 def is_three_towers(args):
@@ -136,13 +139,31 @@ def check_args(args):
     if args.three_towers_loss_weights is not None:
         if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
             fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+    if args.siglip and args.loss_dist_impl not in (None, *SIGLIP_DIST_IMPLS):
+        fail(f"--loss-dist-impl {args.loss_dist_impl}: OpenCLIP's SigLIP exchanges features with one of "
+             f"{', '.join(SIGLIP_DIST_IMPLS)}")
+    text_cfg = (model_config(args.model) or {}).get("text_cfg", {})
+    if args.lock_text and not args.lock_text_freeze_layer_norm and "hf_model_name" not in text_cfg:
+        fail(f"--lock-text: OpenCLIP locks the LayerNorms of {args.model}'s text tower with the rest of it (and stops "
+             f"with an AssertionError otherwise): add --lock-text-freeze-layer-norm")
 
     if three_towers:
         if args.distill_model or args.distill_pretrained:
             fail("--distill-model/--distill-pretrained are for plain CLIP models: 3T's third tower already is the "
                  "teacher; drop the distill flags")
-        if args.siglip:
-            fail("--siglip is not supported with 3T (its loss is the softmax CLIP loss): drop --siglip")
+        cfg = model_config(args.model)
+        try:
+            check_supported(args.model, cfg, args.force_custom_text)
+        except (ValueError, ImportError) as e:
+            fail(str(e))
+        has_bias = cfg.get("init_logit_bias") is not None
+        if args.siglip and not has_bias:  # OpenCLIP would add the biases, which the config then could not load back
+            fail(f"--siglip: {args.model} has no init_logit_bias, so the biases --siglip adds would not load back into "
+                 f"it (export, evaluation, --pretrained); use a config with init_logit_bias (e.g. 3T-ViT-B-16-SigLIP, "
+                 f"3T-tiny-sigmoid) or drop --siglip")
+        if has_bias and not args.siglip:
+            fail(f"{args.model} has init_logit_bias (a SigLIP config): train it with --siglip, or use a config "
+                 f"without init_logit_bias for the softmax CLIP loss")
         if args.horovod:
             fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
         if args.init_image_from_third_tower:

@@ -5,9 +5,9 @@ accumulation, scaler, clipping, logging keys):
 - OpenCLIP unpacks `images, texts = batch`: a batch may here carry a third element, h's cached embeddings,
   passed to the model as `third_embeddings=`;
 - OpenCLIP clamps only `logit_scale`: 3T has three temperatures;
-- OpenCLIP logs one temperature: we log all three and every loss term;
+- OpenCLIP logs one temperature: we log all three (and, under --siglip, the three biases) and every loss term;
 - OpenCLIP's gradient accumulation concatenates every model output except `logit_scale`/`logit_bias`, so 3T's
-  extra 0-D temperatures crash it: we keep every 0-D output (a temperature) out of the concatenation;
+  extra temperatures and biases crash it: we keep every temperature and bias out of the concatenation;
 - the global RNGs are re-seeded from (seed, rank, epoch) at the start of each epoch, so a run resumed at epoch N
   draws the same augmentations and shuffles as a run that never stopped.
 """
@@ -21,6 +21,7 @@ import torch
 from open_clip import get_input_dtype, get_tokenizer
 
 from open_clip_3t._openclip import openclip_autocast
+from open_clip_3t.loss import TERMS
 
 from .cached_data import fill_missing_third
 from .evaluation import evaluate, unwrap_model
@@ -30,9 +31,9 @@ try:
 except ImportError:
     wandb = None
 
-# Model outputs holding a temperature (exponentiated), and the name each is logged under (OpenCLIP: "scale").
-SCALES = {"logit_scale": "scale", "logit_scale_image_third": "scale_image_third",
-          "logit_scale_text_third": "scale_text_third"}
+# Model outputs holding a temperature (exponentiated) or a bias, and the name each is logged under (OpenCLIP logs
+# "scale"): scale, scale_image_third, ..., bias, bias_image_third, ... (biases under --siglip only).
+SCALES = {key: key[len("logit_"):] for kind in ("scale", "bias") for key in (getattr(t, kind) for t in TERMS)}
 # Data keys for which open_clip_train.main itself calls evaluate() after each epoch.
 OPENCLIP_EVAL_KEYS = ("val", "imagenet-val", "imagenet-v2")
 
@@ -162,7 +163,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                 if third is None and has_third_tower:
                     third = unwrap_model(model).encode_third(images)  # h once per micro-batch, not twice
                 for key, val in forward(model, images, texts, third).items():
-                    if val.ndim > 0:  # 0-D outputs are temperatures: never concatenated
+                    if key not in SCALES:  # temperatures and biases are never concatenated
                         accum_features.setdefault(key, []).append(val)
             accum_batches.append((images, texts, third))
             if (i + 1) % args.accum_freq > 0:
@@ -175,7 +176,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                     model_out = forward(model, images, texts, third)
                     inputs = {key: torch.cat(cached[:j] + [model_out[key]] + cached[j + 1:])
                               for key, cached in accum_features.items()}
-                    inputs.update({key: val for key, val in model_out.items() if val.ndim == 0})
+                    inputs.update({key: val for key, val in model_out.items() if key in SCALES})
                     losses = loss(**inputs, output_dict=True)
                     del inputs
                     total_loss = sum(losses.values())

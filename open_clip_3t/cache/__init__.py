@@ -20,7 +20,7 @@ The package: `format` (layout, manifest, fingerprint, sidecars), `build` (the bu
 info), `cli` (the command line).
 """
 from .build import _TEST_KILL  # noqa: F401  (tests kill a build at a chosen point)
-from .build import ShardReader, build, shard_split
+from .build import ShardReader, build, decode_loader, shard_split
 from .check import check_shards, info, validate, verify
 from .format import (DTYPES, FORMAT, MANIFEST, PRECISIONS, CacheError, expand_shards, fingerprint, image_bytes,
                      image_crc32, load_sidecar, read_manifest, shard_id, sidecar_info, sidecar_path, third_tower_cfg)
@@ -28,4 +28,5 @@ from .cli import main
 
 __all__ = ["CacheError", "build", "verify", "validate", "info", "main", "load_sidecar", "sidecar_path", "sidecar_info",
            "expand_shards", "third_tower_cfg", "fingerprint", "read_manifest", "shard_id", "shard_split",
-           "image_bytes", "image_crc32", "check_shards", "ShardReader", "FORMAT", "MANIFEST", "DTYPES", "PRECISIONS"]
+           "image_bytes", "image_crc32", "check_shards", "ShardReader", "decode_loader", "FORMAT", "MANIFEST",
+           "DTYPES", "PRECISIONS"]

@@ -142,6 +142,17 @@ class ShardReader(torch.utils.data.IterableDataset):
                "done": stats}
 
 
+def decode_loader(shards, h, batch_size, workers, device):
+    """The build's decode stage: `workers` processes (no more than there are shards), each decoding and resizing
+    whole shards, so that it scales with the workers while there are at least as many shards as workers. Batches are
+    uint8, pinned for a non-blocking copy to a CUDA device; h.normalize finishes h's preprocessing there."""
+    reader = ShardReader(shards, h.eval_transform(normalize=False), batch_size)
+    workers = min(workers, len(shards))
+    return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.device(device).type == "cuda")
+
+
 # --- build ----------------------------------------------------------------------------------------------------
 
 def shard_split(environ=None):
@@ -226,13 +237,12 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     if not todo:
         return summary
 
-    h = h.to(device=device, dtype=PRECISIONS[precision])
+    h = h.to(device)
+    h.model.to(PRECISIONS[precision])  # h's weights in the build precision; its mean/std stay fp32 (h.normalize)
     for _, url in todo:  # temporary files of a killed build
         for stale in glob.glob(glob.escape(sidecar_path(out, url)) + ".tmp*"):
             os.remove(stale)
-    reader = ShardReader(todo, h.eval_transform(), batch_size)
-    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = decode_loader(todo, h, batch_size, workers, device)
     kill_kind, _, kill_at = os.environ.get(_TEST_KILL, "").partition(":")
     store = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     rows, keys, crcs = {}, {}, {}  # per shard being built: embeddings (on the device until the shard is done), ...
@@ -254,13 +264,14 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
         for batches, item in enumerate(loader, 1):
             shard = item["shard"]
             if item["pixels"] is not None:
-                emb = h(item["pixels"].to(device, non_blocking=True))
+                emb = h(h.normalize(item["pixels"].to(device, non_blocking=True)))
                 rows.setdefault(shard, []).append(emb.to(store))
                 keys.setdefault(shard, []).extend(item["keys"])
                 crcs.setdefault(shard, []).extend(item["crc32"])
                 embedded += len(item["keys"])
                 progress.update(len(item["keys"]))
-                if first is None:  # steady-state throughput excludes worker start-up and the first batch
+                if first is None and batches >= loader.num_workers:
+                    # steady state: every decode worker has delivered a batch (the loader takes them in turn)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     first = (time.monotonic(), embedded)

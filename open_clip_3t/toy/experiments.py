@@ -1,4 +1,4 @@
-"""Toy-scale 3T / LiT / CLIP experiments on generated data, shared by the quickstart and scripts/replicate.py.
+"""Toy-scale 3T / LiT / CLIP (and their sigmoid-loss twins) experiments on generated data, shared by the quickstart and scripts/replicate.py.
 
 Everything runs through the same doors a user takes: `python -m open_clip_3t.toy.synthetic`-style shards, third
 towers pretrained here and loaded from a file, `python -m open_clip_3t.cache build`, `python -m training.main`,
@@ -22,7 +22,9 @@ from .pretrain import pretrain_third_tower
 from .synthetic import ATTRIBUTES, write_classification_folder, write_labelled_set, write_shards
 
 EVAL_ATTRIBUTES = ("shape", "colour")  # what zero-shot evaluation asks about
-MODELS = {"CLIP": "CLIP-mini", "LiT": "LiT-mini", "3T": "3T-mini"}
+# The sigmoid-loss rows (trained with --siglip) use CLIP-mini's towers as OpenCLIP's CustomTextCLIP with a bias.
+MODELS = {"CLIP": "CLIP-mini", "LiT": "LiT-mini", "3T": "3T-mini", "SigLIP": "CLIP-mini-sigmoid",
+          "SigLIP-3T": "3T-mini-sigmoid"}
 H_ARCH = "test_resnet"
 
 
@@ -216,7 +218,9 @@ def train_command(logs, name, kind, data, scale: Scale, seed, weights=None, cach
         # LiT: h's weights as the image tower, locked entirely (batch-norm statistics included): only the
         # projection and g train. Unlocked, it is "LiT finetune".
         cmd += ["--image-tower-weights", weights] + (["--lock-image", "--lock-image-freeze-bn-stats"] if lock_image else [])
-    if kind == "3T":
+    if kind.startswith("SigLIP"):
+        cmd += ["--siglip"]  # OpenCLIP's sigmoid loss, and its initialisation (temperature 10, bias -10)
+    if kind in ("3T", "SigLIP-3T"):
         # With a cache, h is not built: its weights file only identifies the third tower the cache must match.
         cmd += ["--third-tower-weights", weights] + (["--third-tower-cache", cache] if cache else [])
     return [str(c) for c in cmd]

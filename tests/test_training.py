@@ -477,13 +477,15 @@ def test_openclip_logging_leaves_torch_loggers_to_torch():
     torch_stats = ("torch._dynamo.utils", "torch._dynamo.eval_frame", "torch._subclasses.fake_tensor")
     before = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)}
     root = logging.root.level, list(logging.root.handlers)
+    for n in torch_stats:  # as in a fresh process, whatever earlier tests in this one set
+        logging.getLogger(n).setLevel(logging.NOTSET)
 
     def info_enabled(setup):
         """Which of torch's statistics loggers, and OpenCLIP's own logger, log INFO after `setup`."""
         setup(None, logging.INFO)
         on = [logging.getLogger(n).isEnabledFor(logging.INFO) for n in torch_stats + ("open_clip.factory",)]
-        for n in logging.root.manager.loggerDict:  # undo it for the rest of the session
-            logging.getLogger(n).setLevel(before.get(n, logging.NOTSET))
+        for n in logging.root.manager.loggerDict:  # undo it (torch's statistics loggers: back to NOTSET)
+            logging.getLogger(n).setLevel(logging.NOTSET if n in torch_stats else before.get(n, logging.NOTSET))
         logging.root.setLevel(root[0])
         logging.root.handlers[:] = root[1]
         return on
@@ -495,3 +497,5 @@ def test_openclip_logging_leaves_torch_loggers_to_torch():
         assert info_enabled(openclip_setup_logging) == [True, True, False, True]
     finally:
         torch._logging.set_logs()
+        for n in torch_stats:
+            logging.getLogger(n).setLevel(before.get(n, logging.NOTSET))

@@ -30,6 +30,12 @@ def claims():
                 ("removing L(g_h,h_g) hurts more than removing L(f_h,h_f)", h, f"3T ({h} h) without L(f_h,h_f)",
                  f"3T ({h} h) without L(g_h,h_g)", ALL),
                 ("contrastive transfer beats L2 transfer", h, f"3T ({h} h)", f"3T ({h} h) L2 transfer", ALL)]
+    # Beyond the paper: its method under the sigmoid loss, and several towers at once (its open question).
+    out.append(("SigLIP-3T beats the SigLIP baseline", "matched", "SigLIP-3T (matched h)", "SigLIP", ALL))
+    for alone in ("shape", "colour"):
+        out.append(("two towers beat each one alone", "shape + colour", "3T (shape + colour h)", f"3T ({alone} h)",
+                    ALL))
+    out.append(("two towers beat the from-scratch CLIP", "shape + colour", "3T (shape + colour h)", "CLIP", ALL))
     return out
 
 

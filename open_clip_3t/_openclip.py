@@ -20,8 +20,8 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
-from .model import HEAD_KEYS, HEADS, ThreeTowersCLIP, ThreeTowersCustomTextCLIP, is_three_towers_key
-from .third_tower import ThreeTowersCfg
+from .model import ThreeTowersCLIP, ThreeTowersCustomTextCLIP, is_three_towers_key, tower_keys, towers_in
+from .third_tower import ThreeTowersCfg, by_tower
 
 SUPPORTED_OPENCLIP = ((3, 3), (3, 4))  # [min, max) as (major, minor)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -194,11 +194,19 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
     checkpoint = checkpoint_path_for(model_name, pretrained) if opts["load_weights"] else None
     if checkpoint is not None:
         keys = checkpoint_keys(checkpoint)
-        has_heads = any(k.startswith(HEAD_KEYS) for k in keys)
-        if has_heads and "third_tower" not in model_kwargs and model_kwargs.get("third_tower_weights") is None:
-            # A full 3T checkpoint carries h's weights when it was trained with h online: never fetch them again.
-            has_h = any(k.startswith("third_tower.") for k in keys)
-            model_kwargs["third_tower"] = "random" if has_h else False
+        towers = towers_in(keys)  # [] for a plain checkpoint of f and g
+        if towers:
+            # A full 3T checkpoint carries a tower's weights when it was trained with that tower online: never fetch
+            # them again; a tower it lacks was trained from a cache and is not built. What the caller asks for a
+            # tower (third_tower=..., or weights to build it from) wins.
+            names = ThreeTowersCfg.from_dict(model_kwargs.get(SECTION) or three_towers_config(model_name)).names
+            asked = by_tower(model_kwargs.get("third_tower"), names, "third_tower")
+            weights = by_tower(model_kwargs.get("third_tower_weights"), names, "third_tower_weights")
+            held = {name for name in names if any(k.startswith(tower_keys(name).tower + ".") for k in keys)}
+            for name in names:
+                if asked[name] is None:
+                    asked[name] = True if weights[name] else "random" if name in held else False
+            model_kwargs["third_tower"] = asked
         # We load the checkpoint ourselves (below), since a strict load cannot take what legitimately differs.
         # OpenCLIP then sees no checkpoint and would fetch f's and g's own pretrained weights (a Hugging Face text
         # tower's, by default): the checkpoint replaces them, so do not read them.
@@ -211,11 +219,12 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
     if checkpoint is not None:
         result = load_openclip_checkpoint(model, checkpoint, strict=False)
         # A plain checkpoint lacks the heads (they stay new); a 3T checkpoint trained from cached embeddings
-        # lacks h (built from its own weights); a model built without h ignores h's weights.
-        missing = [k for k in result.missing_keys
-                   if not (is_three_towers_key(k) and (not has_heads or k.startswith("third_tower.")))]
-        unexpected = [k for k in result.unexpected_keys
-                      if not (k.startswith("third_tower.") and model.third_tower is None)]
+        # lacks that tower (built from its own weights); a model built without a tower ignores its weights.
+        tower_modules = {tower_keys(name).tower for name in model.tower_names}
+        unbuilt = {tower_keys(name).tower for name, h in model.third_towers.items() if h is None}
+        missing = [k for k in result.missing_keys if not (is_three_towers_key(k, model.tower_names) and (
+            not towers or k.split(".")[0] in tower_modules))]
+        unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in unbuilt]
         if missing or unexpected:
             raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}): pass a 3T checkpoint of this model or a plain checkpoint of its f "
@@ -224,11 +233,14 @@ def _create_model(model_name, pretrained=None, *args, **kwargs):
         # OpenCLIP's fp16/bf16 casts f and g to half (every Linear; the whole model for a timm image tower) and keeps
         # its logit_scale fp32 where it can: the heads keep logit_scale's dtype, as the temperatures do (the forward
         # feeds each head in its own dtype).
-        for name in HEADS:
-            getattr(model, name).to(model.logit_scale.dtype)
-    if model.third_tower is not None and opts["precision"] in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
-        # OpenCLIP's low-precision conversion touches only some layer types: cast h as a whole.
-        model.third_tower.to(torch.float16 if "fp16" in opts["precision"] else torch.bfloat16)
+        for name in model.tower_names:
+            for head in model.heads(name):
+                head.to(model.logit_scale.dtype)
+    if opts["precision"] in ("fp16", "bf16", "pure_fp16", "pure_bf16"):
+        # OpenCLIP's low-precision conversion touches only some layer types: cast each tower h as a whole.
+        for h in model.third_towers.values():
+            if h is not None:
+                h.to(torch.float16 if "fp16" in opts["precision"] else torch.bfloat16)
     return model
 
 
@@ -238,14 +250,14 @@ def create_loss(args):
     cfg = ThreeTowersCfg.from_dict(three_towers_config(args.model))
     weights = getattr(args, "three_towers_loss_weights", None) or cfg.loss_weights
     transfer = getattr(args, "three_towers_transfer", None) or cfg.transfer
+    common = {"weights": weights, "transfer": transfer, "towers": cfg.names}
     if getattr(args, "horovod", False):
         raise ValueError("3T does not support Horovod: use torchrun / SLURM with torch.distributed")
     if getattr(args, "siglip", False):
         return ThreeTowersSigLipLoss(rank=args.rank, world_size=args.world_size,
-                                     dist_impl=getattr(args, "loss_dist_impl", None), weights=weights,
-                                     transfer=transfer)
+                                     dist_impl=getattr(args, "loss_dist_impl", None), **common)
     return ThreeTowersLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
-                           rank=args.rank, world_size=args.world_size, weights=weights, transfer=transfer)
+                           rank=args.rank, world_size=args.world_size, **common)
 
 
 def _create_loss(args):
@@ -421,12 +433,12 @@ def _wds_train_stages(data_info):
     return stages, tar, to_tuple, batched
 
 
-def wds_join_field(data_info, join_stage, field):
-    """Insert `join_stage` (samples -> samples with `field` set) right after the tar-to-samples stage of a
-    DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and make batches (image, text, field)."""
+def wds_join_field(data_info, join_stage, fields):
+    """Insert `join_stage` (samples -> samples with each of `fields` set) right after the tar-to-samples stage of a
+    DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and make batches (image, text, *fields)."""
     import webdataset as wds
     stages, tar, to_tuple, _ = _wds_train_stages(data_info)
-    stages[to_tuple] = wds.to_tuple("image", "text", field)
+    stages[to_tuple] = wds.to_tuple("image", "text", *fields)
     stages.insert(tar + 1, join_stage)
     return data_info
 

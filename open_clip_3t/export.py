@@ -1,5 +1,5 @@
-"""Export a 3T checkpoint as a plain OpenCLIP model folder (f, g, `logit_scale` and, for SigLIP, `logit_bias`; h,
-the heads and the transfer terms' temperatures and biases dropped).
+"""Export a 3T checkpoint as a plain OpenCLIP model folder (f, g, `logit_scale` and, for SigLIP, `logit_bias`; every
+third tower h, its heads and its transfer terms' temperatures and biases dropped).
 
     python -m open_clip_3t.export logs/RUN/checkpoints/epoch_10.pt --out released/ [--model 3T-ViT-B-16]
 
@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from ._openclip import (SECTION, checkpoint_keys, checkpoint_unreadable, load_state_dict, model_config, model_exists,
                         openclip_model_class)
-from .model import clip_state_dict, is_three_towers_key
+from .model import clip_state_dict, towers_in
 
 
 def _run_params(checkpoint):
@@ -160,7 +160,7 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
     if not model_exists(model_name):
         raise ValueError(f"model {model_name} (from {source}) does not exist: pass the 3T --model the checkpoint was "
                          f"trained with")
-    if not any(is_three_towers_key(k) for k in checkpoint_keys(checkpoint)):
+    if not towers_in(checkpoint_keys(checkpoint)):
         raise ValueError(f"{checkpoint} holds no 3T heads: it is not a 3T checkpoint, and a plain CLIP checkpoint "
                          f"needs no export (load it with open_clip.create_model_and_transforms('{model_name}', "
                          f"pretrained='{checkpoint}'))")

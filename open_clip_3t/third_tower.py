@@ -2,9 +2,10 @@
 import contextlib
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import timm
 import timm.models._builder as timm_builder
@@ -12,12 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss import loss_terms
+
+
+DEFAULT_TOWER = "third"  # the name of the tower of a single-tower section: 3T's names as they always were
+TOWER_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
+
 
 @dataclass
-class ThreeTowersCfg:
-    """The `three_towers` section of a 3T model config."""
+class ThirdTowerCfg:
+    """One frozen tower h of a `three_towers` section: its timm model, weights and preprocessing, and its name."""
     timm_model_name: str                     # e.g. "vit_base_patch16_224.augreg_in21k"
     embed_dim: int                           # width of h's pre-logits embedding (the input of heads h_f, h_g)
+    name: str = DEFAULT_TOWER                # keys its heads, temperatures, loss terms, log lines and cache
     timm_model_pretrained: bool = True       # load h's weights from timm's hub (ignored when `weights` is set)
     weights: Optional[str] = None            # local weights file for h (timm's pretrained_cfg_overlay file door)
     image_size: Optional[int] = None         # h's input size; default: timm's pretrained_cfg
@@ -26,26 +34,117 @@ class ThreeTowersCfg:
     interpolation: Optional[str] = None      # "bicubic" / "bilinear"; default: timm's pretrained_cfg
     crop_pct: Optional[float] = None         # h's eval center crop (used by the cache); default: timm's
     timm_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. {"img_size": 32}
-    head_type: str = "linear"                # "linear" or "mlp" for f_h, g_h, h_f, h_g
-    head_dim: Optional[int] = None           # width of the two shared 3T spaces; default: the CLIP embed_dim
-    loss_weights: Sequence[float] = (1.0, 1.0, 1.0)  # L(f,g), L(f_h,h_f), L(g_h,h_g)
-    transfer: str = "contrastive"            # "contrastive" or "l2" for the two transfer terms
+
+
+@dataclass
+class ThreeTowersCfg:
+    """The `three_towers` section of a 3T model config: K frozen towers, either listed (`"towers": [{"name": ...,
+    <ThirdTowerCfg fields>}, ...]`) or, for K = 1, given by the ThirdTowerCfg fields in the section itself (then
+    named "third"); plus what every tower shares: the heads and the loss."""
+    towers: List[ThirdTowerCfg]
+    head_type: str = "linear"                # "linear" or "mlp" for every tower's heads f_h, g_h, h_f, h_g
+    head_dim: Optional[int] = None           # width of each tower's two shared spaces; default: the CLIP embed_dim
+    loss_weights: Optional[Sequence[float]] = None  # one per term, L(f,g) then L(f_h,h_f), L(g_h,h_g) of each tower
+    transfer: str = "contrastive"            # "contrastive" or "l2" for the transfer terms
+
+    @property
+    def names(self):
+        return [tower.name for tower in self.towers]
+
+    def tower(self, name=None):
+        """The tower called `name`; without a name, the only one."""
+        if name is None and len(self.towers) == 1:
+            return self.towers[0]
+        found = [t for t in self.towers if t.name == name]
+        if not found:
+            which = "name one" if name is None else f"there is no tower {name!r}"
+            raise ValueError(f"this 3T model has the third towers {self.names}: {which} of them")
+        return found[0]
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        d = dict(d)
+        shared = {f.name for f in fields(cls)} - {"towers"}
+        per_tower = {f.name for f in fields(ThirdTowerCfg)}
+        if "towers" in d:
+            inline = sorted(set(d) & per_tower)
+            if inline:
+                raise ValueError(f"three_towers section lists its towers and also has the tower key(s) {inline}: "
+                                 f"move them into each entry of three_towers.towers")
+            towers = d.pop("towers")
+            if not isinstance(towers, list) or not towers:
+                raise ValueError("three_towers.towers must be a non-empty list of towers, each with a name")
+        else:
+            towers = [{k: d.pop(k) for k in list(d) if k in per_tower}]
+        unknown = sorted(set(d) - shared) + sorted({k for t in towers for k in t} - per_tower)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in the three_towers config section: valid keys are {sorted(known)}")
-        cfg = cls(**d)
+            raise ValueError(f"unknown key(s) {unknown} in the three_towers config section: valid keys are "
+                             f"{sorted(shared)} and, per tower, {sorted(per_tower)}")
+        if len(towers) > 1 and any("name" not in t for t in towers):
+            raise ValueError("three_towers.towers: give every tower a short name (e.g. \"name\": \"in21k\"); it keys "
+                             "the tower's heads, temperatures, loss terms, log lines and cache")
+        lacking = [t.get("name", DEFAULT_TOWER) for t in towers if not {"timm_model_name", "embed_dim"} <= set(t)]
+        if lacking:
+            raise ValueError(f"three_towers: tower {lacking[0]!r} needs timm_model_name and embed_dim")
+        cfg = cls(towers=[ThirdTowerCfg(**t) for t in towers], **d)
+        names = cfg.names
+        bad = [n for n in names if not isinstance(n, str) or not TOWER_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"three_towers: tower name {bad[0]!r} is not a short name: use 1-16 lower-case letters "
+                             f"and digits, starting with a letter (e.g. in21k)")
+        if set(names) & {"f", "g", "h"}:  # a tower h called f, g or h would share its heads' names with another's
+            raise ValueError(f"three_towers: a tower may not be called {sorted(set(names) & {'f', 'g', 'h'})[0]!r} (the "
+                             f"heads of a tower N are f_N, N_f, g_N, N_g): give it another name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"three_towers: the tower names {names} repeat: give each tower its own name")
         if cfg.head_type not in ("linear", "mlp"):
             raise ValueError(f"three_towers.head_type={cfg.head_type!r}: use 'linear' or 'mlp'")
         if cfg.transfer not in ("contrastive", "l2"):
             raise ValueError(f"three_towers.transfer={cfg.transfer!r}: use 'contrastive' or 'l2'")
+        n_terms = 1 + 2 * len(names)
+        if cfg.loss_weights is None:
+            cfg.loss_weights = [1.0] * n_terms
+        elif len(cfg.loss_weights) != n_terms:
+            raise ValueError(f"three_towers.loss_weights has {len(cfg.loss_weights)} values: give {n_terms}, one "
+                             f"per term: {', '.join(term.name for term in loss_terms(names))}")
         return cfg
 
 
-def check_timm_model(cfg: ThreeTowersCfg):
+def parse_named(words, names, flag):
+    """{tower name: value} from command-line words NAME=VALUE (a single bare VALUE names the only tower); a dict
+    passes through. Raises ValueError (one line) on a name that is not a tower or a tower named twice."""
+    if isinstance(words, dict):
+        return {name: value for name, value in by_tower(words, names, flag).items() if value is not None}
+    words = [words] if isinstance(words, str) else list(words)
+    found = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not (sep and TOWER_NAME.fullmatch(name)):
+            if len(words) > 1 or len(names) > 1:
+                raise ValueError(f"{flag} {word}: this model has the third towers {names}: write NAME=VALUE for each")
+            name, value = names[0], word
+        if name not in names:
+            raise ValueError(f"{flag} {word}: {name!r} is not a third tower of this model, which has {names}")
+        if name in found:
+            raise ValueError(f"{flag}: tower {name} is given twice; give each tower once")
+        found[name] = value
+    return found
+
+
+def by_tower(value, names, what):
+    """`value` for each tower: a {name: value} dict (towers it leaves out get None), or one value that applies to
+    the only tower (or, for True/False/"random", to every tower)."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"{what}: {unknown} are not third towers of this model, which has {names}")
+        return {n: value.get(n) for n in names}
+    if value is None or isinstance(value, bool) or value == "random" or len(names) == 1:
+        return {n: value for n in names}
+    raise ValueError(f"{what}={value!r}: this model has the third towers {names}: give {{name: value}} for them")
+
+
+def check_timm_model(cfg: ThirdTowerCfg):
     """Fail fast, before any weights are read, on a bad third-tower name or weights file."""
     arch = cfg.timm_model_name.split(".")[0]
     if not timm.is_model(arch):
@@ -139,7 +238,7 @@ def on_meta_device(build):
 class ThirdTower(nn.Module):
     """h: frozen, always in eval mode, fed through its own preprocessing, output = pre-logits embedding."""
 
-    def __init__(self, cfg: ThreeTowersCfg, load_weights: bool = True):
+    def __init__(self, cfg: ThirdTowerCfg, load_weights: bool = True):
         super().__init__()
         check_timm_model(cfg)
         pretrained = load_weights and (cfg.weights is not None or cfg.timm_model_pretrained)
@@ -150,8 +249,9 @@ class ThirdTower(nn.Module):
 
         width = getattr(self.model, "head_hidden_size", self.model.num_features)
         if width != cfg.embed_dim:
+            where = "three_towers.embed_dim" if cfg.name == DEFAULT_TOWER else f"the embed_dim of tower {cfg.name}"
             raise ValueError(f"third tower {cfg.timm_model_name} has a {width}-d pre-logits embedding but "
-                             f"three_towers.embed_dim is {cfg.embed_dim}: set embed_dim to {width}")
+                             f"{where} is {cfg.embed_dim}: set embed_dim to {width}")
 
         # timm's pretrained_cfg is not updated when img_size is overridden: the config's size wins.
         data_cfg = timm.data.resolve_model_data_config(self.model)

@@ -96,8 +96,11 @@ def test_weight_three_on_main_term_equals_openclip_clip_loss_and_gradients():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="three loss weights"):
+    with pytest.raises(ValueError, match="give 3 loss weights, one per term: contrastive_loss, image_third_loss, "
+                                         "text_third_loss"):
         ThreeTowersLoss(weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="give 5 loss weights"):
+        ThreeTowersLoss(weights=(1.0, 1.0, 1.0), towers=("in21k", "places"))
     with pytest.raises(ValueError, match="transfer='mse'"):
         ThreeTowersLoss(transfer="mse")
 
@@ -165,6 +168,71 @@ def test_sigmoid_main_term_is_openclip_siglip_loss_and_gradients():
 def test_sigmoid_loss_names_a_missing_bias():
     with pytest.raises(ValueError, match="needs the model outputs .*logit_bias.*: give the model config init_logit_bias"):
         ThreeTowersSigLipLoss()(**features(seed=8))
+
+
+# --- several frozen towers (K = 2) ---------------------------------------------------------------------------------
+
+TOWERS = ("in21k", "places")
+K2_SCALES = {"logit_scale": 10.0, "logit_scale_image_in21k": 7.0, "logit_scale_text_in21k": 3.0,
+             "logit_scale_image_places": 5.0, "logit_scale_text_places": 2.0}
+K2_BIASES = {"logit_bias": -2.0, "logit_bias_image_in21k": 0.5, "logit_bias_text_in21k": -1.0,
+             "logit_bias_image_places": 1.5, "logit_bias_text_places": -0.5}
+K2_TERMS = (("contrastive_loss", "image_features", "text_features", "logit_scale", "logit_bias"),
+            *((f"{side}_{t}_loss", f"{side}_{t}_features", f"{t}_{side}_features", f"logit_scale_{side}_{t}",
+               f"logit_bias_{side}_{t}") for t in TOWERS for side in ("image", "text")))
+
+
+def k2_features(batch=B, seed=0, requires_grad=False):
+    """f, g and two towers' feature sets (the towers' heads map into spaces of widths 3 and 2), float64."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"image_features": D, "text_features": D, "image_in21k_features": DH, "in21k_image_features": DH,
+            "text_in21k_features": DH, "in21k_text_features": DH, "image_places_features": 2,
+            "places_image_features": 2, "text_places_features": 2, "places_text_features": 2}
+    out = {n: F.normalize(torch.randn(batch, d, generator=g, dtype=torch.float64), dim=-1) for n, d in dims.items()}
+    out.update({k: torch.tensor(v, dtype=torch.float64) for k, v in {**K2_SCALES, **K2_BIASES}.items()})
+    for v in out.values():
+        v.requires_grad_(requires_grad)
+    return out
+
+
+def test_two_towers_each_term_matches_hand_computation_and_default_is_the_mean():
+    x = k2_features(seed=11)
+    for loss, hand, scale in ((ThreeTowersLoss(towers=TOWERS), hand_clip_loss, lambda s, b: (s,)),
+                              (ThreeTowersSigLipLoss(towers=TOWERS), hand_sigmoid_loss, lambda s, b: (s, b))):
+        out = loss(**x, output_dict=True)
+        assert list(out) == [name for name, *_ in K2_TERMS]
+        expect = {name: hand(x[a], x[b], *scale({**K2_SCALES}[s], K2_BIASES[bias])) / 5  # the mean of 1 + 2K terms
+                  for name, a, b, s, bias in K2_TERMS}
+        assert len({round(v, 6) for v in expect.values()}) == 5  # five different numbers: a swap would show
+        for k, v in expect.items():
+            assert out[k].item() == pytest.approx(v, rel=1e-10), (type(loss).__name__, k)
+        assert loss(**x).item() == pytest.approx(sum(expect.values()), rel=1e-10)
+
+
+def test_two_towers_weights_per_term_and_l2_transfer():
+    x = k2_features(seed=12)
+    full = ThreeTowersLoss(towers=TOWERS)(**x, output_dict=True)
+    out = ThreeTowersLoss(towers=TOWERS, weights=(1, 0, 2, 0.5, 0))(**x, output_dict=True)
+    assert set(out) == {"contrastive_loss", "text_in21k_loss", "image_places_loss"}  # weight 0 drops a term
+    for name, w in (("contrastive_loss", 1), ("text_in21k_loss", 2), ("image_places_loss", 0.5)):
+        assert out[name].item() == pytest.approx(w * full[name].item(), rel=1e-12)
+    l2 = ThreeTowersLoss(towers=TOWERS, transfer="l2")(**x, output_dict=True)
+    for name, a, b, _, _ in K2_TERMS[1:]:
+        assert l2[name].item() == pytest.approx(sum(float(((x[a][i] - x[b][i]) ** 2).sum()) for i in range(B)) / B / 5,
+                                                rel=1e-10)
+
+
+def test_two_towers_tuple_output_order():
+    from open_clip_3t.loss import model_outputs
+    x = k2_features(seed=13)
+    outputs = model_outputs(TOWERS)
+    assert outputs[:11] == ("image_features", "text_features", "logit_scale", "image_in21k_features",
+                            "in21k_image_features", "text_in21k_features", "in21k_text_features",
+                            "image_places_features", "places_image_features", "text_places_features",
+                            "places_text_features")
+    assert set(outputs) == set(x)
+    loss = ThreeTowersSigLipLoss(towers=TOWERS)
+    assert loss(*(x[k] for k in outputs)).item() == pytest.approx(loss(**x).item(), rel=1e-12)
 
 
 # --- two processes, gloo -----------------------------------------------------------------------------------------
@@ -330,3 +398,65 @@ def test_trainer_imported_first_still_gets_the_3t_loss():
     out = run_python("import open_clip, open_clip_train.main as m, open_clip_3t; "
                      "print(m.create_loss is open_clip.create_loss, open_clip.create_loss.__module__)")
     assert out.split() == ["True", "open_clip_3t._openclip"]
+
+
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+def _k2_rank_worker(rank, world_size, port, gather_with_grad, queue):
+    """Every collective call of torch.distributed during the loss's forward and backward is counted (the
+    differentiable torch.distributed.nn.all_gather of --gather-with-grad calls torch.distributed.all_gather)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    calls = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+        return lambda *a, **k: calls.append(f"{module.__name__}.{name}") or real(*a, **k)
+    saved = {(torch.distributed, n): getattr(torch.distributed, n) for n in COLLECTIVES}
+    try:
+        for (module, name) in saved:
+            setattr(module, name, counted(module, name))
+        x = k2_features(batch=2 * B, seed=14)
+        local = {k: (v[rank * B:(rank + 1) * B] if v.ndim == 2 else v).clone().requires_grad_(True)
+                 for k, v in x.items()}
+        loss = ThreeTowersLoss(gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
+                               towers=TOWERS)(**local)
+        forward_calls = list(calls)
+        loss.backward()
+        queue.put((rank, loss.item(), forward_calls, calls, local["places_text_features"].grad.numpy()))
+    finally:
+        for (module, name), real in saved.items():
+            setattr(module, name, real)
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("gather_with_grad", [False, True])
+def test_two_ranks_with_two_towers_equal_one_process_in_one_collective(gather_with_grad):
+    """K = 2, two processes: the mean of the per-rank losses is the single-process loss on the concatenated batch,
+    and every feature set of both towers (and of f and g) crossed ranks in one all_gather."""
+    world_size = 2
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_k2_rank_worker, args=(r, world_size, port, gather_with_grad, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    x = k2_features(batch=2 * B, seed=14, requires_grad=True)
+    single = ThreeTowersLoss(towers=TOWERS)(**x)
+    single.backward()
+    assert sum(r[1] for r in results) / world_size == pytest.approx(single.item(), rel=1e-10)
+    gather = "torch.distributed.all_gather"
+    for rank, _, forward_calls, all_calls, grad in results:
+        assert forward_calls == [gather]  # one collective for the ten feature sets
+        if gather_with_grad:  # as for one tower: d(sum of the ranks' losses)/dx_r = world_size x the single gradient
+            torch.testing.assert_close(torch.from_numpy(grad), world_size * x["places_text_features"].grad[
+                rank * B:(rank + 1) * B], rtol=1e-9, atol=1e-12)
+        else:
+            assert all_calls == [gather]  # and none in the backward

@@ -58,19 +58,22 @@ def test_forward_contract_in_training_mode(model):
         assert out[k].item() == pytest.approx(1 / 0.07, rel=1e-5)  # exponentiated, init log(1/0.07)
 
 
-@pytest.mark.parametrize("model_name, loss, n_outputs", [("3T-tiny", ThreeTowersLoss(), 9),
-                                                         ("3T-tiny-sigmoid", ThreeTowersSigLipLoss(), 12)])
+@pytest.mark.parametrize("model_name, loss, n_outputs", [
+    ("3T-tiny", ThreeTowersLoss(), 9), ("3T-tiny-sigmoid", ThreeTowersSigLipLoss(), 12),
+    ("3T-tiny-K2", ThreeTowersLoss(towers=("vit", "resnet")), 15)])
 def test_tuple_output_feeds_the_loss_like_the_dict(model_name, loss, n_outputs, h_weights):
     """OpenCLIP's default output_dict=False gives a tuple: loss(*model(...)) equals loss(**model(...)); a SigLIP
     config's tuple ends with the three biases."""
-    from open_clip_3t.loss import MODEL_OUTPUTS
+    from open_clip_3t.loss import model_outputs
     images, texts = batch()
+    towers = {"third_tower_weights": h_weights} if model_name != "3T-tiny-K2" else {"third_tower": "random"}
     torch.manual_seed(0)
-    with_dict = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True).train()
+    with_dict = open_clip.create_model(model_name, output_dict=True, **towers).train()
     torch.manual_seed(0)
-    plain = open_clip.create_model(model_name, third_tower_weights=h_weights).train()  # output_dict=False
+    plain = open_clip.create_model(model_name, **towers).train()  # output_dict=False
     as_dict, as_tuple = with_dict(images, texts), plain(images, texts)
-    assert isinstance(as_tuple, tuple) and tuple(as_dict) == MODEL_OUTPUTS[:n_outputs] and len(as_tuple) == n_outputs
+    outputs = model_outputs(with_dict.tower_names)
+    assert isinstance(as_tuple, tuple) and tuple(as_dict) == outputs[:n_outputs] and len(as_tuple) == n_outputs
     assert loss(*as_tuple, output_dict=True) == loss(**as_dict, output_dict=True)
     assert loss(*as_tuple).item() == pytest.approx(sum(loss(**as_dict, output_dict=True).values()).item(), rel=1e-6)
     with pytest.raises(TypeError, match=r"loss\(\*model\(images, texts\)\)"):
@@ -316,3 +319,163 @@ def test_coca_configs_are_refused_with_the_reason(tmp_path):
                                          r"term") as e:
         open_clip.create_model(f"local-dir:{tmp_path}")
     assert "\n" not in str(e.value)
+
+
+# --- several frozen towers (K = 2) and today's single tower as K = 1 ----------------------------------------------
+
+def k2_section(**overrides):
+    section = json.loads((_openclip.CONFIG_DIR / "3T-tiny-K2.json").read_text())["three_towers"]
+    section.update(overrides)
+    return section
+
+
+# 3T-tiny's model and loss with the tower of h_weights (conftest: test_vit, seed 123), in float64 on a fixed batch,
+# as computed by the code before several towers existed (open_clip_3t at e594a78, one tower): the K = 1 path must
+# give these numbers. Terms of the loss, and the sum of |gradient| over each top-level parameter group.
+TODAY = {
+    "3T-tiny": ({"contrastive_loss": 0.6624145736521553, "image_third_loss": 0.7034180088131335,
+                 "text_third_loss": 0.8490742076650312},
+                {"f_h": 25.927940583898366, "g_h": 49.38100204820109, "h_f": 55.627765329902566,
+                 "h_g": 79.66308643074493, "ln_final": 2.029696938619115, "logit_scale": 0.10570731462009168,
+                 "logit_scale_image_third": 0.21430165612272592, "logit_scale_text_third": 0.45879470773052977,
+                 "positional_embedding": 241.50587651313748, "text_projection": 56.49655700828619,
+                 "token_embedding": 290.25615337832136, "transformer": 664.7320785096617,
+                 "visual": 185.47972933147966}),
+    "3T-tiny-sigmoid": ({"contrastive_loss": 3.326577896446658, "image_third_loss": 3.1874866789099907,
+                         "text_third_loss": 4.653461096128785},
+                        {"f_h": 124.03933393912153, "g_h": 126.9723810535472, "h_f": 304.9938718836066,
+                         "h_g": 274.915953781276, "logit_bias": 0.3332383204699682,
+                         "logit_bias_image_third": 0.3327605931917842, "logit_bias_text_third": 0.3333309484633171,
+                         "logit_scale": 0.0068439344021959435, "logit_scale_image_third": 0.14478087449569527,
+                         "logit_scale_text_third": 1.3201172882274375, "text": 3242.0804491992553,
+                         "visual": 923.7047108635427}),
+}
+
+
+def loss_and_gradients(model_name, h_weights, **kwargs):
+    """(state-dict keys, loss terms, {top-level name: sum of |grad|}) of one float64 step on a fixed batch."""
+    torch.manual_seed(0)
+    m = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True, **kwargs).double().train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
+    texts = open_clip.get_tokenizer(model_name)([f"a photo of {i} red circles" for i in range(6)])
+    loss = ThreeTowersSigLipLoss() if "sigmoid" in model_name else ThreeTowersLoss()
+    terms = loss(**m(images, texts), output_dict=True)
+    sum(terms.values()).backward()
+    grads = {}
+    for name, p in m.named_parameters():
+        if p.grad is not None:
+            grads[name.split(".")[0]] = grads.get(name.split(".")[0], 0.0) + p.grad.abs().sum().item()
+    return list(m.state_dict()), {k: v.item() for k, v in terms.items()}, grads
+
+
+@pytest.mark.parametrize("model_name", ["3T-tiny", "3T-tiny-sigmoid"])
+def test_one_tower_is_todays_3t_loss_gradients_and_keys(model_name, h_weights):
+    """K = 1: today's single-tower section and the same tower written as a one-entry tower list named "third" give
+    the loss, gradients and state-dict keys of the code before several towers existed (TODAY), on the same seed."""
+    keys, terms, grads = loss_and_gradients(model_name, h_weights)
+    today_terms, today_grads = TODAY[model_name]
+    assert terms.keys() == today_terms.keys() and grads.keys() == today_grads.keys()
+    for k, v in {**terms, **grads}.items():
+        assert v == pytest.approx({**today_terms, **today_grads}[k], rel=1e-9), k
+    h = {k for k in keys if k.startswith("third_tower.")}
+    assert len(h) == 78  # test_vit's 78 tensors, under today's prefix
+    assert set(keys) - plain_keys(model_name) - h == THREE_TOWERS_ONLY | (SIGMOID_ONLY if "sigmoid" in model_name
+                                                                          else set())
+
+    section = json.loads((_openclip.CONFIG_DIR / f"{model_name}.json").read_text())["three_towers"]
+    shared = {k: section.pop(k) for k in ("head_type", "loss_weights", "transfer")}
+    as_list = {"towers": [{"name": "third", **section}], **shared}
+    assert loss_and_gradients(model_name, h_weights, three_towers=as_list) == (keys, terms, grads)  # bit for bit
+
+
+def test_two_towers_have_their_own_heads_temperatures_and_outputs():
+    torch.manual_seed(0)
+    m = open_clip.create_model("3T-tiny-K2", third_tower="random", output_dict=True).train()
+    assert m.tower_names == ("vit", "resnet")
+    assert {n: type(h.model).__name__ for n, h in m.third_towers.items()} == {"vit": "VisionTransformer",
+                                                                                "resnet": "ResNet"}
+    # each tower: its module, four heads (h's side reads its own width: 64 for test_vit, 96 for test_resnet)
+    for name, width in (("vit", 64), ("resnet", 96)):
+        f_h, h_f, g_h, h_g = m.heads(name)
+        assert (f_h.in_features, h_f.in_features, g_h.in_features, h_g.in_features) == (32, width, 32, width)
+        assert getattr(m, f"{name}_tower") is m.third_towers[name]
+    three_t = {k for k in m.state_dict() if not k.startswith(("vit_tower.", "resnet_tower."))} - plain_keys("3T-tiny")
+    assert three_t == {f"{head}.{p}" for name in ("vit", "resnet") for head in (f"f_{name}", f"{name}_f", f"g_{name}",
+                                                                                  f"{name}_g") for p in ("weight", "bias")
+                       } | {f"logit_scale_{side}_{name}" for side in ("image", "text") for name in ("vit", "resnet")}
+    images, texts = batch()
+    out = m(images, texts)
+    assert set(out) == {"image_features", "text_features", "logit_scale"} | {
+        key for name in ("vit", "resnet") for side in ("image", "text")
+        for key in (f"{side}_{name}_features", f"{name}_{side}_features", f"logit_scale_{side}_{name}")}
+    # the tower's side of each term is that tower's embedding through that tower's head
+    h = m.encode_third(images, "resnet")
+    assert h.shape == (4, 96)
+    torch.testing.assert_close(out["resnet_text_features"], F.normalize(m.resnet_g(h), dim=-1))
+    torch.testing.assert_close(out["image_vit_features"], F.normalize(m.f_vit(m.encode_image(images)), dim=-1))
+    assert not torch.allclose(out["vit_text_features"], out["resnet_text_features"][:, :32])
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_gradients_of_two_towers_reach_f_g_every_head_and_temperature_but_no_tower(sigmoid):
+    extra = {"init_logit_bias": -10.0} if sigmoid else {}
+    torch.manual_seed(0)
+    m = open_clip.create_model("3T-tiny-K2", third_tower="random", output_dict=True, **extra).train()
+    loss = (ThreeTowersSigLipLoss if sigmoid else ThreeTowersLoss)(towers=m.tower_names)
+    images, texts = batch()
+    loss(**m(images, texts)).backward()
+    trained = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    towers = {n for n, _ in m.named_parameters() if n.startswith(("vit_tower.", "resnet_tower."))}
+    assert len(towers) > 50 and not any(p.requires_grad or p.grad is not None
+                                        for n, p in m.named_parameters() if n in towers)
+    assert trained == {n for n, _ in m.named_parameters()} - towers  # everything else: f, g, 8 heads, 5 temperatures
+    scales = {f"logit_scale_{side}_{name}" for side in ("image", "text") for name in ("vit", "resnet")}
+    assert scales | {"logit_scale", "f_vit.weight", "resnet_g.bias", "visual.conv1.weight"} <= trained
+    if sigmoid:
+        assert {"logit_bias"} | {s.replace("scale", "bias") for s in scales} <= trained
+
+
+def test_two_towers_fed_in_one_online_and_the_eval_model_is_plain_clip():
+    torch.manual_seed(0)
+    online = open_clip.create_model("3T-tiny-K2", third_tower="random", output_dict=True).train()
+    images, texts = batch()
+    vit = online.encode_third(images, "vit")
+    half = open_clip.create_model("3T-tiny-K2", third_tower={"vit": False}, output_dict=True)
+    half.load_state_dict({k: v for k, v in online.state_dict().items() if not k.startswith("vit_tower.")})
+    assert half.vit_tower is None and half.resnet_tower is not None
+    fed, full = half.train()(images, texts, third_embeddings={"vit": vit}), online(images, texts)
+    for key, value in full.items():
+        torch.testing.assert_close(fed[key], value, msg=key)
+    with pytest.raises(RuntimeError, match="without its third tower 'vit'"):
+        half(images, texts)
+    with pytest.raises(ValueError, match=r"third towers \['vit', 'resnet'\]: name one of them"):
+        half(images, texts, third_embeddings=vit)  # a bare tensor names no tower
+    with pytest.raises(ValueError, match=r"\['places'\] are not third towers of this model"):
+        half(images, texts, third_embeddings={"places": vit})
+    online.eval()
+    assert set(online(images, texts)) == {"image_features", "text_features", "logit_scale"}  # no tower runs
+    plain = open_clip.model.CLIP(**{k: v for k, v in json.loads(
+        (_openclip.CONFIG_DIR / "3T-tiny-K2.json").read_text()).items() if k != "three_towers"})
+    plain.load_state_dict(open_clip_3t.clip_state_dict(online.state_dict()))  # strict: every tower and head dropped
+    torch.testing.assert_close(plain.eval().encode_image(images), online.encode_image(images))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"towers": [{"timm_model_name": "test_vit", "embed_dim": 64}] * 2}, "give every tower a short name"),
+    ({"towers": [{"name": "a", "timm_model_name": "test_vit", "embed_dim": 64}] * 2}, "the tower names ['a', 'a'] repeat"),
+    ({"towers": [{"name": "In-21k", "timm_model_name": "test_vit", "embed_dim": 64}]}, "'In-21k' is not a short name"),
+    ({"towers": [{"name": n, "timm_model_name": "test_vit", "embed_dim": 64} for n in ("third", "h")]},
+     "a tower may not be called 'h' (the heads of a tower N are f_N, N_f, g_N, N_g)"),  # f_h would be third's too
+    ({"towers": [{"name": "a", "timm_model_name": "test_vit"}]}, "tower 'a' needs timm_model_name and embed_dim"),
+    (k2_section(loss_weights=[1, 1, 1]), "loss_weights has 3 values: give 5, one per term: contrastive_loss, "
+                                         "image_vit_loss, text_vit_loss, image_resnet_loss, text_resnet_loss"),
+    ({**k2_section(), "weights": "h.pth"}, "lists its towers and also has the tower key(s) ['weights']"),
+    ({"towers": [{"name": "a", "timm_model_name": "test_vit", "embed_dim": 64, "head_type": "mlp"}]},
+     "unknown key(s) ['head_type'] in the three_towers config section"),
+])
+def test_bad_tower_lists_are_refused_in_one_line(section, message):
+    with pytest.raises(ValueError) as e:
+        open_clip.create_model("3T-tiny", three_towers=section)
+    assert message in str(e.value) and "\n" not in str(e.value)
+

@@ -14,7 +14,7 @@ from open_clip import get_input_dtype
 import open_clip_3t
 from open_clip_3t import cache
 from open_clip_3t._openclip import openclip_autocast
-from open_clip_3t.loss import TERMS
+from open_clip_3t.loss import loss_terms
 from open_clip_3t.toy.synthetic import write_shards
 from tests.test_cache import tar_images
 from tests.test_training import step_logs, write_csv_dataset
@@ -62,7 +62,7 @@ def train(tmp_path, name, *flags, model=MODEL):
 
 def temperatures_and_biases(model_name):
     """The names of the model's temperatures (and, for SigLIP, biases): one per loss term."""
-    return [name for term in TERMS for name in (term.scale, term.bias) if name != term.bias or model_name == SIGLIP]
+    return [name for term in loss_terms() for name in (term.scale, term.bias) if name != term.bias or model_name == SIGLIP]
 
 
 def checkpoint_state(run_dir):

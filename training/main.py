@@ -27,18 +27,14 @@ import open_clip_3t  # noqa: F401  (registers the 3T model family)
 from open_clip_3t._openclip import (launch_rank, model_config, openclip_setup_logging, openclip_trainer,
                                    three_towers_config)
 from open_clip_3t.cache import CacheError
-from open_clip_3t.loss import TERMS
+from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.third_tower import WeightsError, create_timm_model
 
 from .data import TrainingDataError, get_data
 from .evaluation import evaluate
-from .params import fail, is_three_towers, parse_args
+from .params import built_towers, fail, is_three_towers, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import train_one_epoch
-
-# The heads each loss term needs, besides its temperature and bias; a term with weight 0 leaves them without gradient.
-TERM_HEADS = {"contrastive_loss": (), "image_third_loss": ("f_h", "h_f"), "text_third_loss": ("g_h", "h_g")}
-
 
 def three_towers_kwargs(args):
     """create_model keywords for a 3T model from the 3T flags."""
@@ -50,21 +46,23 @@ def three_towers_kwargs(args):
     if args.three_towers_head is not None:
         section["head_type"] = args.three_towers_head
     kwargs = {"three_towers": section}
-    if args.third_tower_weights is not None:
-        kwargs["third_tower_weights"] = args.third_tower_weights
-    if args.third_tower_cache and args.cache_missing != "online" and not args.init_image_from_third_tower:
-        kwargs["third_tower"] = False  # h's embeddings come from the cache: do not build h, read no weights
+    if args.third_tower_weights:
+        kwargs["third_tower_weights"] = dict(args.third_tower_weights)
+    cached = set(args.third_tower_cache or {}) - set(built_towers(args))
+    if cached:  # a tower whose embeddings come from its cache is not built at all: none of its weights are read
+        kwargs["third_tower"] = {name: False for name in cached}
     return kwargs
 
 
 def freeze_unused(model):
     """requires_grad=False on the heads, temperatures and biases of terms with weight 0 and on the temperatures and
-    biases unused by l2 transfer, before DDP and the optimizer are created."""
-    cfg = model.three_towers_cfg
-    names = [name for weight, term in zip(cfg.loss_weights, TERMS) if not weight
-             for name in (*TERM_HEADS[term.name], term.scale, term.bias)]
+    biases unused by l2 transfer, before DDP and the optimizer are created (DDP fails on parameters that never get a
+    gradient)."""
+    cfg, heads = model.three_towers_cfg, transfer_heads(model.tower_names)
+    names = [name for weight, term in zip(cfg.loss_weights, model.loss_terms) if not weight
+             for name in (*heads.get(term.name, ()), term.scale, term.bias)]
     if cfg.transfer == "l2":  # the transfer terms then use neither temperature nor bias
-        names += [name for term in TERMS[1:] for name in (term.scale, term.bias)]
+        names += [name for term in model.loss_terms[1:] for name in (term.scale, term.bias)]
     names = [name for name in dict.fromkeys(names) if getattr(model, name, None) is not None]  # biases: SigLIP only
     for name in names:
         part = getattr(model, name)
@@ -76,10 +74,11 @@ def freeze_unused(model):
     return names
 
 
-def init_image_from_third_tower(model):
-    """3T finetuning: f's timm trunk starts from h's weights (same architecture required)."""
+def init_image_from_third_tower(model, tower):
+    """3T finetuning: f's timm trunk starts from the weights of the third tower called `tower` (same architecture
+    required)."""
     trunk = getattr(model.visual, "trunk", None)
-    h = model.third_tower.model
+    h = model.third_towers[tower].model
     if trunk is None:
         raise ValueError("--init-image-from-third-tower: f is not a timm tower; use a 3T config whose "
                          "vision_cfg.timm_model_name is h's timm model")
@@ -90,7 +89,7 @@ def init_image_from_third_tower(model):
         raise ValueError(f"--init-image-from-third-tower: f and h have different weights ({len(differ)} keys, "
                          f"e.g. {differ[:3]}); f must be built exactly like h (same timm model and image size)")
     trunk.load_state_dict(h_state)
-    logging.info(f"3T finetuning: f's trunk initialised from h ({len(h_state)} tensors)")
+    logging.info(f"3T finetuning: f's trunk initialised from third tower {tower} ({len(h_state)} tensors)")
 
 
 def load_image_tower_weights(model, timm_name, path):
@@ -126,10 +125,11 @@ def create_student(args, model_name, pretrained, kwargs):
     if args.image_tower_weights:
         load_image_tower_weights(model, timm_name, args.image_tower_weights)
     if three_towers:
-        if args.init_image_from_third_tower:
-            init_image_from_third_tower(model)
-            if args.third_tower_cache and args.cache_missing != "online":
-                model.third_tower = None  # h was built only to initialise f: the cache replaces it
+        tower = args.init_image_from_third_tower
+        if tower:
+            init_image_from_third_tower(model, tower)
+            if tower in args.third_tower_cache and args.cache_missing != "online":
+                setattr(model, tower_keys(tower).tower, None)  # built only to initialise f: its cache replaces it
         freeze_unused(model)
     return model, preprocess_train, preprocess_val
 

@@ -12,7 +12,9 @@ from open_clip_3t._openclip import (CONFIG_DIR, check_supported, checkpoint_unre
                                    model_exists, openclip_is_webdataset, openclip_parse_args, three_towers_config)
 from open_clip_3t.cache import CacheError, expand_shards, third_tower_cfg
 from open_clip_3t.cache.format import local_path
-from open_clip_3t.third_tower import ThirdTower, WeightsError, create_timm_model, on_meta_device
+from open_clip_3t.loss import loss_terms
+from open_clip_3t.third_tower import (DEFAULT_TOWER, ThirdTower, ThreeTowersCfg, WeightsError, create_timm_model,
+                                     on_meta_device, parse_named)
 
 from .cached_data import validate_cache
 from .evaluation import add_eval_args
@@ -20,25 +22,31 @@ from .evaluation import add_eval_args
 
 def add_three_towers_args(parser):
     group = parser.add_argument_group("Three Towers (3T)")
-    group.add_argument("--third-tower-weights", type=str, default=None, metavar="FILE",
-                       help="Local weights file for the third tower h (timm's pretrained_cfg_overlay file door); "
-                            "default: the config's three_towers.weights, else timm's hub.")
-    group.add_argument("--three-towers-loss-weights", type=float, nargs=3, default=None, metavar=("W1", "W2", "W3"),
-                       help="Weights of L(f,g), L(f_h,h_f), L(g_h,h_g); a weight of 0 drops that term (its heads and "
-                            "temperature are frozen). Default: the config's three_towers.loss_weights (1 1 1).")
+    group.add_argument("--third-tower-weights", type=str, nargs="+", default=None, metavar="[NAME=]FILE",
+                       help="Local weights file of a third tower h (timm's pretrained_cfg_overlay file door): FILE for "
+                            "a model with one tower, NAME=FILE per tower for several; default: the config's weights, "
+                            "else timm's hub.")
+    group.add_argument("--three-towers-loss-weights", type=float, nargs="+", default=None, metavar="W",
+                       help="Weight of each loss term: L(f,g), then L(f_h,h_f) and L(g_h,h_g) of each third tower in "
+                            "the config's order (1 + 2K values; 3 for one tower); a weight of 0 drops that term (its "
+                            "heads and temperature are frozen). Default: the config's three_towers.loss_weights (all "
+                            "1: the mean of the terms).")
     group.add_argument("--three-towers-transfer", choices=["contrastive", "l2"], default=None,
-                       help="Loss of the two transfer terms: contrastive (the paper) or l2 regression (ablation).")
+                       help="Loss of the transfer terms: contrastive (the paper) or l2 regression (ablation).")
     group.add_argument("--three-towers-head", choices=["linear", "mlp"], default=None,
-                       help="Type of the four 3T heads f_h, g_h, h_f, h_g. Default: the config's head_type.")
-    group.add_argument("--init-image-from-third-tower", action="store_true", default=False,
-                       help="3T finetuning: copy h's weights into f before training (f must be a timm tower of h's "
-                            "architecture, i.e. vision_cfg.timm_model_name = h's timm model).")
-    group.add_argument("--third-tower-cache", type=str, default=None, metavar="DIR",
-                       help="Read h's embeddings from this precomputed cache (python -m open_clip_3t.cache build) "
-                            "instead of running h: h is not built at all.")
+                       help="Type of the 3T heads f_h, g_h, h_f, h_g (of every tower). Default: the config's "
+                            "head_type.")
+    group.add_argument("--init-image-from-third-tower", nargs="?", const=True, default=False, metavar="NAME",
+                       help="3T finetuning: copy the weights of third tower NAME (optional with one tower) into f "
+                            "before training (f must be a timm tower of its architecture, i.e. "
+                            "vision_cfg.timm_model_name = that tower's timm model).")
+    group.add_argument("--third-tower-cache", type=str, nargs="+", default=None, metavar="[NAME=]DIR",
+                       help="Read a third tower's embeddings from its precomputed cache (python -m open_clip_3t.cache "
+                            "build) instead of running it: that tower is not built at all. DIR for a model with one "
+                            "tower, NAME=DIR per cached tower for several; a tower without a cache runs online.")
     group.add_argument("--cache-missing", choices=["error", "skip", "online"], default="error",
-                       help="With --third-tower-cache: what to do with a sample missing from the cache "
-                            "(online builds h and computes it).")
+                       help="With --third-tower-cache: what to do with a sample missing from a cache "
+                            "(online builds that tower and computes it).")
     group = parser.add_argument_group("LiT baseline")
     group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
                        help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
@@ -93,9 +101,13 @@ def check_train_data(args):
               f"{absent[0]}); training on the others", file=sys.stderr)
 
 
-def h_is_built(args):
-    """Whether training builds h (and reads its weights): not when the cache replaces it."""
-    return not (args.third_tower_cache and args.cache_missing != "online" and not args.init_image_from_third_tower)
+def built_towers(args):
+    """The third towers training builds (and reads the weights of): each tower without a cache, every tower under
+    --cache-missing online, and the tower --init-image-from-third-tower copies into f."""
+    names = ThreeTowersCfg.from_dict(three_towers_config(args.model)).names
+    caches = args.third_tower_cache or {}
+    return [name for name in names if name not in caches or args.cache_missing == "online"
+            or name == args.init_image_from_third_tower]
 
 
 def check_weights(args):
@@ -103,8 +115,8 @@ def check_weights(args):
     architecture, or not a weights file, stops the run here instead of after the model is built. Global rank 0
     only (the others wait for it at the process group, and stop with it)."""
     try:
-        if is_three_towers(args) and h_is_built(args):
-            cfg = third_tower_cfg(args.model, args.third_tower_weights)
+        for name in built_towers(args) if is_three_towers(args) else ():
+            cfg = third_tower_cfg(args.model, args.third_tower_weights.get(name), tower=name)
             if cfg.weights:
                 on_meta_device(lambda: ThirdTower(cfg))
         if args.image_tower_weights:
@@ -112,6 +124,28 @@ def check_weights(args):
             on_meta_device(lambda: create_timm_model(timm_name, args.image_tower_weights, what="--image-tower-weights"))
     except (WeightsError, CacheError, ValueError, FileNotFoundError) as e:
         fail(str(e))
+
+
+def towers_by_flag(args):
+    """The per-tower flags of a 3T model, read against its towers: --third-tower-weights and --third-tower-cache
+    become {tower name: value}, --init-image-from-third-tower the name of a tower, --three-towers-loss-weights is
+    checked to hold one weight per loss term."""
+    try:
+        cfg = ThreeTowersCfg.from_dict(three_towers_config(args.model))
+        args.third_tower_weights = parse_named(args.third_tower_weights or {}, cfg.names, "--third-tower-weights")
+        args.third_tower_cache = parse_named(args.third_tower_cache or {}, cfg.names, "--third-tower-cache")
+    except ValueError as e:
+        fail(str(e))
+    if args.init_image_from_third_tower:
+        name = args.init_image_from_third_tower
+        try:
+            args.init_image_from_third_tower = cfg.tower(None if name is True else name).name
+        except ValueError as e:
+            fail(f"--init-image-from-third-tower: {e}")
+    terms = loss_terms(cfg.names)
+    if args.three_towers_loss_weights is not None and len(args.three_towers_loss_weights) != len(terms):
+        fail(f"--three-towers-loss-weights: {len(args.three_towers_loss_weights)} values for {len(terms)} loss terms; "
+             f"give one per term, in this order: {', '.join(term.name for term in terms)}")
 
 
 def check_args(args):
@@ -132,8 +166,10 @@ def check_args(args):
         if used:
             fail(f"{', '.join(used)} apply to 3T models only, but --model {args.model} has no three_towers section: "
                  f"use a 3T model (e.g. --model 3T-ViT-B-16) or drop these flags")
-    for flag, path in (("--third-tower-weights", args.third_tower_weights),
-                       ("--image-tower-weights", args.image_tower_weights)):
+    if three_towers:
+        towers_by_flag(args)
+    for flag, path in [("--third-tower-weights", p) for p in (args.third_tower_weights or {}).values()] + [
+            ("--image-tower-weights", args.image_tower_weights)]:
         if path is not None and not os.path.isfile(path):
             fail(f"{flag} {path}: no such file; pass an existing timm weights file")
     if args.three_towers_loss_weights is not None:
@@ -167,12 +203,13 @@ def check_args(args):
         if args.horovod:
             fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
         if args.init_image_from_third_tower:
-            h_arch = three_towers_config(args.model)["timm_model_name"].split(".")[0]
+            name = args.init_image_from_third_tower
+            h_arch = ThreeTowersCfg.from_dict(three_towers_config(args.model)).tower(name).timm_model_name.split(".")[0]
             f_arch = (model_config(args.model)["vision_cfg"].get("timm_model_name") or "").split(".")[0]
             if f_arch != h_arch:
                 fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
-                     f"({f_arch or 'an OpenCLIP ViT'}) is not h's architecture ({h_arch}); use a 3T config whose "
-                     f"vision_cfg.timm_model_name is {h_arch}")
+                     f"({f_arch or 'an OpenCLIP ViT'}) is not the architecture of its third tower {name} ({h_arch}); "
+                     f"use a 3T config whose vision_cfg.timm_model_name is {h_arch}")
     if args.resume not in (None, "latest") and "://" not in args.resume:
         reason = checkpoint_unreadable(args.resume) if os.path.isfile(args.resume) else "no such file"
         if reason:
@@ -180,10 +217,11 @@ def check_args(args):
                  f"--resume latest")
     if args.train_data:
         check_train_data(args)
-    if args.third_tower_cache is not None:
-        if not os.path.isdir(args.third_tower_cache):
-            fail(f"--third-tower-cache {args.third_tower_cache}: no such directory; build it with "
-                 f"`python -m open_clip_3t.cache build`")
+    if args.third_tower_cache:
+        for name, cache_dir in args.third_tower_cache.items():
+            if not os.path.isdir(cache_dir):
+                fail(f"--third-tower-cache {cache_dir}: no such directory; build it with "
+                     f"`python -m open_clip_3t.cache build`{'' if name == DEFAULT_TOWER else ' --tower ' + name}")
         if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
             fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
                  "(and --dataset-type webdataset or auto)")

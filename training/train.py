@@ -2,10 +2,11 @@
 
 Why it replaces OpenCLIP's loop (which it otherwise follows step for step: scheduler, autocast, gradient
 accumulation, scaler, clipping, logging keys):
-- OpenCLIP unpacks `images, texts = batch`: a batch may here carry a third element, h's cached embeddings,
-  passed to the model as `third_embeddings=`;
-- OpenCLIP clamps only `logit_scale`: 3T has three temperatures;
-- OpenCLIP logs one temperature: we log all three (and, under --siglip, the three biases) and every loss term;
+- OpenCLIP unpacks `images, texts = batch`: a batch may here carry more elements, the embeddings of each cached
+  third tower, passed to the model as `third_embeddings={tower name: embeddings}`;
+- OpenCLIP clamps only `logit_scale`: 3T has a temperature per loss term;
+- OpenCLIP logs one temperature: we log every term's (and, under --siglip, its bias) and every loss term, named after
+  its tower (image_third_loss, text_third_loss for one tower; image_in21k_loss, ... for a tower named in21k);
 - OpenCLIP's gradient accumulation concatenates every model output except `logit_scale`/`logit_bias`, so 3T's
   extra temperatures and biases crash it: we keep every temperature and bias out of the concatenation;
 - the global RNGs are re-seeded from (seed, rank, epoch) at the start of each epoch, so a run resumed at epoch N
@@ -21,8 +22,6 @@ import torch
 from open_clip import get_input_dtype, get_tokenizer
 
 from open_clip_3t._openclip import openclip_autocast
-from open_clip_3t.loss import TERMS
-
 from .cached_data import fill_missing_third
 from .evaluation import evaluate, unwrap_model
 
@@ -31,9 +30,9 @@ try:
 except ImportError:
     wandb = None
 
-# Model outputs holding a temperature (exponentiated) or a bias, and the name each is logged under (OpenCLIP logs
-# "scale"): scale, scale_image_third, ..., bias, bias_image_third, ... (biases under --siglip only).
-SCALES = {key: key[len("logit_"):] for kind in ("scale", "bias") for key in (getattr(t, kind) for t in TERMS)}
+# Model outputs holding a temperature (exponentiated) or a bias start with these; each is logged under its name without
+# "logit_" (OpenCLIP logs "scale"): scale, scale_image_third, ..., bias, bias_image_third, ... (biases: --siglip).
+SCALE_PREFIXES = ("logit_scale", "logit_bias")
 # Data keys for which open_clip_train.main itself calls evaluate() after each epoch.
 OPENCLIP_EVAL_KEYS = ("val", "imagenet-val", "imagenet-v2")
 
@@ -56,18 +55,15 @@ def seed_epoch(seed, rank, epoch):
     random.seed(int(state[1]))
 
 
-def unpack(batch, device, input_dtype):
-    if len(batch) == 2:
-        (images, texts), third = batch, None
-    elif len(batch) == 3:
-        images, texts, third = batch
-    else:
-        raise ValueError(f"a training batch has {len(batch)} elements: expected (images, texts) or "
-                         f"(images, texts, third_embeddings)")
+def unpack(batch, device, input_dtype, cached_towers=()):
+    """(images, texts, {tower name: cached embeddings} or None) of a batch (images, texts, *one per cached tower)."""
+    if len(batch) != 2 + len(cached_towers):
+        raise ValueError(f"a training batch has {len(batch)} elements: expected images, texts and the embeddings of "
+                         f"the cached towers {list(cached_towers)}")
+    images, texts, *cached = batch
     images = images.to(device=device, dtype=input_dtype, non_blocking=True)
     texts = texts.to(device=device, non_blocking=True)
-    if third is not None:
-        third = third.to(device=device, non_blocking=True)
+    third = {name: x.to(device=device, non_blocking=True) for name, x in zip(cached_towers, cached)} or None
     return images, texts, third
 
 
@@ -118,7 +114,8 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     autocast = openclip_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
     seed_epoch(args.seed, args.rank, epoch)
-    has_third_tower = getattr(unwrap_model(model), "third_tower", None) is not None
+    three_towers = hasattr(unwrap_model(model), "third_embeddings")
+    cached_towers = getattr(data["train"], "cached_towers", ())
 
     model.train()
     if args.distill:
@@ -140,8 +137,8 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         if not args.skip_scheduler:
             scheduler(step)
 
-        images, texts, third = unpack(batch, device, input_dtype)
-        if third is not None:  # NaN rows: samples missing from the cache under --cache-missing online
+        images, texts, third = unpack(batch, device, input_dtype, cached_towers)
+        if third is not None:  # NaN rows: samples missing from a cache under --cache-missing online
             third, _ = fill_missing_third(model, images, third)
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
@@ -160,10 +157,10 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         else:
             # First pass without gradients: keep every per-sample output as negatives for the other micro-batches.
             with torch.no_grad(), autocast():
-                if third is None and has_third_tower:
-                    third = unwrap_model(model).encode_third(images)  # h once per micro-batch, not twice
+                if three_towers:  # the towers run online once per micro-batch, not twice
+                    third = unwrap_model(model).third_embeddings(images, third)
                 for key, val in forward(model, images, texts, third).items():
-                    if key not in SCALES:  # temperatures and biases are never concatenated
+                    if not key.startswith(SCALE_PREFIXES):  # temperatures and biases are never concatenated
                         accum_features.setdefault(key, []).append(val)
             accum_batches.append((images, texts, third))
             if (i + 1) % args.accum_freq > 0:
@@ -176,7 +173,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                     model_out = forward(model, images, texts, third)
                     inputs = {key: torch.cat(cached[:j] + [model_out[key]] + cached[j + 1:])
                               for key, cached in accum_features.items()}
-                    inputs.update({key: val for key, val in model_out.items() if key in SCALES})
+                    inputs.update({key: val for key, val in model_out.items() if key.startswith(SCALE_PREFIXES)})
                     losses = loss(**inputs, output_dict=True)
                     del inputs
                     total_loss = sum(losses.values())
@@ -199,7 +196,8 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
             percent_complete = 100.0 * batch_count / num_batches_per_epoch
             for key, val in losses.items():
                 losses_m.setdefault(key, AverageMeter()).update(val.item(), batch_size)
-            scales = {name: model_out[key].item() for key, name in SCALES.items() if key in model_out}
+            scales = {key[len("logit_"):]: val.item() for key, val in model_out.items()
+                      if key.startswith(SCALE_PREFIXES)}
             samples_per_second = args.accum_freq * args.batch_size * args.world_size / batch_time_m.val
             samples_per_second_per_gpu = args.accum_freq * args.batch_size / batch_time_m.val
             scale_log = " ".join(f"Logit {name.replace('_', ' ').title()}: {val:.3f}" for name, val in scales.items())

@@ -4,6 +4,9 @@
     python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --cache DIR [--third-tower-weights FILE]
     python -m open_clip_3t.cache info   --cache DIR
 
+A cache holds one tower's embeddings: for a model with several third towers, `--tower NAME` says which (one cache
+per tower; training takes `--third-tower-cache NAME=DIR ...`).
+
 Layout (docs/cache.md specifies it byte for byte):
 
     DIR/manifest.json                           the fingerprint: h's name, weights hash, preprocessing, dim, dtype

@@ -199,8 +199,9 @@ def progress_bar(label, total_shards, quiet):
 
 
 def build(train_data, model, out, third_tower_weights=None, batch_size=256, workers=4, device="cpu",
-          precision="fp32", dtype="fp16", split=None, three_towers=None, quiet=False):
-    """Embed every sample of every shard of `train_data` assigned to this process; returns a summary dict."""
+          precision="fp32", dtype="fp16", split=None, three_towers=None, quiet=False, tower=None):
+    """Embed every sample of every shard of `train_data` assigned to this process with `model`'s tower `tower`
+    (default: the only one); returns a summary dict."""
     say = (lambda m: None) if quiet else log
     # Everything that can be wrong is checked before h is loaded or a shard is read.
     if dtype not in DTYPES:
@@ -217,16 +218,16 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     absent = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
     if absent:
         raise CacheError(f"{len(absent)} shard(s) of --train-data do not exist (first: {absent[0]}): fix the path")
-    cfg = third_tower_cfg(model, third_tower_weights, three_towers)
+    cfg = third_tower_cfg(model, third_tower_weights, three_towers, tower)
     if cfg.weights is None and not cfg.timm_model_pretrained:
-        raise CacheError(f"{model}'s third tower {cfg.timm_model_name} has no pretrained weights "
+        raise CacheError(f"{model}'s third tower {cfg.name} ({cfg.timm_model_name}) has no pretrained weights "
                          f"(timm_model_pretrained is false): pass --third-tower-weights FILE")
     index, count = split if split is not None else shard_split()
     mine = urls[index::count]
     todo = [(i, u) for i, u in enumerate(mine) if not os.path.exists(sidecar_path(out, u))]
     for url in set(mine) - {u for _, u in todo}:
         _check_sidecar_is_for(sidecar_path(out, url), url)
-    label = f"cache build [{index + 1}/{count}]"
+    label = f"cache build{'' if tower is None else ' ' + tower} [{index + 1}/{count}]"
     from ..third_tower import ThirdTower
     h = ThirdTower(cfg) if todo else None  # h's weights load strictly before the manifest binds them to `out`
     ensure_manifest(out, make_manifest(model, cfg, dtype, precision))

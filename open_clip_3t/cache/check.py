@@ -45,12 +45,13 @@ def check_shards(cache_dir, urls, checksum=False, dim=None):
     return missing, mismatched, infos
 
 
-def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=False, three_towers=None):
-    """Problems (one line each) that keep `cache_dir` from serving `train_data` for `model`; [] if none."""
+def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=False, three_towers=None, tower=None):
+    """Problems (one line each) that keep `cache_dir` from serving `train_data` for `model`'s tower `tower` (default:
+    the only one); [] if none."""
     urls = expand_shards(train_data)
     check_shard_ids(urls)
     manifest = read_manifest(cache_dir)
-    expected = fingerprint(third_tower_cfg(model, third_tower_weights, three_towers))
+    expected = fingerprint(third_tower_cfg(model, third_tower_weights, three_towers, tower))
     problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
     missing, mismatched, _ = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
     problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
@@ -66,8 +67,9 @@ def validate(cache_dir, train_data, cfg, policy="error"):
     manifest = read_manifest(cache_dir)
     diffs = fingerprint_diffs(manifest["fingerprint"], fingerprint(cfg))
     if diffs:
-        raise CacheError(f"third-tower cache {cache_dir} was built for another third tower ({'; '.join(diffs)}): "
-                         f"pass the same --model/--third-tower-weights as the build, or build a cache for this one")
+        raise CacheError(f"third-tower cache {cache_dir} was built for another third tower than {cfg.name} "
+                         f"({'; '.join(diffs)}): pass the same --model/--third-tower-weights as the build, or build a "
+                         f"cache for this one")
     missing, mismatched, infos = check_shards(cache_dir, urls, dim=cfg.embed_dim)
     verify_hint = f"run `python -m open_clip_3t.cache verify --cache {cache_dir} ...` for the full list"
     if mismatched:
@@ -92,7 +94,8 @@ def info(cache_dir):
     infos = [sidecar_info(p) for p in paths]
     size = sum(os.path.getsize(p) for p in paths) + os.path.getsize(os.path.join(cache_dir, MANIFEST))
     samples = sum(i["rows"] for i in infos)
-    return {"model": manifest["model"], "third_tower": manifest["fingerprint"]["timm_model_name"],
+    return {"model": manifest["model"], "tower": manifest.get("tower"),
+            "third_tower": manifest["fingerprint"]["timm_model_name"],
             "weights": manifest["fingerprint"]["weights"], "dim": manifest["fingerprint"]["embed_dim"],
             "dtype": manifest["dtype"], "precision": manifest["precision"], "shards": len(paths), "samples": samples,
             "skipped": sum(len(i["skipped"]) for i in infos),

@@ -20,7 +20,10 @@ def main(argv=None):
                        help="shards, e.g. '/data/laion/{00000..41407}.tar' ('::' joins sources)")
         p.add_argument("--model", required=True, help="3T model whose third tower is cached, e.g. 3T-ViT-B-16")
         p.add_argument(out_flag, required=True, dest="cache", metavar="DIR", help="cache directory")
-        p.add_argument("--third-tower-weights", default=None, metavar="FILE", help="local weights file for h")
+        p.add_argument("--tower", default=None, metavar="NAME",
+                       help="the model's third tower to cache (its config name); needed when the model has several")
+        p.add_argument("--third-tower-weights", default=None, metavar="FILE",
+                       help="local weights file for that tower")
 
     p = sub.add_parser("build", help="embed every sample of every shard with the third tower h")
     common(p, "--out")
@@ -41,9 +44,10 @@ def main(argv=None):
     try:
         if args.command == "build":
             build(args.train_data, args.model, args.cache, args.third_tower_weights, args.batch_size, args.workers,
-                  args.device, args.precision, args.dtype)
+                  args.device, args.precision, args.dtype, tower=args.tower)
         elif args.command == "verify":
-            problems = verify(args.train_data, args.model, args.cache, args.third_tower_weights, args.checksum)
+            problems = verify(args.train_data, args.model, args.cache, args.third_tower_weights, args.checksum,
+                              tower=args.tower)
             for line in problems:
                 print(line)
             if problems:

@@ -104,8 +104,9 @@ def file_sha256(path):
     return _SHA256_MEMO[memo]
 
 
-def third_tower_cfg(model, third_tower_weights=None, three_towers=None):
-    """h's config from a 3T model name (or an explicit three_towers section), with the weights override."""
+def third_tower_cfg(model, third_tower_weights=None, three_towers=None, tower=None):
+    """The config of the tower called `tower` (default: the only one) of a 3T model name (or of an explicit
+    three_towers section), with the weights override."""
     from .._openclip import model_exists, three_towers_config
     from ..third_tower import ThreeTowersCfg
     section = three_towers if three_towers is not None else three_towers_config(model)
@@ -114,7 +115,13 @@ def third_tower_cfg(model, third_tower_weights=None, three_towers=None):
                          f"3T-ViT-B-16 or 3T-tiny")
     if section is None:
         raise CacheError(f"model {model!r} has no three_towers section: pass a 3T model (e.g. 3T-ViT-B-16, 3T-tiny)")
-    cfg = ThreeTowersCfg.from_dict(dict(section))
+    towers = ThreeTowersCfg.from_dict(dict(section))
+    if tower is None and len(towers.names) > 1:
+        raise CacheError(f"model {model!r} has the third towers {towers.names}: say which one with --tower NAME (a "
+                         f"cache holds one tower's embeddings)")
+    if tower is not None and tower not in towers.names:
+        raise CacheError(f"model {model!r} has no third tower {tower!r}: pass --tower one of {towers.names}")
+    cfg = towers.tower(tower)
     if third_tower_weights is not None:
         cfg.weights = third_tower_weights
     return cfg
@@ -162,6 +169,7 @@ def make_manifest(model, cfg, dtype, precision):
     return {
         "format": FORMAT,
         "model": model,                       # informational: any 3T model with the same h may use the cache
+        "tower": cfg.name,                    # informational too: the fingerprint decides which tower it serves
         "fingerprint": fingerprint(cfg),
         "dtype": np.dtype(DTYPES[dtype]).name,
         "precision": precision,               # h's compute precision during the build

@@ -15,13 +15,16 @@ from open_clip_3t import (ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTower
 from open_clip_3t._openclip import model_config
 from tests.conftest import REPO, run_python
 
+K2 = "3T-tiny-K2"  # two frozen towers, "vit" (test_vit) and "resnet" (test_resnet)
+
 
 def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True, model_name="3T-tiny"):
     """A few optimizer steps of a tiny 3T model, saved the way open_clip_train saves epoch_N.pt (module. prefixes);
     models with init_logit_bias train with the sigmoid loss, as under --siglip."""
     torch.manual_seed(0)
-    model = open_clip.create_model(model_name, third_tower_weights=h_weights, output_dict=True)
-    loss = ThreeTowersSigLipLoss() if model.logit_bias is not None else ThreeTowersLoss()
+    towers = {"third_tower": "random"} if model_name == K2 else {"third_tower_weights": h_weights}
+    model = open_clip.create_model(model_name, output_dict=True, **towers)
+    loss = (ThreeTowersSigLipLoss if model.logit_bias is not None else ThreeTowersLoss)(towers=model.tower_names)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     images, texts = torch.randn(8, 3, 32, 32), open_clip.get_tokenizer(model_name)(["a red circle"] * 8)
     model.train()
@@ -55,10 +58,11 @@ with torch.no_grad():
 
 
 @pytest.mark.parametrize("model_name, cls", [("3T-tiny", "CLIP"), ("3T-tiny-sigmoid", "CustomTextCLIP"),
-                                             ("hf_three_towers", "CustomTextCLIP")])
+                                             ("hf_three_towers", "CustomTextCLIP"), (K2, "CLIP")])
 def test_export_round_trip_in_vanilla_openclip(model_name, cls, tmp_path, h_weights, request):
-    """The export of each class (CLIP; SigLIP-3T and a Hugging Face text tower: CustomTextCLIP) loads in a process
-    that never imports open_clip_3t with equal image and text features, logit_scale and logit_bias."""
+    """The export of each class (CLIP; SigLIP-3T and a Hugging Face text tower: CustomTextCLIP; two frozen towers,
+    every one dropped) loads in a process that never imports open_clip_3t with equal image and text features,
+    logit_scale and logit_bias."""
     if model_name == "hf_three_towers":
         model_name = request.getfixturevalue("hf_three_towers")
     model, ckpt = trained_checkpoint(tmp_path, h_weights, model_name=model_name)
@@ -267,3 +271,30 @@ def test_a_3t_checkpoint_loads_without_h_and_h_loads_beside_a_cache_trained_chec
     with_h = open_clip.create_model("3T-tiny", pretrained=str(cache_trained), third_tower_weights=h_weights)
     assert torch.equal(with_h.h_g.weight, model.h_g.weight)
     assert torch.equal(with_h.third_tower.model.blocks[0].mlp.fc1.weight, model.third_tower.model.blocks[0].mlp.fc1.weight)
+
+
+def test_two_tower_checkpoint_round_trip_and_evaluator(tmp_path, monkeypatch):
+    """pretrained= a K = 2 checkpoint restores every tensor, both towers included (rebuilt without reading weights);
+    a checkpoint trained with one tower cached lacks that tower, which is then not built; the evaluator loads f and g
+    of either."""
+    from training.eval import ModelSpec, load_model
+    model, ckpt = trained_checkpoint(tmp_path, None, model_name=K2)
+    import timm.models._builder as builder
+    monkeypatch.setattr(builder, "load_pretrained", lambda *a, **k: pytest.fail("a tower's weights were fetched"))
+    loaded = open_clip.create_model(K2, pretrained=str(ckpt))
+    reference = model.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
+    assert sum(k.startswith(("vit_tower.", "resnet_tower.")) for k in reference) > 100
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    half = {k: v for k, v in reference.items() if not k.startswith("vit_tower.")}  # vit trained from its cache
+    torch.save(half, tmp_path / "half.pt")
+    from_half = open_clip.create_model(K2, pretrained=str(tmp_path / "half.pt"))
+    assert from_half.vit_tower is None and from_half.resnet_tower is not None
+    assert from_half.state_dict().keys() == half.keys()
+    images = torch.randn(2, 3, 32, 32)
+    for path in (ckpt, tmp_path / "half.pt"):
+        evaluated, _, _ = load_model(ModelSpec("k2", K2, str(path)), "cpu", "fp32")
+        assert all(h is None for h in evaluated.third_towers.values())
+        with torch.no_grad():
+            torch.testing.assert_close(evaluated.encode_image(images), model.encode_image(images), rtol=0, atol=0)

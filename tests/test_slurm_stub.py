@@ -92,3 +92,38 @@ def test_sbatch_launcher_with_stub_srun(h_weights, tmp_path):
         assert f"Train Epoch: 1 done on rank {rank}: 4 steps, 32 samples" in log
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"]
     assert torch.load(run_dir / "checkpoints" / "epoch_2.pt", map_location="cpu", weights_only=False)["epoch"] == 2
+
+
+RECORD_SRUN = """#!/bin/bash
+# stub srun: record the command line, one word per line, and start nothing
+printf '%s\\n' "$@" > "$STUB_DIR/srun_args.txt"
+"""
+
+
+@pytest.mark.parametrize("script, variables, expected", [
+    ("train.sbatch", {"MODEL": "3T-tiny-K2", "THIRD_TOWER_WEIGHTS": "vit=/w/vit.pth resnet=/w/resnet.pth",
+                      "THIRD_TOWER_CACHE": "vit=/cache/vit resnet=/cache/resnet"},
+     ["--model", "3T-tiny-K2", "--third-tower-weights", "vit=/w/vit.pth", "resnet=/w/resnet.pth",
+      "--third-tower-cache", "vit=/cache/vit", "resnet=/cache/resnet", "--train-data"]),
+    ("train.sbatch", {"MODEL": "3T-tiny", "THIRD_TOWER_CACHE": "/cache/h"},
+     ["--model", "3T-tiny", "--third-tower-cache", "/cache/h", "--train-data"]),
+    ("build_cache.sbatch", {"MODEL": "3T-tiny-K2", "TOWER": "resnet", "THIRD_TOWER_WEIGHTS": "/w/resnet.pth",
+                            "OUT": "/cache/resnet"},
+     ["--third-tower-weights", "/w/resnet.pth", "--tower", "resnet"]),
+])
+def test_launchers_pass_one_cache_and_weights_file_per_tower(script, variables, expected, tmp_path):
+    """The launchers' command lines for several towers (NAME=DIR words, `--tower NAME` for a build) and for one."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
+    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+                "SLURM_JOB_NODELIST": "localhost", "REPO_DIR": REPO, "TRAIN_DATA": "/data/{0..1}.tar", **variables})
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", script)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    words = (tmp_path / "srun_args.txt").read_text().splitlines()
+    start = words.index(expected[0])
+    assert words[start:start + len(expected)] == expected

@@ -499,3 +499,77 @@ def test_openclip_logging_leaves_torch_loggers_to_torch():
         torch._logging.set_logs()
         for n in torch_stats:
             logging.getLogger(n).setLevel(before.get(n, logging.NOTSET))
+
+
+# --- several frozen towers: 3T-tiny-K2 (towers "vit": test_vit, "resnet": test_resnet) ------------------------------
+
+@pytest.fixture(scope="module")
+def k2_caches(shards, h_weights, tmp_path_factory):
+    """The two towers' weights files and a cache of each, built on both shards by today's `cache build --tower`."""
+    from open_clip_3t import cache
+    root = tmp_path_factory.mktemp("k2")
+    torch.manual_seed(5)
+    resnet = root / "test_resnet.pth"
+    torch.save(__import__("timm").create_model("test_resnet").state_dict(), resnet)
+    weights = {"vit": h_weights, "resnet": str(resnet)}
+    for name, path in weights.items():
+        cache.build(str(shards / "{00000..00001}.tar"), "3T-tiny-K2", str(root / name), path, batch_size=16,
+                    workers=0, device="cpu", tower=name, quiet=True)
+    return weights, {name: str(root / name) for name in weights}
+
+
+K2_TERMS = ["Contrastive_loss", "Image_vit_loss", "Text_vit_loss", "Image_resnet_loss", "Text_resnet_loss"]
+
+
+def k2_flags(shards, weights, caches):
+    return ["--model", "3T-tiny-K2", "--third-tower-weights", *(f"{n}={p}" for n, p in weights.items()),
+            "--third-tower-cache", *(f"{n}={p}" for n, p in caches.items()),
+            "--train-data", str(shards / "{00000..00001}.tar"), "--train-num-samples", "32", "--batch-size", "8",
+            "--epochs", "1", "--lr", "1e-3"]
+
+
+def tower_tensors(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "epoch_1.pt", weights_only=False)["state_dict"]
+    return {name: sum(k.startswith(f"{name}_tower.") for k in state) for name in ("vit", "resnet")}, state
+
+
+def test_two_cached_towers_train_without_building_either_and_log_every_term_by_name(shards, k2_caches, tmp_path):
+    weights, caches = k2_caches
+    run_dir = train(tmp_path, "k2", *k2_flags(shards, weights, caches),
+                    "--three-towers-loss-weights", "1", "1", "0.5", "1", "2")
+    log = (run_dir / "out.log").read_text()
+    steps = step_logs(log)
+    assert len(steps) == 4 and all(set(K2_TERMS) <= set(s) for s in steps)
+    for s in steps:  # every term is logged under its tower's name, and the total is their sum
+        assert all(math.isfinite(s[t]) and s[t] > 0 for t in K2_TERMS)
+        assert s["Loss"] == pytest.approx(sum(s[t] for t in K2_TERMS), rel=1e-3)
+    scales = {f"Logit Scale {side} {name}" for side in ("Image", "Text") for name in ("Vit", "Resnet")}
+    assert all(scales <= set(s) for s in steps)
+    assert int(re.search(r"Third-tower cache after epoch 0 on rank 0: (\d+) joined, 0 missing", log).group(1)) >= 32
+    built, state = tower_tensors(run_dir)
+    assert built == {"vit": 0, "resnet": 0}  # neither tower was built (a built tower is saved with the model)
+    assert {"f_vit.weight", "resnet_g.weight", "logit_scale_text_resnet"} <= set(state)
+    assert "three_towers_loss_weights: [1.0, 1.0, 0.5, 1.0, 2.0]\n" in (run_dir / "params.txt").read_text()
+
+
+def test_one_cached_and_one_online_tower_builds_exactly_the_online_one(shards, k2_caches, tmp_path):
+    weights, caches = k2_caches
+    run_dir = train(tmp_path, "k2half", *k2_flags(shards, weights, {"resnet": caches["resnet"]}))
+    steps = step_logs((run_dir / "out.log").read_text())
+    assert len(steps) == 4 and all(math.isfinite(s[t]) for s in steps for t in K2_TERMS)
+    built, state = tower_tensors(run_dir)
+    assert built["resnet"] == 0 and built["vit"] == 78  # test_vit's 78 tensors: vit ran online, resnet from its cache
+    vit = torch.load(weights["vit"])
+    assert torch.equal(state["vit_tower.model.blocks.0.attn.qkv.weight"], vit["blocks.0.attn.qkv.weight"])
+
+
+def test_swapped_caches_are_refused_before_any_model(shards, k2_caches, tmp_path):
+    weights, caches = k2_caches
+    swapped = {"vit": caches["resnet"], "resnet": caches["vit"]}
+    proc = subprocess.run([sys.executable, "-m", "training.main", *k2_flags(shards, weights, swapped), "--device",
+                           "cpu", "--logs", str(tmp_path / "logs")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"training.main: error: --third-tower-cache vit={caches['resnet']} holds the embeddings of the tower resnet, "
+        f"not vit: pass resnet={caches['resnet']}")
+    assert not (tmp_path / "logs").exists()  # stopped before OpenCLIP created the run (no model, no data loader)

@@ -34,6 +34,8 @@ import open_clip_3t  # noqa: F401  (registers the 3T configs before any model na
 from open_clip_3t._openclip import checkpoint_keys, checkpoint_unreadable, load_state_dict, three_towers_config
 # params.txt beside the run's checkpoints/ names the model and, for pretrained image towers, their normalisation
 from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run
+from open_clip_3t.model import tower_keys
+from open_clip_3t.third_tower import ThreeTowersCfg
 
 from .evaluation import (ThirdTowerPair, ZeroShotTask, add_eval_args, build_classifier, check_eval_args,
                          class_folders, encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs,
@@ -73,30 +75,43 @@ def resolve_spec(spec, model_name, flag, model_flag):
     return ModelSpec(f"{model_name} {spec}", model_name, spec)
 
 
-def third_tower_kwargs(spec: ModelSpec, weights):
-    """create_model keywords that build h for --third-tower-pair (checked before any model is built)."""
+def tower_names(model_name):
+    """The names of a 3T model's frozen towers (["third"] for a single-tower config)."""
+    return ThreeTowersCfg.from_dict(three_towers_config(model_name)).names
+
+
+def third_tower_kwargs(spec: ModelSpec, weights, tower=True):
+    """create_model keywords that build the tower `tower` (True: the only one) for --third-tower-pair, and no other
+    tower (checked before any model is built)."""
     if spec.checkpoint is None or three_towers_config(spec.name) is None:
         raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
                          f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
+    cfg = ThreeTowersCfg.from_dict(three_towers_config(spec.name))
+    try:
+        h = cfg.tower(None if tower is True else tower)
+    except ValueError as e:
+        raise ValueError(f"--third-tower-pair: {e}") from None
+    build = {name: False for name in cfg.names if name != h.name}
     if weights is not None:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"--third-tower-weights {weights}: no such file; pass h's timm weights file")
-        return {"third_tower_weights": weights}
-    if any(k.startswith("third_tower.") for k in checkpoint_keys(spec.checkpoint)):
-        return {}  # trained with h online: h's weights are in the checkpoint
-    section = three_towers_config(spec.name)
-    if section.get("weights") or section.get("timm_model_pretrained", True):
-        return {"third_tower": True}  # h from the config's weights file or timm's hub
-    raise ValueError(f"--third-tower-pair: {spec.checkpoint} was trained from a cache and holds no weights of h, "
-                     f"and {spec.name} names none: pass --third-tower-weights FILE (the file the cache was built from)")
+        return {"third_tower_weights": {h.name: weights}, "third_tower": {**build, h.name: True}}
+    if any(k.startswith(tower_keys(h.name).tower + ".") for k in checkpoint_keys(spec.checkpoint)):
+        return {"third_tower": {**build, h.name: "random"}}  # trained with h online: its weights are in the checkpoint
+    if h.weights or h.timm_model_pretrained:
+        return {"third_tower": {**build, h.name: True}}  # h from the config's weights file or timm's hub
+    raise ValueError(f"--third-tower-pair: {spec.checkpoint} was trained from a cache and holds no weights of "
+                     f"{'h' if len(cfg.names) == 1 else 'the tower ' + h.name}, and {spec.name} names none: pass "
+                     f"--third-tower-weights FILE (the file the cache was built from)")
 
 
 def three_towers_section(model_name, keys):
     """The model's three_towers section with the head type the checkpoint's keys show (a run trained with
     --three-towers-head mlp holds MLP heads, which its config does not say)."""
     section = dict(three_towers_config(model_name))
-    if any(k.startswith("f_h.") for k in keys):
-        section["head_type"] = "mlp" if any(k.startswith("f_h.0.") for k in keys) else "linear"
+    f_h = tower_keys(tower_names(model_name)[0]).f_h  # every tower's heads have the same type
+    if any(k.startswith(f_h + ".") for k in keys):
+        section["head_type"] = "mlp" if any(k.startswith(f_h + ".0.") for k in keys) else "linear"
     return section
 
 
@@ -113,9 +128,11 @@ def load_model(spec: ModelSpec, device, precision, third_tower=None):
     elif spec.checkpoint is None:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
     elif three_towers_config(spec.name) is not None:
-        # Evaluation needs f and g only: build without h and load the checkpoint minus h's weights (a checkpoint
-        # trained with h online holds them; create_model(pretrained=...) would load them strictly).
-        state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if not k.startswith("third_tower.")}
+        # Evaluation needs f and g only: build without any third tower and load the checkpoint minus the towers'
+        # weights (a checkpoint trained with a tower online holds them; create_model(pretrained=...) would load them
+        # strictly).
+        towers = {tower_keys(name).tower for name in tower_names(spec.name)}
+        state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if k.split(".")[0] not in towers}
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.name, third_tower=False, device=device, precision=precision,
             three_towers=three_towers_section(spec.name, state_dict), **normalisation)

@@ -8,6 +8,8 @@ Variants, one training step each (forward, loss, backward, AdamW step) on one ba
   clip        the CLIP baseline: f and g, OpenCLIP's ClipLoss
   3t-fed      3T with h's embeddings fed in (as from a cache): f, g, four heads, three loss terms; h not built
   3t-online   3T with h run online in the step
+  3t-k2-fed   3T with K = 2 frozen towers, both fed in (as from their two caches): the model's tower twice, named a
+              and b, each with its four heads and two terms (five terms in all); no tower built
   distill     OpenCLIP's --distill: the student CLIP + DistillClipLoss with a teacher CLIP whose image tower is h's
               architecture (as large as h) and whose text tower is g's
   siglip      the SigLIP baseline: f and g with a bias, OpenCLIP's SigLipLoss (initialised as OpenCLIP's --siglip)
@@ -20,15 +22,23 @@ The softmax rows drop the config's init_logit_bias and the sigmoid rows add one 
 Timing: warm-up steps first, then rounds in which the variants take turns (rotating order) so that drift
 (clocks, other load) hits all of them alike; each step is synchronised and the median step time is reported.
 On CPU the script re-executes itself with glibc's malloc keeping freed memory (STEADY_MALLOC), as CUDA's does.
+Collectives: two gloo processes on CPU (this script run with --collectives-rank, batch 2 per rank) run one step of
+clip and of 3t-k2-fed each and count every torch.distributed collective called in it, under OpenCLIP's default loss
+flags and under --local-loss --gather-with-grad (the SLURM launcher's): 3T sends every feature set of every tower in
+one all_gather, where OpenCLIP's ClipLoss calls two (images, texts). With --gather-with-grad the backward adds the
+gradient of that gather: one reduce_scatter under NCCL, which gloo emulates with one scatter per rank (2 here).
 Memory: the peak allocated during one step above what was allocated before it (on CUDA the caching allocator's
 peak statistics; on CPU the profiler's allocation events of the blocks the step allocates, each a signed size, summed
 in time order), and the persistent weights + gradients + optimizer state of the variant.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -57,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this file")
     p.add_argument("--system-malloc", action="store_true",
                    help="on CPU, time with glibc's default malloc (see STEADY_MALLOC) instead of a steady heap")
+    p.add_argument("--no-collectives", action="store_true", help="skip counting the collectives of a step")
+    p.add_argument("--collectives-rank", type=int, default=None, help=argparse.SUPPRESS)  # internal: one counting rank
+    p.add_argument("--collectives-port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if open_clip_3t_section(args.model) is None:
         p.error(f"--model {args.model} is not a 3T model: pass one of "
@@ -87,6 +100,14 @@ def open_clip_3t_section(name):
 
 
 HEAD_MODULES = ("f_h.", "g_h.", "h_f.", "h_g.")
+K2_TOWERS = ("a", "b")
+
+
+def two_towers(section):
+    """A three_towers section with the (single) tower of `section` twice, named a and b: K = 2 on the same f and g."""
+    shared = ("head_type", "head_dim", "transfer")
+    tower = {k: v for k, v in section.items() if k not in shared + ("loss_weights",)}
+    return {"towers": [{"name": name, **tower} for name in K2_TOWERS], **{k: section[k] for k in shared if k in section}}
 
 
 def sync(device):
@@ -206,6 +227,8 @@ def build_variants(args, device):
 
     clip = plain(**softmax)
     fed = three_towers(**softmax)
+    fed_k2 = with_online_f_and_g(open_clip.create_model(args.model, device=device, output_dict=True, third_tower=False,
+                                                        three_towers=two_towers(section), **softmax))
     student = plain(**softmax)
     teacher_vision = {"image_size": plain_cfg["vision_cfg"].get("image_size", 224),
                       "timm_model_name": section["timm_model_name"], "timm_model_pretrained": False,
@@ -224,7 +247,7 @@ def build_variants(args, device):
     texts = torch.randint(1, vocab - 1, (args.batch_size, ctx), device=device)
     texts[:, -1] = vocab - 1  # an end-of-text token (the largest id) where the text tower pools
     autocast = openclip_autocast(args.precision, device.type)
-    for model in (online, fed, clip, student, siglip, fed_sigmoid, online_sigmoid):
+    for model in (online, fed, fed_k2, clip, student, siglip, fed_sigmoid, online_sigmoid):
         model.train()
     with torch.no_grad(), autocast():
         third = online.encode_third(images).float()
@@ -234,6 +257,8 @@ def build_variants(args, device):
         Variant("clip", clip, open_clip.ClipLoss(), pair),
         Variant("3t-fed", fed, ThreeTowersLoss(), {**pair, "third_embeddings": third}),
         Variant("3t-online", online, ThreeTowersLoss(), pair),
+        Variant("3t-k2-fed", fed_k2, ThreeTowersLoss(towers=K2_TOWERS),
+                {**pair, "third_embeddings": {"a": third, "b": third.roll(1, 0)}}),
         Variant("distill", student, open_clip.DistillClipLoss(), pair, teacher=teacher),
         Variant("siglip", siglip, SigLipLoss(), pair),
         Variant("siglip-3t-fed", fed_sigmoid, ThreeTowersSigLipLoss(), {**pair, "third_embeddings": third}),
@@ -247,8 +272,80 @@ def build_variants(args, device):
     return variants, autocast, n_params
 
 
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "all_to_all", "all_to_all_single", "scatter", "gather", "reduce", "send", "recv", "isend",
+               "irecv", "batch_isend_irecv")
+
+
+def count_collectives_on_rank(args):
+    """One of two gloo ranks (CPU): one training step of clip and of 3t-k2-fed under each loss setting, counting the
+    torch.distributed collectives each calls. Prints {setting: {variant: [forward calls, backward calls]}}."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.collectives_port))
+    dist.init_process_group("gloo", rank=args.collectives_rank, world_size=2)
+    cfg = model_config(args.model)
+    plain_cfg = {k: v for k, v in cfg.items() if k not in (SECTION, "custom_text")}
+    torch.manual_seed(args.seed)
+    clip = openclip_model_class(cfg)(**plain_cfg, init_logit_bias=None, output_dict=True).train()
+    k2 = open_clip.create_model(args.model, output_dict=True, third_tower=False, init_logit_bias=None,
+                                three_towers=two_towers(cfg[SECTION])).train()
+    size, ctx = plain_cfg["vision_cfg"].get("image_size", 224), plain_cfg["text_cfg"].get("context_length", 77)
+    pair = {"image": torch.randn(2, 3, size, size), "text": torch.randint(1, 1000, (2, ctx))}
+    third = {name: torch.randn(2, cfg[SECTION]["embed_dim"]) for name in K2_TOWERS}
+    calls = []
+    real = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name):
+        return lambda *a, **k: calls.append(name) or real[name](*a, **k)
+    counts = {}
+    try:
+        for name in COLLECTIVES:
+            setattr(dist, name, counted(name))
+        for setting, flags in (("default", {}), ("local_loss+gather_with_grad",
+                                                 {"local_loss": True, "gather_with_grad": True})):
+            dist_args = {"rank": args.collectives_rank, "world_size": 2, **flags}
+            counts[setting] = {}
+            for variant, model, loss, inputs in (
+                    ("clip", clip, open_clip.ClipLoss(**dist_args), pair),
+                    ("3t-k2-fed", k2, ThreeTowersLoss(towers=K2_TOWERS, **dist_args),
+                     {**pair, "third_embeddings": third})):
+                model.zero_grad(set_to_none=True)
+                del calls[:]
+                total = sum(loss(**model(**inputs), output_dict=True).values())
+                forward = len(calls)
+                total.backward()
+                counts[setting][variant] = [forward, len(calls) - forward]
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+        dist.destroy_process_group()
+    print(json.dumps(counts))
+
+
+def count_collectives(args):
+    """{setting: {variant: [forward, backward] collective calls}} of one step on two gloo ranks (see the docstring)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--seed", str(args.seed),
+           "--collectives-port", str(port), "--collectives-rank"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen(cmd + [str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in range(2)]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, results):
+        if proc.returncode:
+            raise RuntimeError(f"counting collectives failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
+    counts = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    if counts[0] != counts[1]:
+        raise RuntimeError(f"the two ranks called different collectives: {counts}")
+    return counts[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.collectives_rank is not None:
+        return count_collectives_on_rank(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip_train.main does
@@ -306,13 +403,14 @@ def main(argv=None):
           f"3t-online {peak_ratio('3t-online', 'clip'):.3f}, distill {peak_ratio('distill', 'clip'):.3f}")
     print(f"step peak / siglip's: siglip-3t-fed {peak_ratio('siglip-3t-fed', 'siglip'):.3f}, "
           f"siglip-3t-online {peak_ratio('siglip-3t-online', 'siglip'):.3f}  (target <= 1.01)")
-    ratios = {"fed_ratio": median["3t-fed"] / median["clip"],
+    ratios = {"fed_ratio": median["3t-fed"] / median["clip"], "k2_fed_ratio": median["3t-k2-fed"] / median["clip"],
               "online_ratio": median["3t-online"] / (median["clip"] + median["h-forward"]),
               "siglip_fed_ratio": median["siglip-3t-fed"] / median["siglip"],
               "siglip_online_ratio": median["siglip-3t-online"] / (median["siglip"] + median["h-forward"])}
     print()
     for label, value, target in (
             ("3T fed-in / CLIP", ratios["fed_ratio"], 1.03),
+            ("3T K=2 fed-in / CLIP", ratios["k2_fed_ratio"], 1.04),
             ("3T online / (CLIP + h fwd)", ratios["online_ratio"], 1.02),
             ("SigLIP-3T fed-in / SigLIP", ratios["siglip_fed_ratio"], 1.03),
             ("SigLIP-3T online / (SigLIP + h fwd)", ratios["siglip_online_ratio"], 1.02),
@@ -320,6 +418,12 @@ def main(argv=None):
             ("SigLIP / CLIP", median["siglip"] / median["clip"], None)):
         print(f"{label:<36}= {value:.3f}" + (f"  (target <= {target})" if target else ""))
     result = {"median_s": median, "memory_bytes": memory, **ratios}
+    if not args.no_collectives:
+        result["collectives"] = count_collectives(args)
+        print("\ncollectives per step, 2 gloo ranks (forward + backward calls):")
+        for setting, by_variant in result["collectives"].items():
+            print(f"  {setting:<28}" + ", ".join(f"{variant} {sum(n)} ({n[0]} + {n[1]})"
+                                                for variant, n in by_variant.items()))
     if args.json:
         write_json(args, device, result)
     return result
@@ -327,9 +431,8 @@ def main(argv=None):
 
 def write_json(args, device, result):
     """The figures as JSON (scripts/gpu_check.py reads them): times in s, memory in bytes, ratios."""
-    import json
     median, memory = result["median_s"], result["memory_bytes"]
-    base = {"3t-fed": "clip", "3t-online": "clip", "distill": "clip", "siglip-3t-fed": "siglip",
+    base = {"3t-fed": "clip", "3t-k2-fed": "clip", "3t-online": "clip", "distill": "clip", "siglip-3t-fed": "siglip",
             "siglip-3t-online": "siglip"}
     figures = {
         "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
@@ -338,7 +441,8 @@ def write_json(args, device, result):
         "step_peak_bytes": {name: peak for name, (peak, _) in memory.items()},
         "state_bytes": {name: state for name, (_, state) in memory.items()},
         "step_peak_over_base": {name: memory[name][0] / memory[b][0] for name, b in base.items()},
-        "fed_over_clip": result["fed_ratio"], "online_over_clip_plus_h": result["online_ratio"],
+        "fed_over_clip": result["fed_ratio"], "k2_fed_over_clip": result["k2_fed_ratio"],
+        "online_over_clip_plus_h": result["online_ratio"], "collectives_per_step": result.get("collectives"),
         "siglip_fed_over_siglip": result["siglip_fed_ratio"],
         "siglip_online_over_siglip_plus_h": result["siglip_online_ratio"],
         "distill_over_clip": median["distill"] / median["clip"],

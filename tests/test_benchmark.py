@@ -44,7 +44,8 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
     out = benchmark.main(["--model", "3T-tiny", "--device", "cpu", "--batch-size", "4",
                           "--steps", "2", "--rounds", "1", "--warmup", "1"])
     printed = capsys.readouterr().out
-    names = {"clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward"}
+    names = {"clip", "3t-fed", "3t-online", "3t-k2-fed", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online",
+             "h-forward"}
     assert set(out["median_s"]) == names and set(out["memory_bytes"]) == names
     assert all(t > 0 for t in out["median_s"].values())
     assert all(peak > 0 for peak, _ in out["memory_bytes"].values())
@@ -62,6 +63,15 @@ def test_benchmark_reports_time_and_memory_for_every_variant(capsys):
     state = {name: bytes_ for name, (_, bytes_) in out["memory_bytes"].items()}
     assert state["3t-fed"] - state["clip"] == sum(16 * p.numel() + 4 for p in heads)
     assert state["3t-online"] - state["3t-fed"] == sum(4 * p.numel() for p in h)
+    # K = 2 fed in: two towers' heads and temperatures, neither tower held
+    assert state["3t-k2-fed"] - state["clip"] == 2 * (state["3t-fed"] - state["clip"])
+    assert "3T K=2 fed-in / CLIP" in printed and out["k2_fed_ratio"] == out["median_s"]["3t-k2-fed"] / out[
+        "median_s"]["clip"]
+    # One step on two gloo ranks: every feature set of both towers (and f's and g's) in one all_gather, where
+    # OpenCLIP's ClipLoss calls two; --gather-with-grad's backward is gloo's emulation of one reduce_scatter
+    assert out["collectives"] == {"default": {"clip": [2, 0], "3t-k2-fed": [1, 0]},
+                                  "local_loss+gather_with_grad": {"clip": [2, 4], "3t-k2-fed": [1, 2]}}
+    assert "default                     clip 2 (2 + 0), 3t-k2-fed 1 (1 + 0)" in printed
     assert state["distill"] == state["clip"] and state["h-forward"] == 0
     # SigLIP: one more 0-D parameter (the bias); SigLIP-3T adds the heads, two temperatures and two biases.
     assert state["siglip"] - state["clip"] == 16 + 4

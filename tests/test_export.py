@@ -298,3 +298,22 @@ def test_two_tower_checkpoint_round_trip_and_evaluator(tmp_path, monkeypatch):
         assert all(h is None for h in evaluated.third_towers.values())
         with torch.no_grad():
             torch.testing.assert_close(evaluated.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+
+    # --third-tower-pair NAME: that tower's pair h_g(h(I)), g_h(g(T)) with the temperature of its L(g_h, h_g)
+    from training.eval import third_tower_kwargs
+    from training.evaluation import ThirdTowerPair
+    spec = ModelSpec("k2", K2, str(ckpt))
+    kwargs = third_tower_kwargs(spec, None, "resnet")
+    assert kwargs == {"third_tower": {"vit": False, "resnet": "random"}}  # only that tower, from the checkpoint
+    with pytest.raises(ValueError, match=r"--third-tower-pair: this 3T model has the third towers \['vit', "
+                                         r"'resnet'\]: name one of them"):
+        third_tower_kwargs(spec, None, True)
+    with_resnet, _, _ = load_model(spec, "cpu", "fp32", kwargs)
+    pair = ThirdTowerPair(with_resnet)
+    assert pair.tower == "resnet" and with_resnet.vit_tower is None
+    assert torch.equal(pair.logit_scale, reference["logit_scale_text_resnet"])
+    texts = open_clip.get_tokenizer(K2)(["a red circle", "two stars"])
+    with torch.no_grad():
+        h = model.encode_third(images, "resnet")
+        torch.testing.assert_close(pair.encode_image(images), model.resnet_g(h), rtol=0, atol=0)
+        torch.testing.assert_close(pair.encode_text(texts), model.g_resnet(model.encode_text(texts)), rtol=0, atol=0)

@@ -331,9 +331,10 @@ def parse_args(argv=None):
                              "exported folder or local-dir:DIR.")
     parser.add_argument("--combine-model", default=None, metavar="NAME",
                         help="Model name of a --combine-with checkpoint (default: read from its run's params.txt).")
-    parser.add_argument("--third-tower-pair", action="store_true", default=False,
+    parser.add_argument("--third-tower-pair", nargs="?", const=True, default=False, metavar="NAME",
                         help="Combine a 3T checkpoint with its own third-tower pair, h_g(h(I)) against g_h(g(T)) "
-                             "(the paper's test-time use of h), instead of a --combine-with model.")
+                             "(the paper's test-time use of h), instead of a --combine-with model. With several "
+                             "third towers, NAME says which tower's pair.")
     parser.add_argument("--third-tower-weights", default=None, metavar="FILE",
                         help="h's weights for --third-tower-pair when the checkpoint was trained from a cache "
                              "(a checkpoint trained with h online holds them).")
@@ -375,7 +376,7 @@ def check_args(args):
     elif args.combine_model is not None:
         raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
     if args.third_tower_pair:
-        third_tower = third_tower_kwargs(spec, args.third_tower_weights)
+        third_tower = third_tower_kwargs(spec, args.third_tower_weights, args.third_tower_pair)
     if combine_spec is not None or third_tower is not None:
         bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
         if bad:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier, get_input_dtype
 
 from open_clip_3t._openclip import openclip_autocast
+from open_clip_3t.loss import transfer_terms
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
@@ -203,24 +204,29 @@ def logit_scale_of(model) -> float:
 class ThirdTowerPair(torch.nn.Module):
     """A 3T model's third-tower pair as a CLIP-like model (encode_image, encode_text, logit_scale), so the scoring
     code below evaluates it like any CLIP: image -> h_g(h(image)), text -> g_h(g(text)), temperature = that of
-    L(g_h, h_g). The heads see the unnormalised h and g embeddings, as in training. The model must hold h."""
+    L(g_h, h_g). The heads see the unnormalised h and g embeddings, as in training. `tower`: which frozen tower h
+    (default: the only one the model holds), which the model must hold."""
 
-    def __init__(self, model):
+    def __init__(self, model, tower=None):
         super().__init__()
         model = unwrap_model(model)
-        if getattr(model, "third_tower", None) is None:
-            raise ValueError("the third-tower pair needs the 3T model's h: build it with its weights "
-                             "(third_tower_weights=FILE) or load a checkpoint trained with h online")
-        self.three_towers = model
-        self.logit_scale = model.logit_scale_text_third
+        held = [name for name, h in model.third_towers.items() if h is not None]
+        if tower is None and len(held) == 1:
+            tower = held[0]
+        if tower not in held:
+            raise ValueError(f"the third-tower pair needs the 3T model's tower {tower or 'h'}: build it with its "
+                             f"weights (third_tower_weights=FILE) or load a checkpoint trained with it online")
+        self.three_towers, self.tower = model, tower
+        _, _, self.g_h, self.h_g = model.heads(tower)
+        self.logit_scale = getattr(model, transfer_terms(tower)[1].scale)  # L(g_h, h_g)'s temperature
 
     def encode_image(self, image, normalize=False):
-        h = self.three_towers.encode_third(image)
-        features = self.three_towers.h_g(h.to(next(self.three_towers.h_g.parameters()).dtype))
+        h = self.three_towers.encode_third(image, self.tower)
+        features = self.h_g(h.to(next(self.h_g.parameters()).dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text, normalize=False):
-        features = self.three_towers.g_h(self.three_towers.encode_text(text))
+        features = self.g_h(self.three_towers.encode_text(text))
         return F.normalize(features, dim=-1) if normalize else features
 
 

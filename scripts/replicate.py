@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pandas as pd
 
@@ -40,7 +40,7 @@ from open_clip_3t.toy.diagnostics import cached_embeddings, duplicate_rate, view
 class Run:
     """One row: a model kind trained with a third tower (or none) and extra training.main flags."""
     kind: str                      # CLIP, LiT or 3T (experiments.MODELS)
-    tower: Optional[str] = None    # experiments.TOWERS key
+    tower: Union[str, tuple, None] = None  # experiments.TOWERS key; 3T with several towers: a tuple of them
     flags: tuple = ()              # extra training.main flags
     model: Optional[str] = None    # model config, when not the kind's default
     online: bool = False           # 3T: run h at every step instead of reading the cache
@@ -81,6 +81,11 @@ RUNS = {
     # the sigmoid loss (OpenCLIP's --siglip) on the CLIP rows' towers, with the strong matched tower
     "SigLIP": Run("SigLIP"),
     "SigLIP-3T (matched h)": Run("SigLIP-3T", "matched"),
+    # several towers (the paper's open question): two towers that each know half of what evaluation asks, alone and
+    # together (3T-mini-K2: 3T-mini's f and g, the towers named shape and colour, each read from its own cache)
+    "3T (shape h)": Run("3T", "shape"),
+    "3T (colour h)": Run("3T", "colour"),
+    "3T (shape + colour h)": Run("3T", ("shape", "colour"), model="3T-mini-K2"),
 }
 # Post-hoc combinations, p = a p_3T + (1 - a) p_other: with the LiT of the same tower, and with the 3T model's own
 # third-tower pair h_g(h(I)) . g_h(g(T)).
@@ -89,6 +94,11 @@ ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
 # In-batch near-duplicates of h's embeddings: 0.99 is the protocol's threshold; 0.95 and 0.9 were added after the
 # 0.99 rates came out near 0 for the towers with class-level structure (see docs/results.md).
 TWIN_THRESHOLDS = (0.99, 0.95, 0.9)
+
+
+def towers_of(run):
+    """The experiments.TOWERS keys a run uses: (), one, or several."""
+    return () if run.tower is None else (run.tower,) if isinstance(run.tower, str) else tuple(run.tower)
 
 
 def slug(name):
@@ -122,7 +132,7 @@ class Replication:
         ex.say(f"[{time.time() - self.start:6.0f}s] {message}")
 
     def prepare(self, runs):
-        towers = sorted({RUNS[r].tower for r in runs if RUNS[r].tower} | set(ex.TOWERS), key=list(ex.TOWERS).index)
+        towers = sorted({t for r in runs for t in towers_of(RUNS[r])} | set(ex.TOWERS), key=list(ex.TOWERS).index)
         self.say(f"data and third towers in {self.out}")
         self.data = ex.prepare_data(self.out / "data", self.scale, towers)
         self.towers = ex.pretrain_towers(self.out, self.data, self.scale, towers)
@@ -141,8 +151,7 @@ class Replication:
         if row_file.exists():
             return json.loads(row_file.read_text())
         run = RUNS[name]
-        weights = self.towers.get(run.tower)
-        cache = None if run.online or not run.kind.endswith("3T") else self.caches.get(run.tower)
+        weights, cache = self.tower_inputs(run)
         self.say(f"seed {seed}: {name}")
         checkpoint, seconds = ex.train(self.out / "runs" / f"seed{seed}", slug(name), run.kind, self.data, self.scale,
                                        seed, weights=weights, cache=cache, extra=run.flags, model=run.model,
@@ -150,6 +159,16 @@ class Replication:
         row = {"run": name, "seed": seed, **ex.summary_row(ex.last_evaluation(checkpoint)), "train s": seconds}
         ex.write_json(row_file, row)
         return row
+
+    def tower_inputs(self, run):
+        """(weights, cache) of a run's third tower: paths, or {tower: path} for a run with several towers (each
+        cache is that tower's own, the one its single-tower rows read); no cache for h online or a non-3T run."""
+        towers = towers_of(run)
+        weights = {t: self.towers[t] for t in towers}
+        cache = None if run.online or not run.kind.endswith("3T") else {t: self.caches[t] for t in towers}
+        if len(towers) <= 1:
+            return weights.get(run.tower), cache and cache.get(run.tower)
+        return weights, cache
 
     def combinations(self, seed, tower):
         """3T (tower) + LiT (tower) and 3T (tower) + its third-tower pair, one row per a; skipped when done."""

@@ -30,9 +30,11 @@ def test_every_run_is_a_valid_training_command(tmp_path):
     weights = tmp_path / "h.pth"  # every tower is timm's test_resnet, as the toy's pretraining makes it
     torch.save(timm.create_model(ex.H_ARCH, num_classes=7).state_dict(), weights)
     for name, run in replicate.RUNS.items():
-        assert run.kind in ex.MODELS and (run.tower is None or run.tower in ex.TOWERS), name
+        towers = replicate.towers_of(run)
+        assert run.kind in ex.MODELS and all(t in ex.TOWERS for t in towers), name
+        named = {t: str(weights) for t in towers} if len(towers) > 1 else str(weights)
         cmd = ex.train_command(tmp_path / "logs", replicate.slug(name), run.kind, data, ex.SCALES["default"], 0,
-                               weights=str(weights), extra=run.flags, model=run.model, lock_image=run.lock_image)
+                               weights=named, extra=run.flags, model=run.model, lock_image=run.lock_image)
         assert cmd[1:3] == ["-m", "training.main"]
         args = parse_args(cmd[3:])  # exits on a bad flag combination
         assert args.epochs == 4 and args.zeroshot_frequency == args.val_frequency == 1, name
@@ -41,6 +43,39 @@ def test_every_run_is_a_valid_training_command(tmp_path):
                                              extra=replicate.RUNS["3T (broad h) finetuning"].flags,
                                              model="3T-mini-timm")[3:])
     assert finetuning.init_image_from_third_tower
+
+
+def test_the_two_tower_row_reads_each_towers_own_cache(tmp_path):
+    """3T (shape + colour h): 3T-mini-K2 (3T-mini's f and g) with its towers named after experiments.TOWERS, each
+    given its own weights file and the cache its single-tower row reads; the single-tower rows keep bare paths."""
+    rep = replicate.Replication(tmp_path, ex.SCALES["tiny"], [0])
+    rep.towers = {t: f"/w/h_{t}.pth" for t in ex.TOWERS}
+    rep.caches = {t: f"/c/cache_{t}" for t in ex.TOWERS}
+    both = replicate.RUNS["3T (shape + colour h)"]
+    weights, cache = rep.tower_inputs(both)
+    assert weights == {"shape": "/w/h_shape.pth", "colour": "/w/h_colour.pth"}
+    assert cache == {"shape": "/c/cache_shape", "colour": "/c/cache_colour"}
+    assert rep.tower_inputs(replicate.RUNS["3T (shape h)"]) == ("/w/h_shape.pth", "/c/cache_shape")
+    assert rep.tower_inputs(replicate.RUNS["3T (colour h)"]) == ("/w/h_colour.pth", "/c/cache_colour")
+    assert rep.tower_inputs(replicate.RUNS["LiT (broad h)"]) == ("/w/h_broad.pth", None)
+    assert rep.tower_inputs(replicate.RUNS["3T (broad h) h online"]) == ("/w/h_broad.pth", None)
+    assert rep.tower_inputs(replicate.RUNS["CLIP"]) == (None, None)
+
+    data = {"train_spec": "/d/{0..7}.tar", "val_spec": "/d/val.tar", "zeroshot": ["/d/shape", "/d/colour"]}
+    cmd = ex.train_command(tmp_path, "k2", both.kind, data, ex.SCALES["default"], 0, weights, cache, both.flags,
+                           both.model)
+    i, j, k = cmd.index("--model"), cmd.index("--third-tower-weights"), cmd.index("--third-tower-cache")
+    assert cmd[i + 1] == "3T-mini-K2"
+    assert cmd[j:k + 3] == ["--third-tower-weights", "shape=/w/h_shape.pth", "colour=/w/h_colour.pth",
+                            "--third-tower-cache", "shape=/c/cache_shape", "colour=/c/cache_colour"]
+    assert len(cmd) == k + 3  # nothing after the caches
+    # 3T-mini-K2: 3T-mini's f and g, both towers 3T-mini's tower (test_resnet, 96-d) named shape and colour
+    from open_clip_3t._openclip import model_config
+    mini, k2 = model_config("3T-mini"), model_config("3T-mini-K2")
+    assert {k: v for k, v in mini.items() if k != "three_towers"} == {k: v for k, v in k2.items() if k != "three_towers"}
+    tower = {k: v for k, v in mini["three_towers"].items() if k not in ("head_type", "loss_weights", "transfer")}
+    assert k2["three_towers"]["towers"] == [{"name": "shape", **tower}, {"name": "colour", **tower}]
+    assert k2["three_towers"]["loss_weights"] == [1.0] * 5
 
 
 def test_protocol_guard(tmp_path):

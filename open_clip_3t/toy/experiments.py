@@ -205,7 +205,8 @@ def build_cache(root, data, weights, name):
 
 def train_command(logs, name, kind, data, scale: Scale, seed, weights=None, cache=None, extra=(), model=None,
                   lock_image=True):
-    """The python -m training.main command of one run (see `train`)."""
+    """The python -m training.main command of one run (see `train`); for 3T with several towers, weights and cache
+    are {tower name: path}."""
     cmd = [sys.executable, "-m", "training.main", "--model", model or MODELS[kind], "--train-data", data["train_spec"],
            "--dataset-type", "webdataset", "--train-num-samples", scale.train_samples,
            "--batch-size", scale.batch_size, "--epochs", scale.epochs, "--lr", scale.lr, "--wd", "0.1",
@@ -222,7 +223,10 @@ def train_command(logs, name, kind, data, scale: Scale, seed, weights=None, cach
         cmd += ["--siglip"]  # OpenCLIP's sigmoid loss, and its initialisation (temperature 10, bias -10)
     if kind in ("3T", "SigLIP-3T"):
         # With a cache, h is not built: its weights file only identifies the third tower the cache must match.
-        cmd += ["--third-tower-weights", weights] + (["--third-tower-cache", cache] if cache else [])
+        # Several towers ({name: path}, e.g. 3T-mini-K2's shape and colour): NAME=PATH words, one per tower.
+        def words(paths):
+            return [f"{name}={path}" for name, path in paths.items()] if isinstance(paths, dict) else [paths]
+        cmd += ["--third-tower-weights", *words(weights)] + (["--third-tower-cache", *words(cache)] if cache else [])
     return [str(c) for c in cmd]
 
 

@@ -18,6 +18,7 @@ import open_clip
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_numpy
@@ -369,11 +370,12 @@ def test_missing_samples_follow_the_policy(tmp_path, h_weights):
     (images, _, third), = batches
     assert torch.isnan(third).any(dim=1).sum() == 6 and info.cache_stats.missing == 6
     online = open_clip.create_model(MODEL, third_tower_weights=h_weights)
-    filled, n = fill_missing_third(online, images, third)
-    assert n == 6 and not torch.isnan(filled).any()
-    np.testing.assert_allclose(filled.float().numpy(), online.encode_third(images).numpy(), **TOL)
-    with pytest.raises(RuntimeError, match="no third tower"):
-        fill_missing_third(open_clip.create_model(MODEL, third_tower=False), images, third)
+    filled, n = fill_missing_third(online, images, {"third": third})  # {tower: its cached rows}
+    assert n == 6 and not torch.isnan(filled["third"]).any()
+    np.testing.assert_allclose(filled["third"].float().numpy(), online.encode_third(images).numpy(), **TOL)
+    with pytest.raises(RuntimeError, match="missing from the cache of third tower third and the model was built "
+                                           "without it"):
+        fill_missing_third(open_clip.create_model(MODEL, third_tower=False), images, {"third": third})
 
 
 def test_two_ranks_split_the_shards(tmp_path, h_weights):
@@ -465,3 +467,49 @@ def test_the_build_moves_uint8_pixels_and_normalises_them_bit_identically(tmp_pa
         pictures = tar_images(cache.expand_shards(spec)[batch["shard"]])
         expected = torch.stack([transform(pictures[k]) for k in batch["keys"]])
         assert torch.equal(h.normalize(batch["pixels"]), expected)
+
+
+def test_one_cache_per_tower_of_a_two_tower_model(tmp_path, h_weights, other_weights):
+    """3T-tiny-K2 (towers vit: test_vit, resnet: test_resnet): `build --tower` caches one tower; a one-tower model's
+    cache serves the tower with the same fingerprint (the name is not part of it); the join attaches every cached
+    tower's row to each sample in one stage; a cache named for the wrong tower is refused naming the tower it holds."""
+    spec = make_shards(tmp_path / "data", 2)
+    with pytest.raises(cache.CacheError, match=r"has the third towers \['vit', 'resnet'\]: say which one with --tower"):
+        cache.build(spec, "3T-tiny-K2", str(tmp_path / "x"), h_weights, quiet=True)
+    assert not (tmp_path / "x").exists()
+    torch.manual_seed(3)
+    resnet = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), resnet)
+    cache.build(spec, "3T-tiny-K2", str(tmp_path / "resnet"), str(resnet), batch_size=4, workers=0, split=(0, 1),
+                quiet=True, tower="resnet")
+    build(spec, tmp_path / "vit", h_weights)  # built for 3T-tiny's single tower "third": the same test_vit
+    assert cache.info(str(tmp_path / "resnet"))["tower"] == "resnet" and cache.info(str(tmp_path / "vit"))["tower"] == "third"
+
+    args = train_args(spec, None, None, model="3T-tiny-K2", batch_size=4,
+                      third_tower_weights=[f"vit={h_weights}", f"resnet={resnet}"],
+                      third_tower_cache=[f"vit={tmp_path / 'vit'}", f"resnet={tmp_path / 'resnet'}"])
+    _, _, preprocess_val = open_clip.create_model_and_transforms("3T-tiny-K2", third_tower=False)
+    info = get_cached_wds_dataset(args, preprocess_val, is_train=True, tokenizer=open_clip.get_tokenizer("3T-tiny-K2"))
+    batches = list(info.dataloader)
+    assert info.cached_towers == ["vit", "resnet"] and len(batches) == 3 and info.cache_stats.joined == 12
+    # Each tower's row is that tower's embedding of that very sample. f's val view at 32 px is test_vit's eval view
+    # (bicubic), so vit's rows match within fp16; test_resnet's eval view resizes bilinearly, so its rows are matched
+    # to the samples by nearest embedding.
+    online = open_clip.create_model("3T-tiny-K2", third_tower_weights={"vit": h_weights, "resnet": str(resnet)})
+    for images, _, vit_rows, resnet_rows in batches:
+        assert vit_rows.shape == (4, 64) and resnet_rows.shape == (4, 96)
+        with torch.no_grad():
+            np.testing.assert_allclose(vit_rows.float().numpy(), online.encode_third(images, "vit").numpy(), **TOL)
+            direct = F.normalize(online.encode_third(images, "resnet"), dim=-1)
+        nearest = (F.normalize(resnet_rows.float(), dim=-1) @ direct.T).argmax(dim=1)
+        assert nearest.tolist() == [0, 1, 2, 3]
+
+    args.third_tower_cache = [f"vit={tmp_path / 'resnet'}", f"resnet={tmp_path / 'vit'}"]
+    with pytest.raises(cache.CacheError) as e:
+        get_cached_wds_dataset(args, preprocess_val, is_train=True)
+    assert str(e.value) == (f"--third-tower-cache vit={tmp_path / 'resnet'} holds the embeddings of the tower "
+                            f"resnet, not vit: pass resnet={tmp_path / 'resnet'}")
+    args.third_tower_cache, args.third_tower_weights = [f"vit={tmp_path / 'vit'}"], [f"vit={other_weights}",
+                                                                                       f"resnet={resnet}"]
+    with pytest.raises(cache.CacheError, match="built for another third tower than vit"):  # not a swap: other weights
+        get_cached_wds_dataset(args, preprocess_val, is_train=True)

@@ -142,6 +142,14 @@ NOT_RUN = {
                          "EPOCHS=2 BATCH_SIZE=16 \\"):
         NotRun("a SLURM cluster: tests/test_slurm_launchers.py submits it to the local cluster, "
                "tests/test_slurm_stub.py runs the script without SLURM"),
+    ("docs/training.md", "python -m training.main --model 3T-ViT-B-16-K2 --train-data "
+                         "'/data/laion400m/{00000..41407}.tar' \\"):
+        NotRun("LAION shards and two towers' hub weights: tests/test_training.py trains 3T-tiny-K2 from two caches, "
+               "from one cache with the other tower online, and refuses swapped caches"),
+    ("docs/cache.md", "python -m open_clip_3t.cache build --train-data '/data/laion400m/{00000..41407}.tar' --model "
+                      "3T-ViT-B-16-K2 \\"):
+        NotRun("LAION shards and two towers' hub weights: tests/test_cache.py builds one cache per tower of "
+               "3T-tiny-K2 and joins both, tests/test_training.py trains from them"),
     ("docs/training.md", "python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 "
                          "--rounds 10"):
         NotRun("minutes per run on CPU, and a GPU for the last line"),

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import open_clip
@@ -366,7 +367,40 @@ def test_init_image_from_third_tower(h_weights):
     assert not any(p.requires_grad for p in model.third_tower.parameters())
 
 
+def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
+    """--init-image-from-third-tower NAME on a two-tower model (3T-tiny-timm's f and g; towers vit: test_vit like f,
+    and resnet): f starts from vit's weights; both towers are built and frozen."""
+    from training.main import create_student
+    from training.params import parse_args
+    cfg = json.loads((Path(REPO) / "open_clip_3t" / "model_configs" / "3T-tiny-timm.json").read_text())
+    k2 = json.loads((Path(REPO) / "open_clip_3t" / "model_configs" / "3T-tiny-K2.json").read_text())["three_towers"]
+    del k2["towers"][0]["timm_kwargs"]  # vit built as 3T-tiny-timm builds f and its one tower (timm's default size)
+    cfg["three_towers"] = k2
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    args = parse_args(["--model", f"local-dir:{tmp_path}", "--third-tower-weights", f"vit={h_weights}",
+                       "--init-image-from-third-tower", "vit"])
+    assert args.init_image_from_third_tower == "vit" and args.third_tower_weights == {"vit": h_weights}
+    model = create_student(args, args.model, None, {"output_dict": True})[0]
+    f, vit = model.visual.trunk.state_dict(), model.vit_tower.model.state_dict()
+    saved = torch.load(h_weights)
+    assert f.keys() == vit.keys() and len(f) > 10
+    assert all(torch.equal(f[k], vit[k]) for k in f) and torch.equal(f["cls_token"], saved["cls_token"])
+    assert torch.equal(f["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
+    assert model.resnet_tower is not None and not any(p.requires_grad for p in model.resnet_tower.parameters())
+    assert all(p.requires_grad for p in model.visual.parameters())
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--model", "3T-tiny-K2", "--init-image-from-third-tower"], "has the third towers ['vit', 'resnet']: name one"),
+    (["--model", "3T-tiny-K2", "--init-image-from-third-tower", "places"], "there is no tower 'places'"),
+    (["--model", "3T-tiny-K2", "--init-image-from-third-tower", "vit"], "is not the architecture of its third tower "
+                                                                        "vit (test_vit)"),
+    (["--model", "3T-tiny-K2", "--three-towers-loss-weights", "1", "1", "1"],
+     "3 values for 5 loss terms; give one per term, in this order: contrastive_loss, image_vit_loss, text_vit_loss, "
+     "image_resnet_loss, text_resnet_loss"),
+    (["--model", "3T-tiny-K2", "--third-tower-cache", "/x"], "write NAME=VALUE for each"),
+    (["--model", "3T-tiny-K2", "--third-tower-weights", "places=/x"], "'places' is not a third tower of this model"),
+    (["--model", "3T-tiny-K2", "--third-tower-weights", "vit=/x", "vit=/y"], "tower vit is given twice"),
     (["--model", "CLIP-tiny", "--three-towers-transfer", "l2"], "apply to 3T models only"),
     (["--model", "3T-tiny", "--third-tower-weights", "/nonexistent.pth"], "--third-tower-weights /nonexistent.pth"),
     (["--model", "3T-tiny", "--three-towers-loss-weights", "0", "0", "0"], "not all 0"),

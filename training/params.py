@@ -203,13 +203,14 @@ def check_args(args):
         if args.horovod:
             fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
         if args.init_image_from_third_tower:
-            name = args.init_image_from_third_tower
-            h_arch = ThreeTowersCfg.from_dict(three_towers_config(args.model)).tower(name).timm_model_name.split(".")[0]
+            name, cfg = args.init_image_from_third_tower, ThreeTowersCfg.from_dict(three_towers_config(args.model))
+            h_arch = cfg.tower(name).timm_model_name.split(".")[0]
             f_arch = (model_config(args.model)["vision_cfg"].get("timm_model_name") or "").split(".")[0]
+            h = "h's architecture" if len(cfg.names) == 1 else f"the architecture of its third tower {name}"
             if f_arch != h_arch:
                 fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
-                     f"({f_arch or 'an OpenCLIP ViT'}) is not the architecture of its third tower {name} ({h_arch}); "
-                     f"use a 3T config whose vision_cfg.timm_model_name is {h_arch}")
+                     f"({f_arch or 'an OpenCLIP ViT'}) is not {h} ({h_arch}); use a 3T config whose "
+                     f"vision_cfg.timm_model_name is {h_arch}")
     if args.resume not in (None, "latest") and "://" not in args.resume:
         reason = checkpoint_unreadable(args.resume) if os.path.isfile(args.resume) else "no such file"
         if reason:

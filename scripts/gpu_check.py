@@ -90,7 +90,8 @@ TARGETS = [
     ("SigLIP-3T fed-in / SigLIP step peak memory", "max", 1.01),
     ("SigLIP-3T online / SigLIP step peak memory", "max", 1.01),
 ]
-VARIANTS = ("clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward")
+VARIANTS = ("clip", "3t-fed", "3t-online", "3t-k2-fed", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online",
+            "h-forward")
 
 
 def settings_from_env(environ=None):

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = ["environment", "data", "step_benchmark", "cache_benchmark", "train_3t", "export", "reload", "train_clip"]
-VARIANTS = {"clip", "3t-fed", "3t-online", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online", "h-forward"}
+VARIANTS = {"clip", "3t-fed", "3t-online", "3t-k2-fed", "distill", "siglip", "siglip-3t-fed", "siglip-3t-online",
+            "h-forward"}
 
 
 def gpu_check(out, work, **env):

@@ -119,9 +119,10 @@ def paired_difference(runs, a, b):
 def mean_std(df, by):
     metrics = [c for c in df.columns if c not in (by, "seed", "train s")]
     grouped = df.groupby(by, sort=False)
-    mean, std = grouped[metrics].mean(), grouped[metrics].std(ddof=1).fillna(0.0)
-    return pd.DataFrame({c: [f"{m:.1f} ± {s:.1f}" for m, s in zip(mean[c], std[c])] for c in metrics},
-                        index=mean.index).reset_index()
+    mean, std = grouped[metrics].mean(), grouped[metrics].std(ddof=1)
+    # one seed has no spread: its value alone, never "± 0.0"
+    cells = {c: [f"{m:.1f}" if pd.isna(s) else f"{m:.1f} ± {s:.1f}" for m, s in zip(mean[c], std[c])] for c in metrics}
+    return pd.DataFrame({"seeds": grouped.size(), **cells}, index=mean.index).reset_index()
 
 
 class Replication:
@@ -276,7 +277,7 @@ def main(argv=None):
     rep.plot_curves(args.runs)
 
     ex.say(table.to_string(index=False))
-    ex.say(verdicts[["claim", "h", "metric", "A - B", "margin", "verdict"]].to_string(index=False))
+    ex.say(verdicts.reindex(columns=["claim", "h", "metric", "A - B", "margin", "verdict"]).to_string(index=False))
     ex.say(towers.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     ex.say(f"total {time.time() - rep.start:.0f}s; tables and curves in {rep.out}")
 

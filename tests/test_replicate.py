@@ -88,7 +88,8 @@ def test_protocol_guard(tmp_path):
 def test_mean_std_over_seeds():
     runs = pd.DataFrame({"run": ["a", "a", "a", "b"], "seed": [0, 1, 2, 0], "x": [1.0, 2.0, 6.0, 4.0],
                          "train s": [1, 2, 3, 4]})
-    assert replicate.mean_std(runs, "run").to_dict("list") == {"run": ["a", "b"], "x": ["3.0 ± 2.6", "4.0 ± 0.0"]}
+    assert replicate.mean_std(runs, "run").to_dict("list") == {"run": ["a", "b"], "seeds": [3, 1],
+                                                                 "x": ["3.0 ± 2.6", "4.0"]}  # one seed: no spread
 
 
 def test_duplicate_rate_by_hand():
@@ -123,6 +124,8 @@ def test_claims_judged_by_the_protocol_rule():
     assert verdicts.loc["shape top-1", "verdict"] == "within noise" and verdicts.loc["shape top-1", "A - B"] == 1.0
     assert verdicts.loc["colour top-1", "verdict"] == "A beats B"
     assert verdicts.loc["mean R@1", "A mean ± std"] == "29.0 ± 3.0" and verdicts.loc["mean R@1", "verdict"] == "within noise"
+    two_seeds = claims.judge(runs[runs["seed"] < 2]).set_index("claim")  # the rule needs all three seeds
+    assert two_seeds.loc["3T beats the from-scratch CLIP", "verdict"] == "not judged yet: 2 and 2 of 3 seeds"
     runs.loc[(runs["run"] == "3T (weak h)"), "I→T R@1"] = [10.0, 11.0, 12.0]
     assert claims.judge(runs).set_index("metric").loc["mean R@1", "verdict"] == "B beats A"
 

@@ -18,7 +18,6 @@ import argparse
 import io
 import logging
 import os
-import sys
 import tarfile
 from dataclasses import dataclass
 from typing import Optional

@@ -34,7 +34,6 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F

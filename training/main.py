@@ -194,8 +194,8 @@ def main(argv=None):
         if lock is not None:
             lock.close()
     if result == -1:  # OpenCLIP returns -1 (after printing why) instead of raising, e.g. when the run exists
-        raise SystemExit(f"training.main: stopped without training (see the message above); for an existing "
-                         f"run pass a new --name or --resume latest")
+        raise SystemExit("training.main: stopped without training (see the message above); for an existing "
+                         "run pass a new --name or --resume latest")
     return result
 
 

@@ -7,6 +7,7 @@ and colour top-1 separately.
 """
 import pandas as pd
 
+SEEDS = 3  # the protocol's seeds: a claim is judged only when both of its rows ran on all of them
 RETRIEVAL, CLASSIFICATION = ["mean R@1"], ["shape top-1", "colour top-1"]
 ALL = CLASSIFICATION + RETRIEVAL
 
@@ -59,6 +60,10 @@ def judge(runs: pd.DataFrame, combos: pd.DataFrame = None) -> pd.DataFrame:
         rows_a, rows_b = runs[runs["run"] == a], runs[runs["run"] == b]
         if rows_a.empty or rows_b.empty:
             continue
+        if min(len(rows_a), len(rows_b)) < SEEDS:  # listed, not judged: the rule needs every seed's spread
+            rows.append({"claim": claim, "h": regime, "metric": ", ".join(metrics), "A": a, "B": b,
+                         "verdict": f"not judged yet: {len(rows_a)} and {len(rows_b)} of {SEEDS} seeds"})
+            continue
         for metric in metrics:
             diff, margin, verdict = compare(rows_a[metric], rows_b[metric])
             rows.append({"claim": claim, "h": regime, "metric": metric, "A": a, "B": b,
@@ -68,6 +73,10 @@ def judge(runs: pd.DataFrame, combos: pd.DataFrame = None) -> pd.DataFrame:
     if combos is not None and len(combos):
         combos = with_mean_r1(combos)
         for pair, group in combos.groupby("pair", sort=False):
+            if group["seed"].nunique() < SEEDS:
+                rows.append({"claim": "the combination beats both models", "h": pair, "metric": ", ".join(ALL),
+                             "verdict": f"not judged yet: {group['seed'].nunique()} of {SEEDS} seeds"})
+                continue
             ends = group[group["a"].isin([0.0, 1.0])]
             inner = group[~group["a"].isin([0.0, 1.0])]
             for metric in ALL:

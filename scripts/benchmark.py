@@ -350,6 +350,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip_train.main does
         torch.backends.cudnn.benchmark = True
+    # Counted first, in two child processes that build their own model: after the timing this process holds every
+    # variant (and, on CPU, a heap that keeps freed memory), and ViT-B/16-sized children would not fit beside it.
+    collectives = None if args.no_collectives else count_collectives(args)
     variants, autocast, n_params = build_variants(args, device)
     print(f"model {args.model}, batch {args.batch_size}, precision {args.precision}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
@@ -418,8 +421,8 @@ def main(argv=None):
             ("SigLIP / CLIP", median["siglip"] / median["clip"], None)):
         print(f"{label:<36}= {value:.3f}" + (f"  (target <= {target})" if target else ""))
     result = {"median_s": median, "memory_bytes": memory, **ratios}
-    if not args.no_collectives:
-        result["collectives"] = count_collectives(args)
+    if collectives is not None:
+        result["collectives"] = collectives
         print("\ncollectives per step, 2 gloo ranks (forward + backward calls):")
         for setting, by_variant in result["collectives"].items():
             print(f"  {setting:<28}" + ", ".join(f"{variant} {sum(n)} ({n[0]} + {n[1]})"

@@ -105,7 +105,7 @@ def test_online_minus_cache_is_paired_by_seed():
     runs = pd.DataFrame({"run": ["on", "off", "on", "off", "on", "off", "other"], "seed": [0, 0, 1, 1, 2, 2, 0],
                          "x": [5.0, 1.0, 4.0, 2.0, 9.0, 3.0, 7.0], "train s": [1] * 7})
     diff = replicate.paired_difference(runs, "on", "off")  # per seed: 4, 2, 6
-    assert diff.to_dict("list") == {"run": ["on minus off"], "x": ["4.0 ± 2.0"]}
+    assert diff.to_dict("list") == {"run": ["on minus off"], "seeds": [3], "x": ["4.0 ± 2.0"]}
     assert replicate.paired_difference(runs, "on", "missing") is None
 
 

@@ -146,9 +146,12 @@ class Replication:
     def checkpoint(self, seed, name):
         return self.run_dir(seed, name) / "checkpoints" / f"epoch_{self.scale.epochs}.pt"
 
+    def row_file(self, seed, name):
+        return self.out / "eval" / f"seed{seed}" / f"{slug(name)}.json"
+
     def train_and_evaluate(self, seed, name):
         """Train one run (unless done); its table row is the evaluation after its last epoch."""
-        row_file = self.out / "eval" / f"seed{seed}" / f"{slug(name)}.json"
+        row_file = self.row_file(seed, name)
         if row_file.exists():
             return json.loads(row_file.read_text())
         run = RUNS[name]
@@ -171,8 +174,9 @@ class Replication:
             return weights.get(run.tower), cache and cache.get(run.tower)
         return weights, cache
 
-    def combinations(self, seed, tower):
-        """3T (tower) + LiT (tower) and 3T (tower) + its third-tower pair, one row per a; skipped when done."""
+    def combinations(self, seed, tower, compute=True):
+        """3T (tower) + LiT (tower) and 3T (tower) + its third-tower pair, one row per a; skipped when done (and
+        when not done, unless compute)."""
         rows, three_t = [], f"3T ({tower} h)"
         for other, with_what in ((f"LiT ({tower} h)", "LiT"), (None, "third-tower pair")):
             if other is not None and not self.checkpoint(seed, other).exists():
@@ -180,6 +184,8 @@ class Replication:
             out = self.out / "eval" / f"seed{seed}" / slug(f"combination {three_t} + {with_what}")
             if (out / "results.csv").exists():
                 results = pd.read_csv(out / "results.csv")
+            elif not compute:
+                continue
             else:
                 self.say(f"seed {seed}: {three_t} + {with_what}, a in {' '.join(ALPHAS)}")
                 combine = {"combine_with": str(self.checkpoint(seed, other)), "combine_model": ex.MODELS["LiT"]} \
@@ -235,6 +241,8 @@ def main(argv=None):
                         help="rows to train and evaluate (default: all); finished ones are skipped")
     parser.add_argument("--prepare-only", action="store_true",
                         help="make the data, the third towers and their caches, then stop")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables and curves from the runs finished so far; train and evaluate nothing")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of each training and evaluation process (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
@@ -254,10 +262,11 @@ def main(argv=None):
     rows, combos = [], []
     for seed in args.seeds:
         for name in args.runs:
-            rows.append(rep.train_and_evaluate(seed, name))
+            if not args.report_only or rep.row_file(seed, name).exists():
+                rows.append(rep.train_and_evaluate(seed, name))
         for tower in COMBINED_TOWERS:
-            if f"3T ({tower} h)" in args.runs:
-                combos += rep.combinations(seed, tower)
+            if f"3T ({tower} h)" in args.runs and (not args.report_only or rep.row_file(seed, f"3T ({tower} h)").exists()):
+                combos += rep.combinations(seed, tower, compute=not args.report_only)
     runs = pd.DataFrame(rows)
     runs.to_csv(rep.out / "runs.csv", index=False)
     table = mean_std(runs, "run")

@@ -134,3 +134,24 @@ def test_claims_judged_by_the_protocol_rule():
     mixed = claims.judge(runs, combos.drop(columns="run")).query("claim == 'the combination beats both models'")
     shape = mixed.set_index("metric").loc["shape top-1"]
     assert (shape["A"], shape["B"], shape["A - B"], shape["verdict"]) == ("a=0.5", "a=1", 2.0, "A beats B")
+
+
+def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("--report-only trained or evaluated")
+    monkeypatch.setattr(replicate.Replication, "prepare", lambda self, runs: setattr(self, "caches", {}))
+    monkeypatch.setattr(replicate.Replication, "towers_table", lambda self: pd.DataFrame({"tower": []}))
+    monkeypatch.setattr(replicate.Replication, "plot_curves", lambda self, runs: None)
+    monkeypatch.setattr(ex, "train", no_work)
+    monkeypatch.setattr(ex, "evaluate", no_work)
+    metrics = {"shape top-1": 20.0, "colour top-1": 90.0, "I→T R@1": 30.0, "T→I R@1": 32.0, "I→T R@5": 80.0,
+               "T→I R@5": 81.0}
+    finished = [("CLIP", s) for s in range(3)] + [("SigLIP", s) for s in range(2)]  # SigLIP: seed 2 not run yet
+    for run, seed in finished:
+        ex.write_json(tmp_path / "eval" / f"seed{seed}" / f"{replicate.slug(run)}.json",
+                      {"run": run, "seed": seed, **{k: v + seed for k, v in metrics.items()}, "train s": 1.0})
+    replicate.main(["--out", str(tmp_path), "--report-only"])
+    table = pd.read_csv(tmp_path / "replication.csv").set_index("run")
+    assert table["seeds"].to_dict() == {"CLIP": 3, "SigLIP": 2}
+    assert table.loc["CLIP", "shape top-1"] == "21.0 ± 1.0" and table.loc["SigLIP", "shape top-1"] == "20.5 ± 0.7"
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 5

@@ -607,3 +607,21 @@ def test_swapped_caches_are_refused_before_any_model(shards, k2_caches, tmp_path
         f"training.main: error: --third-tower-cache vit={caches['resnet']} holds the embeddings of the tower resnet, "
         f"not vit: pass resnet={caches['resnet']}")
     assert not (tmp_path / "logs").exists()  # stopped before OpenCLIP created the run (no model, no data loader)
+
+
+def test_two_cached_towers_train_sigmoid_3t_with_a_bias_per_term(shards, k2_caches, tmp_path):
+    """SigLIP-3T with two towers (--siglip, 3T-tiny-K2-sigmoid): five sigmoid terms, each with its own temperature
+    and bias, from the two caches."""
+    weights, caches = k2_caches
+    flags = k2_flags(shards, weights, caches)
+    flags[flags.index("--model") + 1] = "3T-tiny-K2-sigmoid"
+    run_dir = train(tmp_path, "k2sig", *flags, "--siglip", "--warmup", "1")  # a learning rate the biases feel
+    steps = step_logs((run_dir / "out.log").read_text())
+    assert len(steps) == 4 and all(math.isfinite(s[t]) and s[t] > 0 for s in steps for t in K2_TERMS)
+    assert all(f"Logit Bias {side} {name}" in s for s in steps for side in ("Image", "Text") for name in ("Vit", "Resnet"))
+    built, state = tower_tensors(run_dir)
+    assert built == {"vit": 0, "resnet": 0}
+    biases = {f"logit_bias_{side}_{name}" for side in ("image", "text") for name in ("vit", "resnet")}
+    assert biases | {"logit_bias"} <= set(state)
+    for name in biases | {"logit_bias"}:  # initialised as OpenCLIP's --siglip initialises its own bias (-10), trained
+        assert state[name].numel() == 1 and -10.1 < state[name].item() < -9.9 and state[name].item() != -10.0

@@ -243,6 +243,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def run_two_ranks(worker, *args, results_per_rank=1, timeout=120):
+    """Run worker(rank, 2, port, *args, queue) in two spawned gloo processes; the items they put on the queue (each
+    rank puts results_per_rank), after both exited cleanly."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=timeout) for _ in range(2 * results_per_rank)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def _rank_worker(rank, world_size, port, local_loss, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -268,16 +283,7 @@ def _rank_worker(rank, world_size, port, local_loss, queue):
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(local_loss):
     world_size = 2
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, world_size, port, local_loss, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = sorted(run_two_ranks(_rank_worker, local_loss))
 
     x = features(batch=2 * B, seed=4, requires_grad=True)
     single = ThreeTowersLoss()(**x)
@@ -333,16 +339,7 @@ def test_two_ranks_siglip_3t_equals_one_process_for_every_dist_impl():
     """For each --loss-dist-impl: the mean of the per-rank SigLIP-3T losses is the single-process loss on the
     concatenated batch, and so is DDP's gradient on every parameter (f, g, heads, temperatures, biases)."""
     world_size = 2
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_siglip_rank_worker, args=(r, world_size, port, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=300) for _ in range(world_size * len(DIST_IMPLS))]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_ranks(_siglip_rank_worker, results_per_rank=len(DIST_IMPLS), timeout=300)
 
     model = siglip_model()
     images, texts, third = siglip_batch(world_size * B)
@@ -437,17 +434,7 @@ def test_two_ranks_with_two_towers_equal_one_process_in_one_collective(gather_wi
     """K = 2, two processes: the mean of the per-rank losses is the single-process loss on the concatenated batch,
     and every feature set of both towers (and of f and g) crossed ranks in one all_gather."""
     world_size = 2
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_k2_rank_worker, args=(r, world_size, port, gather_with_grad, queue))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = sorted(run_two_ranks(_k2_rank_worker, gather_with_grad))
     x = k2_features(batch=2 * B, seed=14, requires_grad=True)
     single = ThreeTowersLoss(towers=TOWERS)(**x)
     single.backward()

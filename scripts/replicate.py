@@ -116,12 +116,13 @@ def paired_difference(runs, a, b):
     return mean_std(diff.assign(run=f"{a} minus {b}").reset_index(), "run")
 
 
-def mean_std(df, by):
+def mean_std(df, by, digits=1):
     metrics = [c for c in df.columns if c not in (by, "seed", "train s")]
     grouped = df.groupby(by, sort=False)
     mean, std = grouped[metrics].mean(), grouped[metrics].std(ddof=1)
     # one seed has no spread: its value alone, never "± 0.0"
-    cells = {c: [f"{m:.1f}" if pd.isna(s) else f"{m:.1f} ± {s:.1f}" for m, s in zip(mean[c], std[c])] for c in metrics}
+    cells = {c: ["" if pd.isna(m) else f"{m:.{digits}f}" if pd.isna(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+                 for m, s in zip(mean[c], std[c])] for c in metrics}
     return pd.DataFrame({"seeds": grouped.size(), **cells}, index=mean.index).reset_index()
 
 
@@ -219,6 +220,17 @@ class Replication:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def terms_table(self, runs):
+        """Each single-tower softmax 3T row's three loss terms and temperatures at its last logged step (item 4 of the
+        diagnosis: which term stays high, whether a temperature runs away), one row per seed."""
+        rows = []
+        for name in runs:
+            for seed in self.seeds:
+                if name.startswith("3T (") and "+" not in name and self.checkpoint(seed, name).exists():
+                    last = curves.read_training_log(self.run_dir(seed, name)).iloc[-1]
+                    rows.append({"run": name, "seed": seed, **last.drop("samples seen").to_dict()})
+        return pd.DataFrame(rows)
+
     def plot_curves(self, runs):
         folders = {name: [self.run_dir(s, name) for s in self.seeds if self.checkpoint(s, name).exists()]
                    for name in runs}
@@ -281,6 +293,9 @@ def main(argv=None):
     if cache_cost is not None:  # what training from the cache costs (or gains), per seed
         ex.save_table(cache_cost, rep.out, "online_minus_cache")
         ex.say(cache_cost.to_string(index=False))
+    terms = rep.terms_table(args.runs)
+    if len(terms):
+        ex.save_table(mean_std(terms, "run", digits=2), rep.out, "terms_at_end")
     towers = rep.towers_table()
     towers.to_csv(rep.out / "towers.csv", index=False)
     rep.plot_curves(args.runs)

@@ -175,3 +175,15 @@ def test_terms_at_the_end_are_each_seeds_last_logged_step(tmp_path):
     table = replicate.mean_std(terms, "run", digits=2).set_index("run")
     assert table.loc["3T (weak h)", "L(f_h,h_f)"] == "2.25 ± 0.00"
     assert table.loc["3T (weak h) without L(f_h,h_f)", "L(f_h,h_f)"] == ""
+
+
+def test_centroid_probe_by_hand():
+    from open_clip_3t.toy.diagnostics import centroid_probe
+    # two classes on two axes: every held-out point is nearest its own centroid
+    x = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.9, 0.0], [1.1, 0.05], [0.1, 1.0], [-0.1, 1.0], [0.0, 0.9], [0.05, 1.1]])
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert centroid_probe(x, y, folds=4) == 100.0
+    assert centroid_probe(x, 1 - y, folds=4) == 100.0  # label values do not matter, only the grouping
+    # features that carry no class: the point (0, 1) is in both classes, so one of each pair is always wrong
+    same = torch.tensor([[0.0, 1.0]] * 8)
+    assert centroid_probe(same, y, folds=4) == 50.0  # argmax of equal scores picks the first class: right 4 of 8

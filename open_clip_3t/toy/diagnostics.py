@@ -4,6 +4,8 @@
   terms are contrastive: such pairs are negatives that cannot be told apart, a task with a floor.
 - `view_agreement`: whether h's cached view of an image (its deterministic eval crop) differs from the view f
   trains on (OpenCLIP's random resized crop), which is what h sees when it runs online.
+- `centroid_probe`: how much of a class a trained image tower's embedding holds, with no prompt and no text tower:
+  when zero-shot accuracy is low, it tells whether f never learned the attribute or g does not name it.
 """
 import io
 import logging
@@ -88,3 +90,20 @@ def view_agreement(weights, train_spec, cache_dir, model="3T-mini", limit=512, s
     n = len(stored)
     return {"cos(f's view, cached view)": float(same.mean()),
             "cos(two images, cached)": float((others.sum() - others.diagonal().sum()) / (n * (n - 1)))}
+
+
+def centroid_probe(features, labels, folds=5, seed=0):
+    """Nearest-class-centroid accuracy (%) of L2-normalised features (N, D) with integer labels (N,), k-fold
+    cross-validated over one random order: each fold is classified by the centroids of the other folds."""
+    features = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(labels)
+    classes = labels.unique()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    correct = 0
+    for k in range(folds):
+        held_out = torch.zeros(len(labels), dtype=torch.bool)
+        held_out[order[k::folds]] = True
+        centroids = torch.stack([features[~held_out & (labels == c)].mean(0) for c in classes])
+        predicted = classes[(features[held_out] @ F.normalize(centroids, dim=1).T).argmax(1)]
+        correct += int((predicted == labels[held_out]).sum())
+    return 100 * correct / len(labels)

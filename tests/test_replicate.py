@@ -180,7 +180,8 @@ def test_terms_at_the_end_are_each_seeds_last_logged_step(tmp_path):
 def test_centroid_probe_by_hand():
     from open_clip_3t.toy.diagnostics import centroid_probe
     # two classes on two axes: every held-out point is nearest its own centroid
-    x = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.9, 0.0], [1.1, 0.05], [0.1, 1.0], [-0.1, 1.0], [0.0, 0.9], [0.05, 1.1]])
+    x = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.9, 0.0], [1.1, 0.05],
+                      [0.1, 1.0], [-0.1, 1.0], [0.0, 0.9], [0.05, 1.1]])
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     assert centroid_probe(x, y, folds=4) == 100.0
     assert centroid_probe(x, 1 - y, folds=4) == 100.0  # label values do not matter, only the grouping

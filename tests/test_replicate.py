@@ -188,3 +188,31 @@ def test_centroid_probe_by_hand():
     # features that carry no class: the point (0, 1) is in both classes, so one of each pair is always wrong
     same = torch.tensor([[0.0, 1.0]] * 8)
     assert centroid_probe(same, y, folds=4) == 50.0  # argmax of equal scores picks the first class: right 4 of 8
+
+
+def test_probe_reads_the_runs_own_model_and_keeps_its_row(tmp_path):
+    """Replication.probe: the checkpoint's image tower (model named by the run's params.txt) on each zero-shot
+    folder, equal to centroid_probe of encode_image on the same images; the row is kept and read back."""
+    import open_clip
+    from torchvision.datasets import ImageFolder
+
+    from open_clip_3t.toy.diagnostics import centroid_probe
+    rep = replicate.Replication(tmp_path, ex.SCALES["tiny"], [0])
+    rep.data = {"zeroshot": [write_classification_folder(str(tmp_path / a), a, 5, seed=0, image_size=32)
+                             for a in ex.EVAL_ATTRIBUTES]}
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("CLIP-tiny")
+    checkpoint = rep.checkpoint(0, "CLIP")
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    (checkpoint.parent.parent / "params.txt").write_text("model: CLIP-tiny\n")
+    row = rep.probe(0, "CLIP")
+    model.eval()
+    for folder in rep.data["zeroshot"]:
+        images = ImageFolder(folder, transform=preprocess)
+        with torch.no_grad():
+            features = model.encode_image(torch.stack([image for image, _ in images]))
+        assert row[f"{os.path.basename(folder)} probe"] == centroid_probe(features, torch.tensor(images.targets))
+    assert set(row) == {"run", "seed"} | {f"{a} probe" for a in ex.EVAL_ATTRIBUTES}
+    checkpoint.unlink()  # read back from OUT/eval/seed0/probe/CLIP.json, not recomputed
+    assert rep.probe(0, "CLIP") == row

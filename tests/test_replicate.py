@@ -216,3 +216,13 @@ def test_probe_reads_the_runs_own_model_and_keeps_its_row(tmp_path):
     assert set(row) == {"run", "seed"} | {f"{a} probe" for a in ex.EVAL_ATTRIBUTES}
     checkpoint.unlink()  # read back from OUT/eval/seed0/probe/CLIP.json, not recomputed
     assert rep.probe(0, "CLIP") == row
+
+
+def test_centroid_probe_keeps_a_centroid_for_every_class():
+    """Two samples per class and five folds asked: two stratified folds, so no class is ever without a centroid; a
+    class of one sample is refused in one line."""
+    from open_clip_3t.toy.diagnostics import centroid_probe
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0], [-0.9, -0.1]])
+    assert centroid_probe(x, torch.tensor([0, 0, 1, 1, 2, 2]), folds=5) == 100.0
+    with pytest.raises(ValueError, match="class 2 has one sample"):
+        centroid_probe(x[:5], torch.tensor([0, 0, 1, 1, 2]))

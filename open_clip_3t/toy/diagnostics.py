@@ -93,16 +93,24 @@ def view_agreement(weights, train_spec, cache_dir, model="3T-mini", limit=512, s
 
 
 def centroid_probe(features, labels, folds=5, seed=0):
-    """Nearest-class-centroid accuracy (%) of L2-normalised features (N, D) with integer labels (N,), k-fold
-    cross-validated over one random order: each fold is classified by the centroids of the other folds."""
+    """Nearest-class-centroid accuracy (%) of L2-normalised features (N, D) with integer labels (N,), stratified
+    k-fold: each class's samples are dealt over the folds in a random order (at most as many folds as the smallest
+    class has samples, so every class keeps a centroid), and each fold is classified by the other folds' centroids."""
     features = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
     labels = torch.as_tensor(labels)
-    classes = labels.unique()
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    classes, counts = labels.unique(return_counts=True)
+    if int(counts.min()) < 2:
+        raise ValueError(f"centroid_probe: class {int(classes[counts.argmin()])} has one sample: a probe needs at "
+                         f"least two per class (write more images per class)")
+    folds = min(folds, int(counts.min()))
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in classes:
+        members = (labels == c).nonzero().flatten()
+        fold[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
     correct = 0
     for k in range(folds):
-        held_out = torch.zeros(len(labels), dtype=torch.bool)
-        held_out[order[k::folds]] = True
+        held_out = fold == k
         centroids = torch.stack([features[~held_out & (labels == c)].mean(0) for c in classes])
         predicted = classes[(features[held_out] @ F.normalize(centroids, dim=1).T).argmax(1)]
         correct += int((predicted == labels[held_out]).sum())

@@ -4,15 +4,21 @@ Importing this package registers the 3T model family in OpenCLIP's factory (once
 `open_clip.create_model('3T-ViT-B-16')` then returns a `ThreeTowersCLIP`, and a 3T config of OpenCLIP's
 `CustomTextCLIP` class (custom or Hugging Face text tower, e.g. `3T-ViT-B-16-SigLIP`) a `ThreeTowersCustomTextCLIP`.
 """
+import warnings
+
+from . import factory as _factory
 from ._openclip import register as _register
+from .config import ThirdTowerCfg, ThreeTowersSection
 from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
 from .model import ThreeTowers, ThreeTowersCLIP, ThreeTowersCustomTextCLIP, clip_state_dict
-from .third_tower import ThirdTower, ThreeTowersCfg
+from .plan import RunPlan, TowerPlan, resolve_plan
+from .third_tower import ThirdTower
 
-_register()
+_register(_factory.create_model, _factory.create_loss)
 
 __all__ = ["ThreeTowers", "ThreeTowersCLIP", "ThreeTowersCustomTextCLIP", "ThreeTowersLoss", "ThreeTowersSigLipLoss",
-           "ThirdTower", "ThreeTowersCfg", "export_clip", "clip_state_dict"]
+           "ThirdTower", "ThirdTowerCfg", "ThreeTowersSection", "RunPlan", "TowerPlan", "resolve_plan",
+           "export_clip", "clip_state_dict"]
 __version__ = "0.1.0"
 
 
@@ -21,4 +27,8 @@ def __getattr__(name):
     if name == "export_clip":
         from .export import export_clip
         return export_clip
+    if name == "ThreeTowersCfg":  # the name of ThreeTowersSection in 0.1.0
+        warnings.warn("open_clip_3t.ThreeTowersCfg is now open_clip_3t.ThreeTowersSection", DeprecationWarning,
+                      stacklevel=2)
+        return ThreeTowersSection
     raise AttributeError(f"module 'open_clip_3t' has no attribute {name!r}")

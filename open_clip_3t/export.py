@@ -23,9 +23,11 @@ import open_clip
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save as save_safetensors
 
-from ._openclip import (SECTION, checkpoint_keys, checkpoint_unreadable, load_state_dict, model_config, model_exists,
-                        openclip_model_class)
+from ._openclip import load_state_dict, model_exists, openclip_model_class
+from .files import write_atomic
 from .model import clip_state_dict, towers_in
+from .plan import resolve_plan
+from .weights import checkpoint_keys, checkpoint_unreadable
 
 
 def _run_params(checkpoint):
@@ -74,7 +76,7 @@ def _check_out(out_dir, overwrite):
         return
     if not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file: choose a folder")
-    held = sorted(p.name for p in out_dir.iterdir() if not re.fullmatch(r"\..*\.tmp-\d+", p.name))
+    held = sorted(p.name for p in out_dir.iterdir() if not re.fullmatch(r"\..*\.tmp-\d+|.*\.tmp\..*\.\d+", p.name))
     if not held:
         return
     others = _not_exported(out_dir, held)
@@ -87,13 +89,6 @@ def _check_out(out_dir, overwrite):
                               f"choose another --out")
 
 
-def _write_file(path, data):
-    with open(path, "wb") as f:  # mode 0666 less the umask, as for any file the user writes
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_export(out_dir, files):
     """Write {name: bytes} as the folder `out_dir`: built under a temporary name beside it and renamed, so the
     folder appears complete or not at all (an earlier export is renamed aside first, removed last). A mount point
@@ -101,19 +96,14 @@ def _write_export(out_dir, files):
     pid = os.getpid()
     if out_dir.is_dir() and os.path.ismount(out_dir):
         for name, data in files.items():
-            tmp = out_dir / f".{name}.tmp-{pid}"
-            try:
-                _write_file(tmp, data)
-                os.replace(tmp, out_dir / name)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(out_dir / name, data)
         return
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp-{pid}"), out_dir.with_name(f".{out_dir.name}.old-{pid}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, data in files.items():
-            _write_file(tmp / name, data)
+            write_atomic(tmp / name, data)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -164,13 +154,13 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
         raise ValueError(f"{checkpoint} holds no 3T heads: it is not a 3T checkpoint, and a plain CLIP checkpoint "
                          f"needs no export (load it with open_clip.create_model_and_transforms('{model_name}', "
                          f"pretrained='{checkpoint}'))")
-    cfg = model_config(model_name)
-    if SECTION not in cfg:
+    plan = resolve_plan(model_name, build_by_default=False)
+    if plan.family != "3t":
         raise ValueError(f"{checkpoint} holds 3T heads, but {model_name} (from {source}) is a plain OpenCLIP model: "
                          f"pass the 3T --model the checkpoint was trained with")
 
     state_dict = load_state_dict(checkpoint)
-    clip_cfg = {k: v for k, v in cfg.items() if k != SECTION}
+    clip_cfg = plan.model_cfg
     clip_weights = {k: v.detach().contiguous() for k, v in clip_state_dict(state_dict).items()}
     # Prove that vanilla OpenCLIP will load it: build the class its factory picks for this config, strictly (a
     # Hugging Face text tower from its config alone, as OpenCLIP does when a checkpoint follows).

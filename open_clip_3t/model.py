@@ -23,7 +23,8 @@ from open_clip.model import CLIP, CustomTextCLIP
 from torch import nn
 
 from .loss import loss_terms, model_outputs, transfer_terms
-from .third_tower import DEFAULT_TOWER, ThirdTower, ThreeTowersCfg, by_tower
+from .config import DEFAULT_TOWER, ThreeTowersSection, by_tower
+from .third_tower import ThirdTower
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
@@ -64,6 +65,18 @@ def towers_in(keys) -> list:
     return [key[len(prefix):] for key in keys if key.startswith(prefix)]
 
 
+def checkpoint_layout(keys):
+    """(the towers whose weights a 3T state dict holds, the type of its heads: "linear" or "mlp") from its keys;
+    (None, None) for a plain OpenCLIP state dict. A tower trained from a cache has heads but no weights."""
+    keys = list(keys)
+    names = towers_in(keys)
+    if not names:
+        return None, None
+    held = [n for n in names if any(k.startswith(tower_keys(n).tower + ".") for k in keys)]
+    f_h = tower_keys(names[0]).f_h + "."  # every tower's heads have the same type
+    return held, "mlp" if any(k.startswith(f_h + "0.") for k in keys) else "linear"
+
+
 def make_head(in_dim: int, out_dim: int, head_type: str = "linear") -> nn.Module:
     if head_type == "linear":
         return nn.Linear(in_dim, out_dim)
@@ -88,10 +101,8 @@ class ThreeTowers:
     def __init__(self, embed_dim: int, vision_cfg, text_cfg, three_towers: dict, third_tower=True,
                  third_tower_weights=None, init_logit_scale: float = np.log(1 / 0.07),
                  init_logit_bias: Optional[float] = None, **model_kwargs):
-        cfg = ThreeTowersCfg.from_dict(three_towers)
-        for name, weights in by_tower(third_tower_weights, cfg.names, "third_tower_weights").items():
-            if weights is not None:
-                cfg.tower(name).weights = weights
+        cfg = ThreeTowersSection.from_dict(three_towers)
+        cfg = cfg.replace(weights=by_tower(third_tower_weights, cfg.names, "third_tower_weights"))
         build = by_tower(third_tower, cfg.names, "third_tower")
         # The towers are checked first: a bad name or weights file fails before f and g are built.
         towers = {t.name: None if build[t.name] is False else ThirdTower(t, load_weights=build[t.name] != "random")

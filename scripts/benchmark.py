@@ -49,7 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from open_clip.loss import SigLipLoss  # noqa: E402
 
 from open_clip_3t import ThreeTowersLoss, ThreeTowersSigLipLoss  # noqa: E402  (registers the 3T family)
-from open_clip_3t._openclip import SECTION, model_config, openclip_autocast, openclip_model_class  # noqa: E402
+from open_clip_3t._openclip import SECTION, openclip_model_class, read_model_config  # noqa: E402
+from training._open_clip_train import openclip_autocast  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -95,7 +96,7 @@ def exec_with_steady_malloc(args):
 
 
 def open_clip_3t_section(name):
-    cfg = model_config(name)
+    cfg = read_model_config(name)
     return None if cfg is None else cfg.get(SECTION)
 
 
@@ -193,7 +194,7 @@ class Variant:
 
 def build_variants(args, device):
     torch.manual_seed(args.seed)
-    cfg = model_config(args.model)
+    cfg = read_model_config(args.model)
     section = cfg[SECTION]
     plain_class = openclip_model_class(cfg)  # CLIP, or CustomTextCLIP for custom text towers (SigLIP's configs)
     plain_cfg = {k: v for k, v in cfg.items() if k not in (SECTION, "custom_text")}
@@ -283,7 +284,7 @@ def count_collectives_on_rank(args):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.collectives_port))
     dist.init_process_group("gloo", rank=args.collectives_rank, world_size=2)
-    cfg = model_config(args.model)
+    cfg = read_model_config(args.model)
     plain_cfg = {k: v for k, v in cfg.items() if k not in (SECTION, "custom_text")}
     torch.manual_seed(args.seed)
     clip = openclip_model_class(cfg)(**plain_cfg, init_logit_bias=None, output_dict=True).train()

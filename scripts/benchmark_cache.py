@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's training/ package
 import open_clip_3t  # noqa: E402,F401
 from open_clip_3t import cache  # noqa: E402
-from open_clip_3t._openclip import openclip_get_wds_dataset  # noqa: E402
+from training._open_clip_train import openclip_get_wds_dataset  # noqa: E402
 from open_clip_3t.toy.synthetic import write_shards  # noqa: E402
 from training.cached_data import get_cached_wds_dataset  # noqa: E402
 
@@ -48,7 +48,7 @@ def sync(device):
 
 def random_weights(model, folder):
     """A weights file for h's architecture with random values: the build needs a file, throughput does not care."""
-    cfg = cache.third_tower_cfg(model)
+    cfg = cache.cached_tower(model)
     net = timm.create_model(cfg.timm_model_name, pretrained=False, **cfg.timm_kwargs)
     path = os.path.join(folder, "random_h.pth")
     torch.save(net.state_dict(), path)
@@ -57,7 +57,7 @@ def random_weights(model, folder):
 
 def third_tower(model, weights, device, precision):
     """h as the build runs it: weights in the build precision, its mean/std fp32 (see cache.build)."""
-    h = open_clip_3t.ThirdTower(cache.third_tower_cfg(model, weights)).to(device)
+    h = open_clip_3t.ThirdTower(cache.cached_tower(model, weights)).to(device)
     h.model.to(cache.PRECISIONS[precision])
     return h
 

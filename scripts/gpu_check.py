@@ -22,7 +22,7 @@ with one line naming the step, and OUT_DIR holds FAILED.md/FAILED.json (the step
 instead of a report. OUT_DIR/logs/STEP.log keeps each step's output. Big files (shards, cache, checkpoint) go to a
 temporary work folder (--workdir), deleted after a complete check.
 
-GPU_CHECK_TINY=1 runs the same steps tiny on CPU (3T-tiny and CLIP-tiny, fp32, gloo): the test suite runs it to check
+GPU_CHECK_TINY=1 runs the same steps tiny on CPU (3T-tiny and 3T-baseline-CLIP-tiny, fp32, gloo): the test suite runs it to check
 the logic; its figures mean nothing. Each setting below can be overridden by GPU_CHECK_<NAME>, e.g.
 GPU_CHECK_BUDGET_S=600.
 
@@ -71,7 +71,7 @@ class Settings:
     budget_s: int = 450
 
 
-TINY = dict(device="cpu", model="3T-tiny", clip_model="CLIP-tiny", precision="fp32", cache_precision="fp32", batch=8,
+TINY = dict(device="cpu", model="3T-tiny", clip_model="3T-baseline-CLIP-tiny", precision="fp32", cache_precision="fp32", batch=8,
             train_steps=4, bench_steps=2, bench_rounds=1, bench_warmup=1, image_size=64, unique_images=16,
             samples_per_shard=16, workers=2, decode_shards_per_worker=2, inference_samples=32, nproc=1,
             backend="gloo", budget_s=900)
@@ -477,7 +477,7 @@ def _data(settings, work, path):
                     member = tarfile.TarInfo(f"{i:09d}.{ext}")
                     member.size = len(data)
                     tar.addfile(member, io.BytesIO(data))
-    cfg = cache.third_tower_cfg(settings.model)
+    cfg = cache.cached_tower(settings.model)
     torch.save(timm.create_model(cfg.timm_model_name, pretrained=False, **cfg.timm_kwargs).state_dict(),
                os.path.join(work, "random_h.pth"))
     _write_json(path, {"shards": shards, "samples": shards * settings.samples_per_shard,

@@ -247,7 +247,7 @@ class Replication:
         import torch
 
         from training.eval import load_model, resolve_spec
-        from training.evaluation import folder_dataloader
+        from training.eval_sets import folder_dataloader
         logging.disable(logging.WARNING)  # "no pretrained weights loaded": the checkpoint is loaded just after
         try:
             spec = resolve_spec(str(self.checkpoint(seed, name)), None, "--checkpoint", "--model")

@@ -77,7 +77,7 @@ def tar_images(path):
 
 
 def h_model(weights):
-    cfg = cache.third_tower_cfg(MODEL, weights)
+    cfg = cache.cached_tower(MODEL, weights)
     return open_clip_3t.ThirdTower(cfg).eval()
 
 
@@ -100,9 +100,44 @@ def file_hashes(folder):
             for p in glob.glob(f"{folder}/**/*", recursive=True) if os.path.isfile(p)}
 
 
-def cli(*argv, env=None):
-    return subprocess.run([sys.executable, "-m", "open_clip_3t.cache", *argv], capture_output=True, text=True,
+def cli(*argv, env=None, fault=""):
+    """`python -m open_clip_3t.cache ARGV` in a fresh interpreter; `fault`: code run there first (a fault injected
+    into the build, e.g. a patched writer that kills the process)."""
+    code = f"import sys, open_clip_3t.cache as cache\n{fault}\nsys.exit(cache.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
+
+
+# Faults injected into a build from outside: SIGKILL with half of the second sidecar written to its temporary name,
+# and SIGKILL right after h embedded the third batch, once the sidecars finished before it are on disk.
+KILL_WRITING_SECOND_SIDECAR = """
+import os, signal
+from open_clip_3t import files
+build = sys.modules["open_clip_3t.cache.build"]  # the module (the package's `build` is the function)
+written = []
+def write_atomic(path, data, exclusive=False):
+    written.append(path)
+    if len(written) == 2:
+        with open(files.tmp_name(path), "wb") as f:
+            f.write(data[:len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return files.write_atomic(path, data, exclusive)
+build.write_atomic = write_atomic
+"""
+KILL_AFTER_THIRD_BATCH = """
+import os, signal, time
+from open_clip_3t import third_tower
+forward, calls = third_tower.ThirdTower.forward, []
+def counting(self, pixels):
+    out = forward(self, pixels)
+    calls.append(1)
+    if len(calls) == 3:
+        while not os.path.exists(sys.argv[sys.argv.index("--out") + 1] + "/data/00001.tar.safetensors"):
+            time.sleep(0.01)  # the writer thread finishes the sidecar of the shard before
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+third_tower.ThirdTower.forward = counting
+"""
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +231,14 @@ def test_killed_build_resumes_byte_identical(tmp_path, h_weights):
             "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 
     # 1: SIGKILL while writing the second sidecar (half a temporary file on disk).
-    first = cli(*argv, env={cache._TEST_KILL: "write:2"})
+    first = cli(*argv, fault=KILL_WRITING_SECOND_SIDECAR)
     assert first.returncode == -signal.SIGKILL, first.stderr
     done, partial = sorted(os.listdir(run / "data"))
     assert done == "00000.tar.safetensors" and partial.startswith("00001.tar.safetensors.tmp")
     problems = cache.verify(spec, MODEL, str(run), h_weights)
     assert [p.split()[1] for p in problems] == [f"{tmp_path}/data/0000{i}.tar" for i in (1, 2, 3)]
     # 2: SIGKILL mid-shard: shard 1 (2 batches) is rebuilt, then the first batch of shard 2 is computed.
-    second = cli(*argv, env={cache._TEST_KILL: "batches:3"})
+    second = cli(*argv, fault=KILL_AFTER_THIRD_BATCH)
     assert second.returncode == -signal.SIGKILL, second.stderr
     assert "1 already done, 3 to build" in second.stderr
     assert sorted(os.listdir(run / "data")) == ["00000.tar.safetensors", "00001.tar.safetensors"]
@@ -445,7 +480,7 @@ def test_sbatch_array_builds_the_whole_cache(slurm_cluster, tmp_path, h_weights)
 
 
 def test_join_refuses_a_pipeline_of_another_shape(tmp_path):
-    from open_clip_3t._openclip import openclip_get_wds_dataset, wds_join_field
+    from training._open_clip_train import openclip_get_wds_dataset, wds_join_field
     spec = make_shards(tmp_path / "data", 1)
     args = train_args(spec, tmp_path, None, val_data=spec, val_num_samples=PER_SHARD)
     _, _, preprocess_val = open_clip.create_model_and_transforms(MODEL, third_tower=False)

@@ -265,15 +265,15 @@ def check_not_run(block, entry):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, h_weights):
-    """The files the docs name, tiny: 3T-tiny and LiT-tiny runs, shards, zero-shot folders, h.pth."""
+    """The files the docs name, tiny: 3T-tiny and 3T-baseline-LiT-tiny runs, shards, zero-shot folders, h.pth."""
     ws = tmp_path_factory.mktemp("docs_workspace")
     shutil.copy(h_weights, ws / "h.pth")
     torch.manual_seed(0)
     three_t = open_clip.create_model("3T-tiny", third_tower_weights=h_weights).state_dict()
     torch.save(three_t, ws / "state_dict.pt")
-    lit = open_clip.create_model("LiT-tiny").state_dict()
+    lit = open_clip.create_model("3T-baseline-LiT-tiny").state_dict()
     for run, model, state_dict, epochs in (("run", "3T-tiny", three_t, (20, 32)), ("3t-run", "3T-tiny", three_t, (32,)),
-                                            ("lit-run", "LiT-tiny", lit, (32,))):
+                                            ("lit-run", "3T-baseline-LiT-tiny", lit, (32,))):
         (ws / "logs" / run / "checkpoints").mkdir(parents=True)
         (ws / "logs" / run / "params.txt").write_text(f"model: {model}\nprecision: fp32\n")
         for epoch in epochs:  # as open_clip_train saves them: DDP prefixes

@@ -1,4 +1,4 @@
-"""Evaluation (training/evaluation.py, training/eval.py, scripts/slurm/eval.sbatch).
+"""Evaluation (training/metrics.py, training/eval_sets.py, training/train.py, training/eval.py, scripts/slurm/eval.sbatch).
 
 Zero-shot accuracy and R@k are checked against numbers derived by hand from a stub model whose features are
 the images' column brightnesses, and against an independent numpy computation from a real 3T-tiny model's
@@ -29,11 +29,14 @@ from torch import nn
 import open_clip_3t
 from open_clip_3t import export_clip
 from open_clip_3t.toy import synthetic
-from open_clip_3t._openclip import openclip_evaluate, openclip_get_data, openclip_parse_args
+from training._open_clip_train import openclip_evaluate, openclip_get_data, openclip_parse_args
 from tests.conftest import REPO
 from training import eval as standalone
-from training import evaluation
-from training.evaluation import evaluate, get_eval_data, mix_log_probs, retrieval_metrics, topk_correct
+from training import eval_sets, metrics
+from training.eval_sets import get_eval_data
+from training.metrics import mix_log_probs, retrieval_metrics, topk_correct
+from training import train as training_train
+from training.train import evaluate
 
 WORDS = ["zero", "one", "two", "three", "four", "five"]
 TEMPLATES = ["a picture of {}.", "{} things"]
@@ -210,8 +213,8 @@ def test_evaluate_schedule_rank_and_ddp(tmp_path):
 def test_imagenet_val_path_uses_torch_accuracy(tmp_path, monkeypatch):
     """OpenCLIP's --imagenet-val / --imagenet-v2 entries, with ImageNet's 1000 names swapped for our 6 classes."""
     folder = write_class_folder(tmp_path / "imagenet_val", classnames=False, templates=False)
-    monkeypatch.setattr(evaluation, "IMAGENET_CLASSNAMES", WORDS)
-    monkeypatch.setattr(evaluation, "OPENAI_IMAGENET_TEMPLATES", [lambda c: f"a picture of {c}."])
+    monkeypatch.setattr(training_train, "IMAGENET_CLASSNAMES", WORDS)
+    monkeypatch.setattr(training_train, "OPENAI_IMAGENET_TEMPLATES", [lambda c: f"a picture of {c}."])
     from torchvision.datasets import ImageFolder
     loader = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=to_tensor), batch_size=5)
     data = {"imagenet-val": SimpleNamespace(dataloader=loader), "imagenet-v2": SimpleNamespace(dataloader=loader)}
@@ -230,7 +233,7 @@ def test_accuracy_and_recall_helpers_against_numpy():
     assert topk_correct(scores, targets, (1, 3, 5)) == [int((rank <= k).sum()) for k in (1, 3, 5)]
     scores[3, 0] = float("nan")  # a NaN row counts as wrong, never as a hit
     targets[3] = 0
-    assert evaluation.ranks(scores, targets)[3] == 10
+    assert metrics.ranks(scores, targets)[3] == 10
 
     sim = torch.randn(30, 30, generator=g, dtype=torch.float64)
     m = retrieval_metrics(sim, ks=(1, 5, 10))
@@ -257,11 +260,11 @@ def test_mix_log_probs_is_the_convex_combination():
 
 
 def test_folder_errors_are_one_line_and_early(tmp_path):
-    parser = evaluation.add_eval_args(ArgumentParser())
+    parser = eval_sets.add_eval_args(ArgumentParser())
     folder = write_class_folder(tmp_path / "digits", classnames=False)
     args = parser.parse_args(["--zeroshot-data", str(folder)])
     with pytest.raises(FileNotFoundError) as e:
-        evaluation.check_eval_args(args)
+        eval_sets.check_eval_args(args)
     message = str(e.value)
     assert "\n" not in message and str(folder / "classnames.txt") in message and "--zeroshot-classnames" in message
 
@@ -269,13 +272,13 @@ def test_folder_errors_are_one_line_and_early(tmp_path):
     names.write_text("\n".join(WORDS[:5]) + "\n")  # one name short
     args = parser.parse_args(["--zeroshot-data", str(folder), "--zeroshot-classnames", str(names)])
     with pytest.raises(ValueError, match="lists 5 class names but .* has 6 class sub-folders"):
-        evaluation.check_eval_args(args)
+        eval_sets.check_eval_args(args)
     names.write_text("\n".join(WORDS) + "\n")
-    assert evaluation.check_eval_args(args)[0].classnames == WORDS  # the override file is used
+    assert eval_sets.check_eval_args(args)[0].classnames == WORDS  # the override file is used
 
     (folder / "templates.txt").write_text("a photo of a {c}.\n")  # CLIP_benchmark's {c} style
     with pytest.raises(ValueError, match="with {} where the class name goes .found 'a photo of a {c}.'"):
-        evaluation.check_eval_args(args)
+        eval_sets.check_eval_args(args)
 
 
 # --- real models: 3T-tiny checkpoint and an exported folder (the LiT stand-in) ---------------------------------
@@ -517,7 +520,7 @@ def test_checkpoint_with_mlp_heads(eval_setup, h_weights, tmp_path):
     s = eval_setup
     torch.manual_seed(3)
     model = open_clip.create_model("3T-tiny", third_tower=False, three_towers={
-        **open_clip_3t._openclip.three_towers_config("3T-tiny"), "head_type": "mlp"})
+        **open_clip_3t._openclip.read_three_towers_section("3T-tiny"), "head_type": "mlp"})
     ckpt = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
     ckpt.parent.mkdir(parents=True)
     (tmp_path / "run" / "params.txt").write_text("model: 3T-tiny\n")

@@ -12,7 +12,7 @@ import torch
 
 from open_clip_3t import (ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTowersLoss, ThreeTowersSigLipLoss,
                           clip_state_dict, export_clip)
-from open_clip_3t._openclip import model_config
+from open_clip_3t._openclip import read_model_config as model_config
 from tests.conftest import REPO, run_python
 
 K2 = "3T-tiny-K2"  # two frozen towers, "vit" (test_vit) and "resnet" (test_resnet)
@@ -199,11 +199,11 @@ def test_export_errors_are_one_line_with_the_right_advice(tmp_path, h_weights, m
 
     clip_run = tmp_path / "clip_run" / "checkpoints"
     clip_run.mkdir(parents=True)
-    (clip_run.parent / "params.txt").write_text("model: CLIP-tiny\n")
-    torch.save({"epoch": 1, "state_dict": open_clip.create_model("CLIP-tiny").state_dict()}, clip_run / "epoch_1.pt")
+    (clip_run.parent / "params.txt").write_text("model: 3T-baseline-CLIP-tiny\n")
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("3T-baseline-CLIP-tiny").state_dict()}, clip_run / "epoch_1.pt")
     error = export_error(clip_run / "epoch_1.pt", "--out", tmp_path / "b")
     assert "it is not a 3T checkpoint, and a plain CLIP checkpoint needs no export (load it with " \
-           "open_clip.create_model_and_transforms('CLIP-tiny'" in error
+           "open_clip.create_model_and_transforms('3T-baseline-CLIP-tiny'" in error
     assert "pass the --model the checkpoint was trained with" not in error
 
     def read_only(self, *args, **kwargs):
@@ -300,15 +300,16 @@ def test_two_tower_checkpoint_round_trip_and_evaluator(tmp_path, monkeypatch):
             torch.testing.assert_close(evaluated.encode_image(images), model.encode_image(images), rtol=0, atol=0)
 
     # --third-tower-pair NAME: that tower's pair h_g(h(I)), g_h(g(T)) with the temperature of its L(g_h, h_g)
-    from training.eval import third_tower_kwargs
-    from training.evaluation import ThirdTowerPair
+    from training.eval import eval_plan
+    from training.metrics import ThirdTowerPair
     spec = ModelSpec("k2", K2, str(ckpt))
-    kwargs = third_tower_kwargs(spec, None, "resnet")
-    assert kwargs == {"third_tower": {"vit": False, "resnet": "random"}}  # only that tower, from the checkpoint
+    plan = eval_plan(spec, None, "resnet")
+    assert plan.model_kwargs()["third_tower"] == {"vit": False, "resnet": "random"}  # only that tower, from the checkpoint
+    assert plan.tower("resnet").source == "checkpoint" and plan.tower("vit").source == "none"
     with pytest.raises(ValueError, match=r"--third-tower-pair: this 3T model has the third towers \['vit', "
                                          r"'resnet'\]: name one of them"):
-        third_tower_kwargs(spec, None, True)
-    with_resnet, _, _ = load_model(spec, "cpu", "fp32", kwargs)
+        eval_plan(spec, None, True)
+    with_resnet, _, _ = load_model(spec, "cpu", "fp32", plan)
     pair = ThirdTowerPair(with_resnet)
     assert pair.tower == "resnet" and with_resnet.vit_tower is None
     assert torch.equal(pair.logit_scale, reference["logit_scale_text_resnet"])

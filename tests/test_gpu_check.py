@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh, the one GPU check of issue 13, run here tiny on CPU (GPU_CHECK_TINY=1: 3T-tiny, CLIP-tiny,
+"""scripts/gpu_check.sh, the one GPU check of issue 13, run here tiny on CPU (GPU_CHECK_TINY=1: 3T-tiny, 3T-baseline-CLIP-tiny,
 gloo): a complete run writes a report holding every figure and target; a failing step exits non-zero, names the step
 and leaves no report (not even an earlier run's)."""
 import json

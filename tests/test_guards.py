@@ -21,7 +21,7 @@ import timm
 import torch
 
 from open_clip_3t import cache
-from open_clip_3t.third_tower import WeightsError
+from open_clip_3t.weights import WeightsError
 from open_clip_3t.toy.synthetic import write_shards
 from tests.conftest import REPO
 from tests.test_training import run, step_logs
@@ -81,7 +81,7 @@ def rewrite_members(path, edit):
 def test_shards_that_do_not_exist_stop_the_run_at_once(tmp_path):
     """Item 1: the issue's command looped forever on 'FileNotFoundError ... Ignoring.'"""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "training.main", "--model", "CLIP-tiny", "--train-data",
+    proc = subprocess.run([sys.executable, "-m", "training.main", "--model", "3T-baseline-CLIP-tiny", "--train-data",
                            "/no/such/{00000..00003}.tar", "--train-num-samples", "64", "--device", "cpu",
                            "--logs", str(tmp_path / "logs")], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -98,11 +98,11 @@ def test_an_epoch_that_could_never_end_stops_with_an_error(shards, tmp_path, res
     for name in ("00000.tar", "00001.tar"):
         (tmp_path / name).write_bytes((shards / name).read_bytes())
         rewrite_members(tmp_path / name, lambda member, data: None if member.endswith(".jpg") else data)
-    args = parse_args(base(tmp_path, "--model", "CLIP-tiny", "--train-data", f"{tmp_path}/{{00000..00001}}.tar",
+    args = parse_args(base(tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", f"{tmp_path}/{{00000..00001}}.tar",
                            *(["--dataset-resampled"] if resampled else [])))
     args.world_size, args.rank, args.distributed = 1, 0, False
-    _, _, preprocess = open_clip.create_model_and_transforms("CLIP-tiny")
-    data = get_data(args, (preprocess, preprocess), tokenizer=open_clip.get_tokenizer("CLIP-tiny"))
+    _, _, preprocess = open_clip.create_model_and_transforms("3T-baseline-CLIP-tiny")
+    data = get_data(args, (preprocess, preprocess), tokenizer=open_clip.get_tokenizer("3T-baseline-CLIP-tiny"))
     start = time.monotonic()
     with pytest.raises(TrainingDataError) as e:
         next(iter(data["train"].dataloader))
@@ -191,7 +191,7 @@ def test_weights_of_another_architecture_stop_the_run(shards, h_weights, resnet_
     junk.write_bytes(os.urandom(4096))
     message = stops(base(tmp_path, "--model", "3T-tiny", "--third-tower-weights", str(junk), *data), capsys)
     assert message.startswith(f"third-tower weights {junk} cannot be read (") and "weights_only" not in message
-    message = stops(base(tmp_path, "--model", "LiT-tiny", "--lock-image", "--image-tower-weights", resnet_weights,
+    message = stops(base(tmp_path, "--model", "3T-baseline-LiT-tiny", "--lock-image", "--image-tower-weights", resnet_weights,
                          *data), capsys)
     assert message.startswith(f"--image-tower-weights {resnet_weights} do not fit timm's test_vit: 78 of its 78")
     assert not (tmp_path / "logs").exists()
@@ -236,7 +236,7 @@ def test_one_live_job_per_run_folder(shards, tmp_path, capsys, monkeypatch):
         assert holder.stdout.readline().strip() == "locked"
         monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: a second sbatch of the same --name
         start = time.monotonic()
-        message = stops(base(tmp_path, "--model", "CLIP-tiny", "--train-data", str(shards / "00000.tar"),
+        message = stops(base(tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(shards / "00000.tar"),
                              "--resume", "latest"), capsys)
         assert time.monotonic() - start < 60
         assert re.fullmatch(rf"run folder {run_dir} is in use by SLURM job 77 on host \S+ \(pid {holder.pid}, since "
@@ -262,7 +262,7 @@ def test_one_live_job_per_run_folder(shards, tmp_path, capsys, monkeypatch):
 
 def test_resume_latest_skips_a_truncated_checkpoint(shards, tmp_path, capsys):
     """Item 6: a truncated newest checkpoint stopped every requeue with a torch traceback naming no file."""
-    flags = base(tmp_path, "--model", "CLIP-tiny", "--train-data", str(shards / "00000.tar"), "--lr", "1e-3",
+    flags = base(tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(shards / "00000.tar"), "--lr", "1e-3",
                  "--warmup", "1", "--log-every-n-steps", "1", "--seed", "0")
     env = {"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run([sys.executable, "-m", "training.main", *flags, "--epochs", "2"], cwd=tmp_path, env=env)

@@ -191,7 +191,7 @@ def test_registration_is_idempotent():
     n_models, n_paths = len(open_clip.list_models()), len(oc_factory._MODEL_CONFIG_PATHS)
     importlib.reload(open_clip_3t)
     importlib.reload(_openclip)
-    _openclip.register()
+    _openclip.register(open_clip_3t.factory.create_model, open_clip_3t.factory.create_loss)
     assert len(open_clip.list_models()) == n_models and len(oc_factory._MODEL_CONFIG_PATHS) == n_paths
     assert oc_factory.create_model is wrapped and open_clip.create_model is wrapped
     assert isinstance(open_clip.create_model("3T-tiny"), ThreeTowersCLIP)

@@ -13,7 +13,7 @@ from open_clip import get_input_dtype
 
 import open_clip_3t
 from open_clip_3t import cache
-from open_clip_3t._openclip import openclip_autocast
+from training._open_clip_train import openclip_autocast
 from open_clip_3t.loss import loss_terms
 from open_clip_3t.toy.synthetic import write_shards
 from tests.test_cache import tar_images
@@ -101,7 +101,7 @@ def test_heads_and_temperatures_keep_the_dtype_of_openclips_logit_scale(model_na
     follow it (under bf16 / fp16 OpenCLIP casts every Linear of CLIP to half; the heads are Linears, yet stay fp32)."""
     expected = {"pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}.get(precision, torch.float32)
     if model_name == MODEL:  # OpenCLIP's own CLIP keeps its logit_scale in that dtype
-        clip = open_clip.create_model("CLIP-tiny", precision=precision)
+        clip = open_clip.create_model("3T-baseline-CLIP-tiny", precision=precision)
         assert clip.logit_scale.dtype == expected
     model = open_clip.create_model(model_name, third_tower_weights=h_weights, precision=precision, output_dict=True)
     for name in ("f_h", "h_f", "g_h", "h_g"):
@@ -128,7 +128,7 @@ def test_h_embeddings_under_each_precision_are_within_tolerance_of_fp32(model_na
     # cached: fp16 rows of an fp32 build, against h in fp32 on the same images (h's eval view)
     shard = cache.expand_shards(data["spec"])[0]
     rows, keys, _, _ = cache.load_sidecar(cache.sidecar_path(data["cache"], shard))
-    h = open_clip_3t.ThirdTower(cache.third_tower_cfg(MODEL, h_weights))
+    h = open_clip_3t.ThirdTower(cache.cached_tower(MODEL, h_weights))
     pictures = tar_images(shard)
     exact = h(torch.stack([h.eval_transform()(pictures[k]) for k in keys]))
     model = open_clip.create_model(model_name, third_tower=False, precision=precision, output_dict=True)

@@ -70,7 +70,7 @@ def test_the_two_tower_row_reads_each_towers_own_cache(tmp_path):
                             "--third-tower-cache", "shape=/c/cache_shape", "colour=/c/cache_colour"]
     assert len(cmd) == k + 3  # nothing after the caches
     # 3T-mini-K2: 3T-mini's f and g, both towers 3T-mini's tower (test_resnet, 96-d) named shape and colour
-    from open_clip_3t._openclip import model_config
+    from open_clip_3t._openclip import read_model_config as model_config
     mini, k2 = model_config("3T-mini"), model_config("3T-mini-K2")
     assert {k: v for k, v in mini.items() if k != "three_towers"} == {k: v for k, v in k2.items() if k != "three_towers"}
     tower = {k: v for k, v in mini["three_towers"].items() if k not in ("head_type", "loss_weights", "transfer")}
@@ -201,11 +201,11 @@ def test_probe_reads_the_runs_own_model_and_keeps_its_row(tmp_path):
     rep.data = {"zeroshot": [write_classification_folder(str(tmp_path / a), a, 5, seed=0, image_size=32)
                              for a in ex.EVAL_ATTRIBUTES]}
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("CLIP-tiny")
+    model, _, preprocess = open_clip.create_model_and_transforms("3T-baseline-CLIP-tiny")
     checkpoint = rep.checkpoint(0, "CLIP")
     checkpoint.parent.mkdir(parents=True)
     torch.save({"state_dict": model.state_dict()}, checkpoint)
-    (checkpoint.parent.parent / "params.txt").write_text("model: CLIP-tiny\n")
+    (checkpoint.parent.parent / "params.txt").write_text("model: 3T-baseline-CLIP-tiny\n")
     row = rep.probe(0, "CLIP")
     model.eval()
     for folder in rep.data["zeroshot"]:

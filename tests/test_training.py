@@ -196,14 +196,14 @@ def test_hugging_face_text_tower_3t_trains(shards, h_weights, hf_three_towers, t
 
 def test_clip_baseline_trains_and_evaluates(shards, tmp_path):
     folder = write_classification_folder(str(tmp_path / "shape"), "shape", 2, seed=0, image_size=32)
-    run_dir = train(tmp_path, "clip", "--model", "CLIP-tiny", "--train-data", str(shards / "00000.tar"), *OVERFIT,
+    run_dir = train(tmp_path, "clip", "--model", "3T-baseline-CLIP-tiny", "--train-data", str(shards / "00000.tar"), *OVERFIT,
                     "--zeroshot-data", folder, "--zeroshot-frequency", "1")
     steps = step_logs((run_dir / "out.log").read_text())
     check_overfit(steps, ["Contrastive_loss"])
     assert set(steps[0]) == {"epoch", "Logit Scale", "Contrastive_loss", "Loss"}
     sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
     assert not any("third" in k or k.startswith(("f_h", "g_h")) for k in sd)
-    # evaluation sets that open_clip_train.main does not know still run after each epoch (training/evaluation.py)
+    # evaluation sets that open_clip_train.main does not know still run after each epoch (training/eval_sets.py)
     results = [json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
     assert len(results) == 1 and 0.0 <= results[0]["shape-zeroshot-top1"] <= 1.0
 
@@ -211,15 +211,15 @@ def test_clip_baseline_trains_and_evaluates(shards, tmp_path):
 def test_openclip_distill_path_for_plain_clip(shards, tmp_path):
     torch.manual_seed(1)
     teacher = tmp_path / "teacher.pt"
-    torch.save(open_clip.create_model("CLIP-tiny").state_dict(), teacher)
-    run_dir = train(tmp_path, "distill", "--model", "CLIP-tiny", "--distill-model", "CLIP-tiny",
+    torch.save(open_clip.create_model("3T-baseline-CLIP-tiny").state_dict(), teacher)
+    run_dir = train(tmp_path, "distill", "--model", "3T-baseline-CLIP-tiny", "--distill-model", "3T-baseline-CLIP-tiny",
                     "--distill-pretrained", str(teacher), "--train-data", str(shards / "00000.tar"), *OVERFIT)
     steps = step_logs((run_dir / "out.log").read_text())
     check_overfit(steps, ["Contrastive_loss", "Distill_loss"])
 
 
 def test_lit_trains_on_h_weights(shards, h_weights, tmp_path):
-    run_dir = train(tmp_path, "lit", "--model", "LiT-tiny", "--lock-image", "--image-tower-weights", h_weights,
+    run_dir = train(tmp_path, "lit", "--model", "3T-baseline-LiT-tiny", "--lock-image", "--image-tower-weights", h_weights,
                     "--train-data", str(shards / "00000.tar"), *OVERFIT)
     log = (run_dir / "out.log").read_text()
     check_overfit(step_logs(log), ["Contrastive_loss"])
@@ -335,7 +335,7 @@ def test_unused_heads_and_temperatures_are_frozen(h_weights):
     assert frozen == {"f_h.0.weight", "f_h.0.bias", "f_h.2.weight", "f_h.2.bias",
                       "h_f.0.weight", "h_f.0.bias", "h_f.2.weight", "h_f.2.bias",
                       "logit_scale_image_third", "logit_scale_text_third"}
-    assert model.three_towers_cfg.loss_weights == [1.0, 0.0, 1.0] and model.three_towers_cfg.head_type == "mlp"
+    assert model.three_towers_cfg.loss_weights == (1.0, 0.0, 1.0) and model.three_towers_cfg.head_type == "mlp"
     args.rank, args.world_size = 0, 1
     assert open_clip.create_loss(args).weights == (1.0, 0.0, 1.0)
 
@@ -379,7 +379,7 @@ def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     args = parse_args(["--model", f"local-dir:{tmp_path}", "--third-tower-weights", f"vit={h_weights}",
                        "--init-image-from-third-tower", "vit"])
-    assert args.init_image_from_third_tower == "vit" and args.third_tower_weights == {"vit": h_weights}
+    assert args.run_plan.init_image_from == "vit" and args.run_plan.tower("vit").cfg.weights == h_weights
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     f, vit = model.visual.trunk.state_dict(), model.vit_tower.model.state_dict()
     saved = torch.load(h_weights)
@@ -401,13 +401,13 @@ def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
     (["--model", "3T-tiny-K2", "--third-tower-cache", "/x"], "write NAME=VALUE for each"),
     (["--model", "3T-tiny-K2", "--third-tower-weights", "places=/x"], "'places' is not a third tower of this model"),
     (["--model", "3T-tiny-K2", "--third-tower-weights", "vit=/x", "vit=/y"], "tower vit is given twice"),
-    (["--model", "CLIP-tiny", "--three-towers-transfer", "l2"], "apply to 3T models only"),
+    (["--model", "3T-baseline-CLIP-tiny", "--three-towers-transfer", "l2"], "apply to 3T models only"),
     (["--model", "3T-tiny", "--third-tower-weights", "/nonexistent.pth"], "--third-tower-weights /nonexistent.pth"),
     (["--model", "3T-tiny", "--three-towers-loss-weights", "0", "0", "0"], "not all 0"),
     (["--model", "3T-tiny", "--init-image-from-third-tower"], "is not h's architecture (test_vit)"),
     (["--model", "3T-tiny", "--cache-missing", "skip"], "needs --third-tower-cache"),
     (["--model", "3T-tiny", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "plain CLIP models"),
-    (["--model", "CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
+    (["--model", "3T-baseline-CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
     (["--model", "3T-tiny", "--siglip"], "--siglip: 3T-tiny has no init_logit_bias"),
     (["--model", "3T-tiny", "--lock-text"], "add --lock-text-freeze-layer-norm"),
     (["--model", "3T-tiny-sigmoid", "--siglip", "--loss-dist-impl", "ring"], "--loss-dist-impl ring: OpenCLIP's"),
@@ -507,7 +507,7 @@ def test_openclip_logging_leaves_torch_loggers_to_torch():
 
     from open_clip_train.logger import setup_logging
 
-    from open_clip_3t._openclip import openclip_setup_logging
+    from training._open_clip_train import openclip_setup_logging
     torch_stats = ("torch._dynamo.utils", "torch._dynamo.eval_frame", "torch._subclasses.fake_tensor")
     before = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)}
     root = logging.root.level, list(logging.root.handlers)

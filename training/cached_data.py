@@ -24,12 +24,10 @@ import numpy as np
 import torch
 
 from open_clip_3t import cache
-from open_clip_3t._openclip import (openclip_get_wds_dataset, openclip_has_caption_and_image, three_towers_config,
-                                   wds_join_field)
-from open_clip_3t.cache.format import fingerprint_diffs
-from open_clip_3t.third_tower import DEFAULT_TOWER, ThreeTowersCfg, parse_named
+from open_clip_3t.plan import resolve_plan
+from open_clip_3t.shards import image_bytes
 
-POLICIES = ("error", "skip", "online")
+from ._open_clip_train import openclip_get_wds_dataset, openclip_has_caption_and_image, wds_join_field
 
 
 def field(tower):
@@ -92,7 +90,7 @@ class CacheJoin:
             cache_dir, dim, dtype = self.caches[tower]
             row = rows.get(key)
             if row is not None and crc is None:
-                crc = cache.image_crc32(cache.image_bytes(sample))
+                crc = cache.image_crc32(image_bytes(sample))
             stale = row is not None and crc != crc32[row]
             if row is not None and not stale:
                 sample[field(tower)] = embeddings[row]
@@ -131,67 +129,48 @@ class CacheJoin:
             self._flush(url, counts)
 
 
-def validate_cache(args, three_towers=None):
-    """Check each cache of args.third_tower_cache ({tower: folder}, NAME=DIR words, or one folder for a model with one
-    tower) against args.train_data and its tower of the model (args.model, args.third_tower_weights; or an explicit
-    three_towers section) under args.cache_missing. Raises CacheError (one line) on a mismatch, naming the tower a
-    cache holds when it was given for another; reads the weights files' bytes (sha256) and each sidecar's header,
-    builds nothing. Cheap enough to call while checking arguments, before any model is built. Returns
-    {tower: summary dict}."""
-    policy = getattr(args, "cache_missing", "error")
-    if policy not in POLICIES:
-        raise cache.CacheError(f"--cache-missing {policy}: use one of {', '.join(POLICIES)}")
-    section = three_towers if three_towers is not None else three_towers_config(args.model)
-    names = ThreeTowersCfg.from_dict(section).names if section is not None else [DEFAULT_TOWER]
+def cache_plan(args):
+    """The run's plan (`args.run_plan`, built and validated by training/params.py), or, for a caller that built
+    `args` by hand, one resolved from args.model, args.third_tower_weights, args.third_tower_cache and
+    args.cache_missing, its caches validated against args.train_data (CacheError, one line, on a mismatch)."""
+    plan = getattr(args, "run_plan", None)
+    if plan is not None:
+        return plan
     try:
-        caches = parse_named(args.third_tower_cache, names, "--third-tower-cache")
-        weights = parse_named(getattr(args, "third_tower_weights", None) or {}, names, "--third-tower-weights")
+        plan = resolve_plan(args.model, third_tower_weights=getattr(args, "third_tower_weights", None),
+                            third_tower_cache=args.third_tower_cache, cache_missing=getattr(args, "cache_missing", "error"),
+                            cli=True)
     except ValueError as e:
         raise cache.CacheError(str(e)) from None
-    cfgs = {name: cache.third_tower_cfg(args.model, weights.get(name), three_towers, name) for name in names}
-    summaries = {}
-    for name, cache_dir in caches.items():
-        try:
-            summaries[name] = cache.validate(cache_dir, args.train_data, cfgs[name], policy)
-        except cache.CacheError:
-            found = cache.read_manifest(cache_dir)["fingerprint"]
-            owners = [other for other in names if not fingerprint_diffs(found, cache.fingerprint(cfgs[other]))]
-            if owners and name not in owners:  # built for another tower of this model: the caches were swapped
-                raise cache.CacheError(f"--third-tower-cache {name}={cache_dir} holds the embeddings of the tower "
-                                       f"{owners[0]}, not {name}: pass {owners[0]}={cache_dir}") from None
-            raise
-        summaries[name]["embed_dim"] = cfgs[name].embed_dim
-    return summaries
+    return plan.with_cache_facts(cache.validate_plan(plan, args.train_data))
 
 
-def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False, tokenizer=None, three_towers=None):
+def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False, tokenizer=None):
     """OpenCLIP's get_wds_dataset with each cached tower's embeddings joined: batches (images, texts, embeddings of
-    each cached tower, in the order of `cached_towers`).
+    each cached tower, in the order of the plan's `cached` towers).
 
-    Reads args.third_tower_cache, args.cache_missing, args.model, args.third_tower_weights, args.train_data.
-    The caches are validated first (CacheError, one line). Validation data (is_train=False) is OpenCLIP's, unchanged.
-    The returned DataInfo has `cached_towers` (tower names), `cache_stats` (JoinStats) and `cache_summary`
-    ({tower: shards, samples, missing shards}).
+    The run's plan (see `cache_plan`) says which towers are cached, where, and under which --cache-missing policy.
+    Validation data (is_train=False) is OpenCLIP's, unchanged. The returned DataInfo has `cached_towers` (tower
+    names) and `cache_stats` (JoinStats).
     """
     if not is_train:
         return openclip_get_wds_dataset(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
-    policy = getattr(args, "cache_missing", "error")
-    summaries = validate_cache(args, three_towers)
-    caches = parse_named(args.third_tower_cache, list(summaries), "--third-tower-cache")
-    for name, summary in summaries.items():
-        logging.info(f"third-tower cache {caches[name]} (tower {name}): {summary['samples']} embeddings for "
-                     f"{summary['shards']} shards ({len(summary['missing_shards'])} shards missing, --cache-missing "
-                     f"{policy}; {summary['skipped']} corrupt samples skipped at build)")
+    plan = cache_plan(args)
+    cached = [plan.tower(name) for name in plan.cached]
+    for tower in cached:
+        facts = tower.cache_facts
+        logging.info(f"third-tower cache {tower.cache} (tower {tower.name}): {facts['samples']} embeddings for "
+                     f"{facts['shards']} shards ({len(facts['missing_shards'])} shards missing, --cache-missing "
+                     f"{plan.cache_missing}; {facts['skipped']} corrupt samples skipped at build)")
 
     stats = JoinStats()
-    join = CacheJoin({name: (caches[name], summary["embed_dim"],
-                             torch.float16 if summary["dtype"] == "float16" else torch.float32)
-                      for name, summary in summaries.items()}, policy, stats)
+    join = CacheJoin({tower.name: (tower.cache, tower.cfg.embed_dim,
+                                   torch.float16 if tower.cache_facts["dtype"] == "float16" else torch.float32)
+                      for tower in cached}, plan.cache_missing, stats)
     data_info = openclip_get_wds_dataset(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
-    wds_join_field(data_info, join, [field(name) for name in summaries])
-    data_info.cached_towers = list(summaries)
+    wds_join_field(data_info, join, [field(tower.name) for tower in cached])
+    data_info.cached_towers = list(plan.cached)
     data_info.cache_stats = stats
-    data_info.cache_summary = summaries
     return data_info
 
 

@@ -7,11 +7,11 @@ import copy
 
 import torch
 
-from open_clip_3t._openclip import openclip_get_data, openclip_is_webdataset, wds_watch
-from open_clip_3t.cache import expand_shards
+from open_clip_3t.shards import expand_shards
 
-from .cached_data import get_cached_wds_dataset
-from .evaluation import get_eval_data
+from ._open_clip_train import openclip_get_data, openclip_is_webdataset, wds_watch
+from .cached_data import cache_plan, get_cached_wds_dataset
+from .eval_sets import get_eval_data
 
 
 class TrainingDataError(RuntimeError):
@@ -65,7 +65,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     (batches (images, texts, third_embeddings)), webdataset train sets guarded against endless epochs, and the
     --zeroshot-data folders added."""
     preprocess_train, preprocess_val = preprocess_fns
-    if args.third_tower_cache:
+    plan = cache_plan(args) if args.train_data and args.third_tower_cache else None
+    if plan is not None and plan.cached:
         train = get_cached_wds_dataset(args, preprocess_train, is_train=True, epoch=epoch, tokenizer=tokenizer)
         others = copy.copy(args)
         others.train_data = None  # OpenCLIP builds everything else (val, ImageNet)
@@ -75,7 +76,7 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         data = openclip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     if "train" in data and args.train_data and openclip_is_webdataset(args):
         hint = "check that the shards of --train-data exist and hold images with captions"
-        if args.third_tower_cache and args.cache_missing == "skip":
+        if plan is not None and plan.cached and plan.cache_missing == "skip":
             hint += (", and that the third-tower cache covers them (`python -m open_clip_3t.cache verify`): "
                      "--cache-missing skip drops the samples it lacks")
         guard = EndlessEpochGuard(args.batch_size, len(expand_shards(args.train_data)), args.dataset_resampled, hint)

@@ -10,7 +10,7 @@
 
 Writes OUT/results.csv and OUT/results.md: one row for the model, or one row per alpha with --combine-with, where
 p = alpha * p_model + (1 - alpha) * p_combine_with, or with --third-tower-pair, where p_combine_with is the 3T
-model's own third-tower pair h_g(h(I)) . g_h(g(T)) (softmax probabilities; see training/evaluation.py for the exact
+model's own third-tower pair h_g(h(I)) . g_h(g(T)) (softmax probabilities; see training/metrics.py for the exact
 definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image_to_text_R@k, text_to_image_R@k,
 mean and median ranks.
 """
@@ -22,7 +22,6 @@ import tarfile
 from dataclasses import dataclass
 from typing import Optional
 
-import braceexpand
 import open_clip
 import pandas as pd
 import torch
@@ -30,17 +29,19 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
-from open_clip_3t._openclip import checkpoint_keys, checkpoint_unreadable, load_state_dict, three_towers_config
+from open_clip_3t._openclip import load_state_dict
 # params.txt beside the run's checkpoints/ names the model and, for pretrained image towers, their normalisation
 from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run
-from open_clip_3t.model import tower_keys
-from open_clip_3t.third_tower import ThreeTowersCfg
+from open_clip_3t.files import write_atomic
+from open_clip_3t.model import checkpoint_layout, tower_keys
+from open_clip_3t.plan import resolve_plan
+from open_clip_3t.shards import expand_shards, image_bytes, iter_samples
+from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable
 
-from .evaluation import (ThirdTowerPair, ZeroShotTask, add_eval_args, build_classifier, check_eval_args,
-                         class_folders, encode_pairs, folder_dataloader, logit_scale_of, mix_log_probs,
-                         retrieval_metrics, topk_correct, zero_shot_batches)
+from .eval_sets import ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader
+from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
+                      retrieval_metrics, topk_correct, zero_shot_batches)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # OpenCLIP's webdataset pipeline takes the same
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 
 
@@ -74,67 +75,58 @@ def resolve_spec(spec, model_name, flag, model_flag):
     return ModelSpec(f"{model_name} {spec}", model_name, spec)
 
 
-def tower_names(model_name):
-    """The names of a 3T model's frozen towers (["third"] for a single-tower config)."""
-    return ThreeTowersCfg.from_dict(three_towers_config(model_name)).names
-
-
-def third_tower_kwargs(spec: ModelSpec, weights, tower=True):
-    """create_model keywords that build the tower `tower` (True: the only one) for --third-tower-pair, and no other
-    tower (checked before any model is built)."""
-    if spec.checkpoint is None or three_towers_config(spec.name) is None:
+def eval_plan(spec: ModelSpec, third_tower_weights=None, pair=None):
+    """The plan of evaluating `spec`: f and g only (no tower h is built); with `pair` (True: the only tower, or a
+    tower's name), also that tower, for the model's own third-tower pair: from --third-tower-weights, else from the
+    checkpoint when it holds it, else from the config's weights. Checked before any model is built."""
+    if spec.checkpoint is None:
+        if pair:
+            raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
+                             f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
+        return resolve_plan(spec.name, build_by_default=False)
+    held, head_type = checkpoint_layout(checkpoint_keys(spec.checkpoint))
+    plan = resolve_plan(spec.name, third_tower=False, checkpoint_head_type=head_type, build_by_default=False)
+    if not pair:
+        return plan
+    if plan.family != "3t":
         raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
                          f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
-    cfg = ThreeTowersCfg.from_dict(three_towers_config(spec.name))
     try:
-        h = cfg.tower(None if tower is True else tower)
+        name = plan.section.tower(None if pair is True else pair).name
     except ValueError as e:
         raise ValueError(f"--third-tower-pair: {e}") from None
-    build = {name: False for name in cfg.names if name != h.name}
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--third-tower-weights {weights}: no such file; pass h's timm weights file")
-        return {"third_tower_weights": {h.name: weights}, "third_tower": {**build, h.name: True}}
-    if any(k.startswith(tower_keys(h.name).tower + ".") for k in checkpoint_keys(spec.checkpoint)):
-        return {"third_tower": {**build, h.name: "random"}}  # trained with h online: its weights are in the checkpoint
-    if h.weights or h.timm_model_pretrained:
-        return {"third_tower": {**build, h.name: True}}  # h from the config's weights file or timm's hub
-    raise ValueError(f"--third-tower-pair: {spec.checkpoint} was trained from a cache and holds no weights of "
-                     f"{'h' if len(cfg.names) == 1 else 'the tower ' + h.name}, and {spec.name} names none: pass "
-                     f"--third-tower-weights FILE (the file the cache was built from)")
+    if third_tower_weights is not None and not os.path.isfile(third_tower_weights):
+        raise FileNotFoundError(f"--third-tower-weights {third_tower_weights}: no such file; pass h's timm weights "
+                                f"file")
+    plan = resolve_plan(spec.name, section=plan.section, checkpoint_towers=held or (),
+                        third_tower={n: None if n == name else False for n in plan.tower_names},
+                        third_tower_weights=None if third_tower_weights is None else {name: third_tower_weights})
+    if plan.tower(name).source == "random":
+        raise ValueError(f"--third-tower-pair: {spec.checkpoint} was trained from a cache and holds no weights of "
+                         f"{'h' if len(plan.towers) == 1 else 'the tower ' + name}, and {spec.name} names none: pass "
+                         f"--third-tower-weights FILE (the file the cache was built from)")
+    return plan
 
 
-def three_towers_section(model_name, keys):
-    """The model's three_towers section with the head type the checkpoint's keys show (a run trained with
-    --three-towers-head mlp holds MLP heads, which its config does not say)."""
-    section = dict(three_towers_config(model_name))
-    f_h = tower_keys(tower_names(model_name)[0]).f_h  # every tower's heads have the same type
-    if any(k.startswith(f_h + ".") for k in keys):
-        section["head_type"] = "mlp" if any(k.startswith(f_h + ".0.") for k in keys) else "linear"
-    return section
-
-
-def load_model(spec: ModelSpec, device, precision, third_tower=None):
-    """(model in eval mode, its eval preprocessing, its tokenizer); `third_tower`: keywords that build h too.
+def load_model(spec: ModelSpec, device, precision, plan=None):
+    """(model in eval mode, its eval preprocessing, its tokenizer), as `plan` (default: `eval_plan(spec)`) says.
     A checkpoint is evaluated with the image normalisation its run trained with (its params.txt)."""
+    plan = plan or eval_plan(spec)
     normalisation = image_normalisation_of_run(spec.checkpoint) if spec.checkpoint else {}
-    if third_tower is not None:
-        section = three_towers_section(spec.name, checkpoint_keys(spec.checkpoint))
+    if spec.checkpoint is None:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
+    elif plan.built:  # a tower h too, for its third-tower pair
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
                                                                      device=device, precision=precision,
-                                                                     three_towers=section, **normalisation,
-                                                                     **third_tower)
-    elif spec.checkpoint is None:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
-    elif three_towers_config(spec.name) is not None:
+                                                                     **normalisation, **plan.model_kwargs())
+    elif plan.family == "3t":
         # Evaluation needs f and g only: build without any third tower and load the checkpoint minus the towers'
         # weights (a checkpoint trained with a tower online holds them; create_model(pretrained=...) would load them
         # strictly).
-        towers = {tower_keys(name).tower for name in tower_names(spec.name)}
+        towers = {tower_keys(name).tower for name in plan.tower_names}
         state_dict = {k: v for k, v in load_state_dict(spec.checkpoint).items() if k.split(".")[0] not in towers}
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, third_tower=False, device=device, precision=precision,
-            three_towers=three_towers_section(spec.name, state_dict), **normalisation)
+            spec.name, device=device, precision=precision, **plan.model_kwargs(), **normalisation)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
@@ -153,8 +145,8 @@ def load_model(spec: ModelSpec, device, precision, third_tower=None):
 # --- retrieval shards -----------------------------------------------------------------------------------------
 
 def bad_shard(shard, error):
-    return ValueError(f"--val-data shard {shard} is truncated or not a tar file ({type(error).__name__}: {error}): "
-                      f"replace it, or leave it out of --val-data")
+    return ValueError(f"--val-data shard {shard} is truncated or not a tar file ({error}): replace it, or leave it "
+                      f"out of --val-data")
 
 
 def check_shard(shard):
@@ -167,13 +159,13 @@ def check_shard(shard):
                 if shard.endswith(".tar") and member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {member.name} ends after the end of the file")
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise bad_shard(shard, e) from None
+        raise bad_shard(shard, f"{type(e).__name__}: {e}") from None
 
 
-def expand_shards(spec):
-    """Shard paths of a webdataset spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist and be
+def val_shards(spec):
+    """Shard paths of a --val-data spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist and be
     intact tars."""
-    shards = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
+    shards = expand_shards(spec, flag="--val-data")
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"--val-data: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing); "
@@ -184,36 +176,16 @@ def expand_shards(spec):
 
 
 def read_pairs(shards):
-    """Yields (RGB PIL image, caption) from LAION-style shards, in shard order then tar order.
-
-    Members sharing a key (path up to the first dot of the file name, webdataset's rule) form a sample; samples
-    without an image or a txt are skipped, as OpenCLIP's pipeline does."""
-    def pair(sample):
-        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-        if image is None or "txt" not in sample:
-            return None
-        return Image.open(io.BytesIO(image)).convert("RGB"), sample["txt"].decode("utf-8")
-
+    """Yields (RGB PIL image, caption) from LAION-style shards, in shard order then tar order, grouped into samples
+    as OpenCLIP's training pipeline groups them; samples without an image or a txt are skipped, as it skips them."""
     for shard in shards:
-        try:
-            with tarfile.open(shard) as tar:
-                key, sample = None, {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, base = os.path.split(member.name)
-                    prefix, _, ext = base.partition(".")
-                    if (folder, prefix) != key:
-                        if sample and (p := pair(sample)):
-                            yield p
-                        key, sample = (folder, prefix), {}
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTENSIONS or ext == "txt":
-                        sample[ext] = tar.extractfile(member).read()
-                if sample and (p := pair(sample)):
-                    yield p
-        except (tarfile.TarError, EOFError) as e:  # changed since check_shard
-            raise bad_shard(shard, e) from None
+        stats = {}
+        for sample in iter_samples(shard, stats):
+            image = image_bytes(sample)
+            if image is not None and "txt" in sample:
+                yield Image.open(io.BytesIO(image)).convert("RGB"), sample["txt"].decode("utf-8")
+        if stats["truncated"]:  # changed since check_shard
+            raise bad_shard(shard, stats["truncated"])
 
 
 def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):
@@ -267,7 +239,7 @@ def single_row(scores, ks):
 
 
 def combined_row(a, b, alpha, ks):
-    """Metrics of p = alpha * p_a + (1 - alpha) * p_b (see training/evaluation.py)."""
+    """Metrics of p = alpha * p_a + (1 - alpha) * p_b (see training/metrics.py)."""
     zeroshot = {prefix: (mix_log_probs(scores, b["zeroshot"][prefix][0], alpha, dim=1), targets)
                 for prefix, (scores, targets) in a["zeroshot"].items()}
     retrieval = None
@@ -278,14 +250,15 @@ def combined_row(a, b, alpha, ks):
     return metrics_row(zeroshot, retrieval, ks)
 
 
-def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None, third_tower=None) -> pd.DataFrame:
+def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None, plan=None) -> pd.DataFrame:
     """The results table: one row for `spec`, or one row per alpha of its convex combination with `combine_spec`,
-    or with its own third-tower pair when `third_tower` (create_model keywords that build h) is given."""
+    or with its own third-tower pair when its `plan` (see eval_plan) builds a tower h."""
     ks = args.retrieval_k
-    model, preprocess, tokenizer = load_model(spec, args.device, args.precision, third_tower)
+    plan = plan or eval_plan(spec)
+    model, preprocess, tokenizer = load_model(spec, args.device, args.precision, plan)
     logging.info(f"evaluating {spec.label}")
     scores = model_scores(model, preprocess, tokenizer, tasks, shards, args)
-    if third_tower is not None:
+    if plan.built:
         logging.info(f"evaluating the third-tower pair of {spec.label}")
         other = model_scores(ThirdTowerPair(model), preprocess, tokenizer, tasks, shards, args)
         label = f"{spec.label} + third-tower pair"
@@ -306,14 +279,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 def write_results(df: pd.DataFrame, out_dir):
     """OUT/results.csv (full precision) and OUT/results.md, each written to a temporary name and renamed."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, text in (("results.csv", df.to_csv(index=False)), ("results.md", markdown_table(df))):
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-        paths.append(path)
-    return paths
+    return [write_atomic(os.path.join(out_dir, name), text)
+            for name, text in (("results.csv", df.to_csv(index=False)), ("results.md", markdown_table(df)))]
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -356,7 +323,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every input checked before a model is built; returns (spec, combine_spec, third_tower, tasks, shards)."""
+    """Every input checked before a model is built; returns (spec, its plan, combine_spec, tasks, shards)."""
     if args.checkpoint is not None:
         spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
     elif args.model is not None and (args.model.startswith("local-dir:") or os.path.isdir(args.model)):
@@ -364,7 +331,7 @@ def check_args(args):
     else:
         raise ValueError("nothing to evaluate: pass --checkpoint FILE (with --model NAME unless the run's params.txt "
                          "names it) or --model local-dir:DIR")
-    combine_spec, third_tower = None, None
+    combine_spec = None
     if args.combine_with is not None and args.third_tower_pair:
         raise ValueError("--combine-with and --third-tower-pair each give the second model of the combination: "
                          "pass one of them")
@@ -374,9 +341,8 @@ def check_args(args):
         combine_spec = resolve_spec(args.combine_with, args.combine_model, "--combine-with", "--combine-model")
     elif args.combine_model is not None:
         raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
-    if args.third_tower_pair:
-        third_tower = third_tower_kwargs(spec, args.third_tower_weights, args.third_tower_pair)
-    if combine_spec is not None or third_tower is not None:
+    plan = eval_plan(spec, args.third_tower_weights, args.third_tower_pair)
+    if combine_spec is not None or plan.built:
         bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
         if bad:
             raise ValueError(f"--alphas: {bad[0]} is outside [0, 1]; the convex combination needs 0 <= a <= 1")
@@ -390,20 +356,20 @@ def check_args(args):
                              f"{len(IMAGENET_CLASSNAMES)}: pass other class sets with --zeroshot-data")
         tasks.append(ZeroShotTask("imagenet", args.imagenet_val, list(IMAGENET_CLASSNAMES),
                                   list(OPENAI_IMAGENET_TEMPLATES), prefix="imagenet-zeroshot-val"))
-    shards = expand_shards(args.val_data) if args.val_data else []
+    shards = val_shards(args.val_data) if args.val_data else []
     if not tasks and not shards:
         raise ValueError("no evaluation data: pass --zeroshot-data DIR, --imagenet-val DIR and/or --val-data SHARDS")
     if args.val_num_samples is not None and args.val_num_samples < 1:
         raise ValueError(f"--val-num-samples {args.val_num_samples}: must be >= 1")
-    return spec, combine_spec, third_tower, tasks, shards
+    return spec, plan, combine_spec, tasks, shards
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
-        spec, combine_spec, third_tower, tasks, shards = check_args(args)
-        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, third_tower)
+        spec, plan, combine_spec, tasks, shards = check_args(args)
+        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, plan)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     paths = write_results(df, args.out)

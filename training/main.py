@@ -1,8 +1,9 @@
 """`python -m training.main`: OpenCLIP's trainer for 3T, LiT and the CLIP baseline.
 
 This runs `open_clip_train.main.main` (distributed set-up, logging, optimizer, scheduler, checkpoints, resume,
-TensorBoard/W&B) with seven of its helpers replaced (see open_clip_3t._openclip.openclip_trainer), each for a reason:
-- parse_args: adds the 3T flags and rejects inconsistent ones before any work (training/params.py);
+TensorBoard/W&B) with seven of its helpers replaced (see training/_open_clip_train.py), each for a reason:
+- parse_args: adds the 3T flags, rejects inconsistent ones before any work and resolves the run's plan, which every
+  later stage reads as args.run_plan (training/params.py);
 - create_model_and_transforms: passes the 3T options to the factory (h's weights, a cache instead of h, head
   type...), loads local timm weights into a LiT image tower, copies h into f for 3T finetuning, and freezes the
   heads, temperatures and biases that no loss term uses (DDP fails on parameters that never get a gradient);
@@ -10,7 +11,7 @@ TensorBoard/W&B) with seven of its helpers replaced (see open_clip_3t._openclip.
   (training/data.py);
 - train_one_epoch: batches with h embeddings, three temperatures (and biases), 3T gradient accumulation
   (training/train.py);
-- evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/evaluation.py);
+- evaluate: adds zero-shot on --zeroshot-data folders, R@k retrieval and numpy>=2.4-safe accuracy (training/train.py);
 - pt_load: --resume latest falls back to the newest checkpoint that loads (training/run_folder.py);
 - setup_logging: OpenCLIP's, without forcing INFO onto torch's loggers (their dynamo statistics at exit); TORCH_LOGS works.
 Before OpenCLIP starts, global rank 0 locks the run folder: one live job per LOGS/NAME (training/run_folder.py).
@@ -24,34 +25,15 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
-from open_clip_3t._openclip import (launch_rank, model_config, openclip_setup_logging, openclip_trainer,
-                                   three_towers_config)
 from open_clip_3t.cache import CacheError
 from open_clip_3t.model import tower_keys, transfer_heads
-from open_clip_3t.third_tower import WeightsError, create_timm_model
+from open_clip_3t.weights import WeightsError, create_timm_model
 
+from ._open_clip_train import launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
-from .evaluation import evaluate
-from .params import built_towers, fail, is_three_towers, parse_args
+from .params import fail, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
-from .train import train_one_epoch
-
-def three_towers_kwargs(args):
-    """create_model keywords for a 3T model from the 3T flags."""
-    section = dict(three_towers_config(args.model))
-    if args.three_towers_loss_weights is not None:
-        section["loss_weights"] = list(args.three_towers_loss_weights)
-    if args.three_towers_transfer is not None:
-        section["transfer"] = args.three_towers_transfer
-    if args.three_towers_head is not None:
-        section["head_type"] = args.three_towers_head
-    kwargs = {"three_towers": section}
-    if args.third_tower_weights:
-        kwargs["third_tower_weights"] = dict(args.third_tower_weights)
-    cached = set(args.third_tower_cache or {}) - set(built_towers(args))
-    if cached:  # a tower whose embeddings come from its cache is not built at all: none of its weights are read
-        kwargs["third_tower"] = {name: False for name in cached}
-    return kwargs
+from .train import evaluate, train_one_epoch
 
 
 def freeze_unused(model):
@@ -105,9 +87,9 @@ def load_image_tower_weights(model, timm_name, path):
 
 
 def create_student(args, model_name, pretrained, kwargs):
-    cfg = model_config(model_name) or {}  # built-in name or local-dir:
-    timm_name = cfg.get("vision_cfg", {}).get("timm_model_name")
-    starts_pretrained = args.image_tower_weights or args.pretrained_image or args.init_image_from_third_tower
+    plan = args.run_plan
+    timm_name = plan.model_cfg.get("vision_cfg", {}).get("timm_model_name")
+    starts_pretrained = plan.image_tower_weights or args.pretrained_image or plan.init_image_from
     if timm_name and starts_pretrained and kwargs.get("image_mean") is None:
         # A pretrained timm tower (LiT, or f started from h) expects its own normalisation, as h does (unless
         # --image-mean/--image-std).
@@ -116,19 +98,17 @@ def create_student(args, model_name, pretrained, kwargs):
         # recorded in params.txt (written after the model is built): evaluation and export read it from there
         args.image_mean, args.image_std = list(data_cfg.mean), list(data_cfg.std)
         logging.info(f"image normalisation of {timm_name}: mean {data_cfg.mean}, std {data_cfg.std}")
-    three_towers = is_three_towers(args)
-    if three_towers:
-        kwargs.update(three_towers_kwargs(args))
+    kwargs.update(plan.model_kwargs())
 
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained, **kwargs)
 
-    if args.image_tower_weights:
-        load_image_tower_weights(model, timm_name, args.image_tower_weights)
-    if three_towers:
-        tower = args.init_image_from_third_tower
+    if plan.image_tower_weights:
+        load_image_tower_weights(model, timm_name, plan.image_tower_weights)
+    if plan.family == "3t":
+        tower = plan.init_image_from
         if tower:
             init_image_from_third_tower(model, tower)
-            if tower in args.third_tower_cache and args.cache_missing != "online":
+            if plan.tower(tower).source == "cache" and plan.cache_missing != "online":
                 setattr(model, tower_keys(tower).tower, None)  # built only to initialise f: its cache replaces it
         freeze_unused(model)
     return model, preprocess_train, preprocess_val

@@ -1,23 +1,28 @@
-"""Command line of `python -m training.main`: every open_clip_train flag, plus the 3T flags below.
+"""Command line of `python -m training.main`: every open_clip_train flag, plus the 3T flags below; and the run's
+plan (open_clip_3t.plan.RunPlan), built and checked here once, before any process group, model or data loader exists,
+then read by every later stage as `args.run_plan`.
 
 Our flags are parsed first (exact names only, so they never swallow an abbreviated OpenCLIP flag); the rest goes
 to OpenCLIP's own parser, which keeps its defaults and rejects unknown flags. Evaluation flags come from
-training/evaluation.py (`add_eval_args`).
+training/eval_sets.py (`add_eval_args`).
 """
 import argparse
 import os
 import sys
 
-from open_clip_3t._openclip import (CONFIG_DIR, check_supported, checkpoint_unreadable, launch_rank, model_config,
-                                   model_exists, openclip_is_webdataset, openclip_parse_args, three_towers_config)
-from open_clip_3t.cache import CacheError, expand_shards, third_tower_cfg
-from open_clip_3t.cache.format import local_path
-from open_clip_3t.loss import loss_terms
-from open_clip_3t.third_tower import (DEFAULT_TOWER, ThirdTower, ThreeTowersCfg, WeightsError, create_timm_model,
-                                     on_meta_device, parse_named)
+from open_clip_3t._openclip import CONFIG_DIR, model_exists
+from open_clip_3t.cache import CacheError, expand_shards, validate_plan
+from open_clip_3t.config import DEFAULT_TOWER, parse_named
+from open_clip_3t.factory import check_supported
+from open_clip_3t.model import checkpoint_layout
+from open_clip_3t.plan import resolve_plan
+from open_clip_3t.shards import local_path
+from open_clip_3t.third_tower import ThirdTower
+from open_clip_3t.weights import (WeightsError, checkpoint_keys, checkpoint_unreadable, create_timm_model,
+                                  on_meta_device)
 
-from .cached_data import validate_cache
-from .evaluation import add_eval_args
+from ._open_clip_train import launch_rank, openclip_is_webdataset, openclip_parse_args
+from .eval_sets import add_eval_args
 
 
 def add_three_towers_args(parser):
@@ -65,15 +70,11 @@ def parse_args(argv):
     args = openclip_parse_args(rest)
     for name, value in vars(ours).items():
         setattr(args, name, value)
-    check_args(args)
+    args.run_plan = plan_run(args)
     return args
 
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip.loss.SigLipLoss's dist_impl values
-
-
-def is_three_towers(args):
-    return three_towers_config(args.model) is not None
 
 
 def fail(message):
@@ -101,60 +102,46 @@ def check_train_data(args):
               f"{absent[0]}); training on the others", file=sys.stderr)
 
 
-def built_towers(args):
-    """The third towers training builds (and reads the weights of): each tower without a cache, every tower under
-    --cache-missing online, and the tower --init-image-from-third-tower copies into f."""
-    names = ThreeTowersCfg.from_dict(three_towers_config(args.model)).names
-    caches = args.third_tower_cache or {}
-    return [name for name in names if name not in caches or args.cache_missing == "online"
-            or name == args.init_image_from_third_tower]
-
-
-def check_weights(args):
+def check_weights(plan):
     """Strict load of the local weights files (h's, a LiT tower's) on the meta device: a file for another
     architecture, or not a weights file, stops the run here instead of after the model is built. Global rank 0
     only (the others wait for it at the process group, and stop with it)."""
     try:
-        for name in built_towers(args) if is_three_towers(args) else ():
-            cfg = third_tower_cfg(args.model, args.third_tower_weights.get(name), tower=name)
-            if cfg.weights:
-                on_meta_device(lambda: ThirdTower(cfg))
-        if args.image_tower_weights:
-            timm_name = model_config(args.model)["vision_cfg"]["timm_model_name"]
-            on_meta_device(lambda: create_timm_model(timm_name, args.image_tower_weights, what="--image-tower-weights"))
+        for tower in plan.towers:
+            if tower.build is True and tower.cfg.weights:
+                on_meta_device(lambda: ThirdTower(tower.cfg))
+        if plan.image_tower_weights:
+            timm_name = plan.model_cfg["vision_cfg"]["timm_model_name"]
+            on_meta_device(lambda: create_timm_model(timm_name, plan.image_tower_weights, what="--image-tower-weights"))
     except (WeightsError, CacheError, ValueError, FileNotFoundError) as e:
         fail(str(e))
 
 
-def towers_by_flag(args):
-    """The per-tower flags of a 3T model, read against its towers: --third-tower-weights and --third-tower-cache
-    become {tower name: value}, --init-image-from-third-tower the name of a tower, --three-towers-loss-weights is
-    checked to hold one weight per loss term."""
-    try:
-        cfg = ThreeTowersCfg.from_dict(three_towers_config(args.model))
-        args.third_tower_weights = parse_named(args.third_tower_weights or {}, cfg.names, "--third-tower-weights")
-        args.third_tower_cache = parse_named(args.third_tower_cache or {}, cfg.names, "--third-tower-cache")
-    except ValueError as e:
-        fail(str(e))
-    if args.init_image_from_third_tower:
-        name = args.init_image_from_third_tower
-        try:
-            args.init_image_from_third_tower = cfg.tower(None if name is True else name).name
-        except ValueError as e:
-            fail(f"--init-image-from-third-tower: {e}")
-    terms = loss_terms(cfg.names)
-    if args.three_towers_loss_weights is not None and len(args.three_towers_loss_weights) != len(terms):
-        fail(f"--three-towers-loss-weights: {len(args.three_towers_loss_weights)} values for {len(terms)} loss terms; "
-             f"give one per term, in this order: {', '.join(term.name for term in terms)}")
+def pretrained_towers(args):
+    """(towers held, head type) of a full 3T checkpoint given as --pretrained FILE, else (None, None)."""
+    if not args.pretrained or not os.path.isfile(args.pretrained) or checkpoint_unreadable(args.pretrained):
+        return None, None
+    return checkpoint_layout(checkpoint_keys(args.pretrained))
 
 
-def check_args(args):
-    """Reject inconsistent flags before any model, data or process group is created."""
+def plan_run(args):
+    """The run's plan, from the flags and the model config; every inconsistent flag is refused here (one line, exit
+    2), before any model, data or process group is created."""
     if not model_exists(args.model):
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         fail(f"--model {args.model} does not exist (no OpenCLIP or 3T config of that name): pick one of "
              f"open_clip.list_models(), e.g. {', '.join(ours)}")
-    three_towers = is_three_towers(args)
+    held, head_type = pretrained_towers(args)
+    try:
+        plan = resolve_plan(
+            args.model, third_tower_weights=args.third_tower_weights, third_tower_cache=args.third_tower_cache,
+            cache_missing=args.cache_missing, loss_weights=args.three_towers_loss_weights,
+            transfer=args.three_towers_transfer, head_type=args.three_towers_head or head_type,
+            init_image_from=args.init_image_from_third_tower, siglip=args.siglip, lock_image=args.lock_image,
+            image_tower_weights=args.image_tower_weights, precision=args.precision, checkpoint_towers=held, cli=True)
+    except ValueError as e:
+        fail(str(e))
+    three_towers = plan.family == "3t"
     if not three_towers:
         used = [flag for flag, value in (
             ("--third-tower-weights", args.third_tower_weights),
@@ -166,10 +153,9 @@ def check_args(args):
         if used:
             fail(f"{', '.join(used)} apply to 3T models only, but --model {args.model} has no three_towers section: "
                  f"use a 3T model (e.g. --model 3T-ViT-B-16) or drop these flags")
-    if three_towers:
-        towers_by_flag(args)
-    for flag, path in [("--third-tower-weights", p) for p in (args.third_tower_weights or {}).values()] + [
-            ("--image-tower-weights", args.image_tower_weights)]:
+    given = parse_named(args.third_tower_weights or {}, plan.tower_names, "--third-tower-weights") if three_towers else {}
+    for flag, path in [("--third-tower-weights", p) for p in given.values()] + [
+            ("--image-tower-weights", plan.image_tower_weights)]:
         if path is not None and not os.path.isfile(path):
             fail(f"{flag} {path}: no such file; pass an existing timm weights file")
     if args.three_towers_loss_weights is not None:
@@ -178,39 +164,12 @@ def check_args(args):
     if args.siglip and args.loss_dist_impl not in (None, *SIGLIP_DIST_IMPLS):
         fail(f"--loss-dist-impl {args.loss_dist_impl}: OpenCLIP's SigLIP exchanges features with one of "
              f"{', '.join(SIGLIP_DIST_IMPLS)}")
-    text_cfg = (model_config(args.model) or {}).get("text_cfg", {})
-    if args.lock_text and not args.lock_text_freeze_layer_norm and "hf_model_name" not in text_cfg:
+    model_cfg = plan.model_cfg
+    if args.lock_text and not args.lock_text_freeze_layer_norm and "hf_model_name" not in model_cfg.get("text_cfg", {}):
         fail(f"--lock-text: OpenCLIP locks the LayerNorms of {args.model}'s text tower with the rest of it (and stops "
              f"with an AssertionError otherwise): add --lock-text-freeze-layer-norm")
-
     if three_towers:
-        if args.distill_model or args.distill_pretrained:
-            fail("--distill-model/--distill-pretrained are for plain CLIP models: 3T's third tower already is the "
-                 "teacher; drop the distill flags")
-        cfg = model_config(args.model)
-        try:
-            check_supported(args.model, cfg, args.force_custom_text)
-        except (ValueError, ImportError) as e:
-            fail(str(e))
-        has_bias = cfg.get("init_logit_bias") is not None
-        if args.siglip and not has_bias:  # OpenCLIP would add the biases, which the config then could not load back
-            fail(f"--siglip: {args.model} has no init_logit_bias, so the biases --siglip adds would not load back into "
-                 f"it (export, evaluation, --pretrained); use a config with init_logit_bias (e.g. 3T-ViT-B-16-SigLIP, "
-                 f"3T-tiny-sigmoid) or drop --siglip")
-        if has_bias and not args.siglip:
-            fail(f"{args.model} has init_logit_bias (a SigLIP config): train it with --siglip, or use a config "
-                 f"without init_logit_bias for the softmax CLIP loss")
-        if args.horovod:
-            fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
-        if args.init_image_from_third_tower:
-            name, cfg = args.init_image_from_third_tower, ThreeTowersCfg.from_dict(three_towers_config(args.model))
-            h_arch = cfg.tower(name).timm_model_name.split(".")[0]
-            f_arch = (model_config(args.model)["vision_cfg"].get("timm_model_name") or "").split(".")[0]
-            h = "h's architecture" if len(cfg.names) == 1 else f"the architecture of its third tower {name}"
-            if f_arch != h_arch:
-                fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
-                     f"({f_arch or 'an OpenCLIP ViT'}) is not {h} ({h_arch}); use a 3T config whose "
-                     f"vision_cfg.timm_model_name is {h_arch}")
+        check_three_towers(args, plan)
     if args.resume not in (None, "latest") and "://" not in args.resume:
         reason = checkpoint_unreadable(args.resume) if os.path.isfile(args.resume) else "no such file"
         if reason:
@@ -218,25 +177,63 @@ def check_args(args):
                  f"--resume latest")
     if args.train_data:
         check_train_data(args)
-    if args.third_tower_cache:
-        for name, cache_dir in args.third_tower_cache.items():
-            if not os.path.isdir(cache_dir):
-                fail(f"--third-tower-cache {cache_dir}: no such directory; build it with "
-                     f"`python -m open_clip_3t.cache build`{'' if name == DEFAULT_TOWER else ' --tower ' + name}")
-        if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
-            fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
-                 "(and --dataset-type webdataset or auto)")
-        try:  # cheap (sidecar headers, the weights file's hash): a mismatch stops the run before any model is built
-            validate_cache(args)
-        except CacheError as e:
-            fail(str(e))
+    if plan.cached:
+        plan = check_caches(args, plan)
     elif args.cache_missing != "error":
         fail(f"--cache-missing {args.cache_missing} needs --third-tower-cache DIR")
-    if args.image_tower_weights is not None:
-        if not (model_config(args.model) or {}).get("vision_cfg", {}).get("timm_model_name"):
+    if plan.image_tower_weights is not None:
+        if not model_cfg.get("vision_cfg", {}).get("timm_model_name"):
             fail(f"--image-tower-weights needs a timm image tower, but --model {args.model} has none: use a model "
-                 f"whose vision_cfg has timm_model_name (e.g. LiT-ViT-B-16)")
+                 f"whose vision_cfg has timm_model_name (e.g. 3T-baseline-LiT-ViT-B-16)")
         if args.pretrained_image:
             fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")
     if launch_rank() == 0:
-        check_weights(args)
+        check_weights(plan)
+    return plan
+
+
+def check_three_towers(args, plan):
+    """The flags that do not fit a 3T model, or this one."""
+    if args.distill_model or args.distill_pretrained:
+        fail("--distill-model/--distill-pretrained are for plain CLIP models: 3T's third tower already is the "
+             "teacher; drop the distill flags")
+    cfg = plan.model_cfg
+    try:
+        check_supported(args.model, cfg, args.force_custom_text)
+    except (ValueError, ImportError) as e:
+        fail(str(e))
+    has_bias = cfg.get("init_logit_bias") is not None
+    if args.siglip and not has_bias:  # OpenCLIP would add the biases, which the config then could not load back
+        fail(f"--siglip: {args.model} has no init_logit_bias, so the biases --siglip adds would not load back into "
+             f"it (export, evaluation, --pretrained); use a config with init_logit_bias (e.g. 3T-ViT-B-16-SigLIP, "
+             f"3T-tiny-sigmoid) or drop --siglip")
+    if has_bias and not args.siglip:
+        fail(f"{args.model} has init_logit_bias (a SigLIP config): train it with --siglip, or use a config "
+             f"without init_logit_bias for the softmax CLIP loss")
+    if args.horovod:
+        fail("--horovod is not supported with 3T: launch with torchrun or srun (torch.distributed)")
+    if plan.init_image_from:
+        name = plan.init_image_from
+        h_arch = plan.tower(name).cfg.timm_model_name.split(".")[0]
+        f_arch = (cfg["vision_cfg"].get("timm_model_name") or "").split(".")[0]
+        h = "h's architecture" if len(plan.towers) == 1 else f"the architecture of its third tower {name}"
+        if f_arch != h_arch:
+            fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
+                 f"({f_arch or 'an OpenCLIP ViT'}) is not {h} ({h_arch}); use a 3T config whose "
+                 f"vision_cfg.timm_model_name is {h_arch}")
+
+
+def check_caches(args, plan):
+    """The plan with each cached tower's cache checked against --train-data (sidecar headers, the weights file's
+    hash: a mismatch stops the run before any model is built) and its totals attached."""
+    for tower in plan.towers:
+        if tower.source == "cache" and not os.path.isdir(tower.cache):
+            fail(f"--third-tower-cache {tower.cache}: no such directory; build it with "
+                 f"`python -m open_clip_3t.cache build`{'' if tower.name == DEFAULT_TOWER else ' --tower ' + tower.name}")
+    if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
+        fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
+             "(and --dataset-type webdataset or auto)")
+    try:
+        return plan.with_cache_facts(validate_plan(plan, args.train_data))
+    except CacheError as e:
+        fail(str(e))

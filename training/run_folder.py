@@ -23,8 +23,9 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-from open_clip_3t._openclip import checkpoint_unreadable, openclip_pt_load, openclip_run_checkpoints
-from open_clip_3t.third_tower import error_line
+from open_clip_3t.weights import checkpoint_unreadable, error_line
+
+from ._open_clip_train import openclip_pt_load, openclip_run_checkpoints
 
 LOCK_FILE = ".lock"
 REQUEUE_WAIT_S = 180

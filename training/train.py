@@ -1,6 +1,7 @@
-"""One training epoch for CLIP, LiT and 3T models, in place of open_clip_train.train.train_one_epoch.
+"""One training epoch, and training-time evaluation, for CLIP, LiT and 3T models: our open_clip_train/train.py
+(`train_one_epoch` and `evaluate` replace OpenCLIP's; both keep its signatures, logging keys and schedule).
 
-Why it replaces OpenCLIP's loop (which it otherwise follows step for step: scheduler, autocast, gradient
+Why train_one_epoch replaces OpenCLIP's loop (which it otherwise follows step for step: scheduler, autocast, gradient
 accumulation, scaler, clipping, logging keys):
 - OpenCLIP unpacks `images, texts = batch`: a batch may here carry more elements, the embeddings of each cached
   third tower, passed to the model as `third_embeddings={tower name: embeddings}`;
@@ -11,19 +12,27 @@ accumulation, scaler, clipping, logging keys):
   extra temperatures and biases crash it: we keep every temperature and bias out of the concatenation;
 - the global RNGs are re-seeded from (seed, rank, epoch) at the start of each epoch, so a run resumed at epoch N
   draws the same augmentations and shuffles as a run that never stopped.
+Why evaluate replaces OpenCLIP's: its zero-shot `accuracy()` converts a 1-element array with `float()`, which numpy
+>= 2.4 refuses (ours is computed with torch); it knows only ImageNet (we add any --zeroshot-data folder); it gives
+R@1, 5, 10 only (we give the --retrieval-k values, with the same keys). Metrics are defined in training/metrics.py.
 """
+import json
 import logging
 import math
+import os
 import random
 import time
 
 import numpy as np
+import open_clip
 import torch
-from open_clip import get_input_dtype, get_tokenizer
+from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, get_input_dtype, get_tokenizer
 
-from open_clip_3t._openclip import openclip_autocast
+from ._open_clip_train import openclip_autocast
 from .cached_data import fill_missing_third
-from .evaluation import evaluate, unwrap_model
+from .eval_sets import DEFAULT_RETRIEVAL_K
+from .metrics import (build_classifier, encode_pairs, logit_scale_of, retrieval_metrics, unwrap_model,
+                      zero_shot_accuracy)
 
 try:
     import wandb
@@ -233,10 +242,79 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                      f"{cache_stats.corrupt} corrupt samples skipped")
 
     # open_clip_train.main evaluates after an epoch only when it sees one of its own eval sets; evaluation sets
-    # added by training/evaluation.py alone would never run, so run them here (before the checkpoint is saved).
+    # added by training/eval_sets.py alone would never run, so run them here (before the checkpoint is saved).
     eval_keys = set(data) - {"train"}
     if eval_keys and not eval_keys & set(OPENCLIP_EVAL_KEYS):
         tokenizer = get_tokenizer(args.model, cache_dir=args.cache_dir, context_length=args.force_context_length)
         evaluate(model, data, epoch + 1, args, tb_writer=tb_writer, tokenizer=tokenizer)
         if args.distributed:
             torch.distributed.barrier()
+
+
+# --- training-time evaluation ---------------------------------------------------------------------------------
+
+def _due(epoch, frequency, epochs):
+    """OpenCLIP's schedule: every `frequency` epochs and after the last one; never when frequency is 0."""
+    return bool(frequency) and (epoch % frequency == 0 or epoch == epochs)
+
+
+def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None) -> dict:
+    """open_clip_train.train.evaluate's replacement (same signature, keys and logging), on rank 0 only.
+
+    Zero-shot ImageNet (`imagenet-val`, `imagenet-v2` entries; keys imagenet-zeroshot-val-top1/5, ...) and every
+    `zeroshot/NAME` folder (NAME-zeroshot-top1/5) every --zeroshot-frequency epochs; retrieval on `val`
+    (image_to_text_R@k, text_to_image_R@k, mean/median ranks, clip_val_loss) every --val-frequency epochs.
+    """
+    metrics = {}
+    if getattr(args, "rank", 0) != 0:
+        return metrics
+    model = unwrap_model(model)
+    model.eval()  # a ThreeTowersCLIP in eval mode is a plain CLIP: h and the heads never run
+    device, precision = args.device, args.precision
+    epochs = getattr(args, "epochs", 0)
+
+    zeroshot = {k: v for k, v in data.items() if k in ("imagenet-val", "imagenet-v2") or k.startswith("zeroshot/")}
+    if zeroshot and _due(epoch, getattr(args, "zeroshot_frequency", 1), epochs):
+        if tokenizer is None:
+            tokenizer = open_clip.get_tokenizer(args.model)
+        imagenet = [k for k in ("imagenet-val", "imagenet-v2") if k in zeroshot]
+        if imagenet:
+            logging.info("Starting zero-shot imagenet.")
+            classifier = build_classifier(model, tokenizer, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+                                          device, precision)
+            for key in imagenet:
+                top1, top5 = zero_shot_accuracy(model, classifier, data[key].dataloader, device, precision)
+                prefix = "imagenet-zeroshot-val" if key == "imagenet-val" else "imagenetv2-zeroshot-val"
+                metrics[f"{prefix}-top1"], metrics[f"{prefix}-top5"] = top1, top5
+        for key in sorted(k for k in zeroshot if k.startswith("zeroshot/")):
+            name = key.split("/", 1)[1]
+            logging.info(f"Starting zero-shot {name}.")
+            entry = data[key]
+            classifier = build_classifier(model, tokenizer, entry.classnames, entry.templates, device, precision)
+            top1, top5 = zero_shot_accuracy(model, classifier, entry.dataloader, device, precision)
+            metrics[f"{name}-zeroshot-top1"], metrics[f"{name}-zeroshot-top5"] = top1, top5
+
+    if "val" in data and _due(epoch, getattr(args, "val_frequency", 1), epochs):
+        image, text, loss = encode_pairs(model, data["val"].dataloader, device, precision)
+        scores = logit_scale_of(model) * image @ text.t()
+        ks = getattr(args, "retrieval_k", None) or DEFAULT_RETRIEVAL_K
+        metrics.update(retrieval_metrics(scores, ks=ks))
+        metrics.update({"clip_val_loss": loss, "epoch": epoch, "num_samples": len(image)})
+
+    if not metrics:
+        return metrics
+    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {round(v, 4):.4f}" for k, v in metrics.items()))
+    log_data = {"val/" + name: value for name, value in metrics.items()}
+    if getattr(args, "save_logs", False):
+        if tb_writer is not None:
+            for name, value in log_data.items():
+                tb_writer.add_scalar(name, value, epoch)
+        with open(os.path.join(args.checkpoint_path, "results.jsonl"), "a+") as f:
+            f.write(json.dumps(metrics) + "\n")
+    if getattr(args, "wandb", False):
+        import wandb
+        step = None
+        if "train" in data:
+            step = data["train"].dataloader.num_batches // getattr(args, "accum_freq", 1) * epoch
+        wandb.log({**log_data, "epoch": epoch}, step=step)
+    return metrics

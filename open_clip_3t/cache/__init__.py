@@ -22,14 +22,14 @@ to OpenCLIP's webdataset pipeline by (shard, __key__): see training/cached_data.
 The package: `format` (layout, manifest, fingerprint, sidecars), `build` (the builder), `check` (verify, validate,
 info), `cli` (the command line).
 """
-from .build import _TEST_KILL  # noqa: F401  (tests kill a build at a chosen point)
+from ..shards import image_bytes
 from .build import ShardReader, build, decode_loader, shard_split
-from .check import check_shards, info, validate, verify
-from .format import (DTYPES, FORMAT, MANIFEST, PRECISIONS, CacheError, expand_shards, fingerprint, image_bytes,
-                     image_crc32, load_sidecar, read_manifest, shard_id, sidecar_info, sidecar_path, third_tower_cfg)
+from .check import check_shards, info, validate, validate_plan, verify
+from .format import (DTYPES, FORMAT, MANIFEST, PRECISIONS, CacheError, cached_tower, expand_shards, fingerprint,
+                     image_crc32, load_sidecar, read_manifest, shard_id, sidecar_info, sidecar_path)
 from .cli import main
 
-__all__ = ["CacheError", "build", "verify", "validate", "info", "main", "load_sidecar", "sidecar_path", "sidecar_info",
-           "expand_shards", "third_tower_cfg", "fingerprint", "read_manifest", "shard_id", "shard_split",
+__all__ = ["CacheError", "build", "verify", "validate", "validate_plan", "info", "main", "load_sidecar", "sidecar_path", "sidecar_info",
+           "expand_shards", "cached_tower", "fingerprint", "read_manifest", "shard_id", "shard_split",
            "image_bytes", "image_crc32", "check_shards", "ShardReader", "decode_loader", "FORMAT", "MANIFEST",
            "DTYPES", "PRECISIONS"]

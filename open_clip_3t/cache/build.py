@@ -1,88 +1,23 @@
 """Building a cache: read each shard's samples as OpenCLIP's training pipeline groups them (in DataLoader
 workers), run h on h's own eval view, write one sidecar per shard (temporary name, then rename)."""
 import glob
-import gzip
-import hashlib
 import io
 import os
-import re
-import signal
 import sys
-import tarfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .format import (DTYPES, IMAGE_EXTS, PRECISIONS, CacheError, _write_atomic, check_shard_ids, encode_sidecar,
-                     ensure_manifest, expand_shards, file_sha256, image_crc32, local_path, log, make_manifest,
-                     shard_id, sidecar_info, sidecar_path, third_tower_cfg)
-
-_SKIP_META = re.compile(r"__[^/]*__($|/)")       # webdataset skips such tar members (e.g. __index__)
-_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
-_TEST_KILL = "OPEN_CLIP_3T_CACHE_TEST_KILL"      # tests only: "batches:N" or "write:N" -> SIGKILL ourselves there
+from ..files import write_atomic
+from ..shards import IMAGE_EXTS, iter_samples, local_path
+from .format import (DTYPES, PRECISIONS, CacheError, cached_tower, check_shard_ids, encode_sidecar, ensure_manifest,
+                     expand_shards, file_sha256, image_crc32, log, make_manifest, shard_id, sidecar_info, sidecar_path)
 
 
 # --- reading shards (inside DataLoader workers) ---------------------------------------------------------------
-
-class _HashingReader:
-    """A file wrapper that hashes and counts what is read (the shard's sha256 comes free with the build)."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n=-1):
-        data = self.f.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self):
-        while self.read(1 << 22):
-            pass
-
-
-def _tar_members(fileobj, stats):
-    """(name, bytes) of the regular members webdataset reads; a truncated/corrupt tar ends the shard early.
-    Other errors (an I/O error of the file system) fail the build: the shard must not look done."""
-    try:
-        stream = tarfile.open(fileobj=fileobj, mode="r|*")
-        for member in stream:
-            if member.isreg() and not _SKIP_META.match(member.name):
-                yield member.name, stream.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        stats["truncated"] = f"{type(e).__name__}: {e}"
-
-
-def iter_tar_samples(url, stats):
-    """Samples {__key__, ext: bytes, ...} of a shard grouped as OpenCLIP's training pipeline groups them
-    (open_clip_train.data.group_by_keys_nothrow: a new sample starts when the key changes or an extension repeats;
-    extensions lower-cased). Fills stats with the shard's size, sha256 and truncation."""
-    from webdataset.gopen import gopen
-    raw = gopen(url, "rb")
-    try:
-        reader = _HashingReader(raw)
-        current = None
-        for name, data in _tar_members(reader, stats):
-            match = _KEY_AND_EXT.match(name)
-            if match is None:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if current is None or key != current["__key__"] or ext in current:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[ext] = data
-        if current is not None:
-            yield current  # also after a truncation: OpenCLIP's training pipeline yields it too
-        reader.drain()
-        stats["size"], stats["sha256"] = reader.size, reader.sha256.hexdigest()
-    finally:
-        raw.close()
-
 
 class _Skip(Exception):
     pass
@@ -124,7 +59,7 @@ class ShardReader(torch.utils.data.IterableDataset):
     def read_shard(self, index, url):
         stats = {"samples": 0, "skipped": [], "truncated": None}
         keys, crcs, pixels = [], [], []
-        for sample in iter_tar_samples(url, stats):
+        for sample in iter_samples(url, stats):
             try:
                 pixel, crc = _decode(sample, self.transform)
             except _Skip as e:
@@ -218,7 +153,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     absent = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
     if absent:
         raise CacheError(f"{len(absent)} shard(s) of --train-data do not exist (first: {absent[0]}): fix the path")
-    cfg = third_tower_cfg(model, third_tower_weights, three_towers, tower)
+    cfg = cached_tower(model, third_tower_weights, three_towers, tower)
     if cfg.weights is None and not cfg.timm_model_pretrained:
         raise CacheError(f"{model}'s third tower {cfg.name} ({cfg.timm_model_name}) has no pretrained weights "
                          f"(timm_model_pretrained is false): pass --third-tower-weights FILE")
@@ -244,12 +179,11 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
         for stale in glob.glob(glob.escape(sidecar_path(out, url)) + ".tmp*"):
             os.remove(stale)
     loader = decode_loader(todo, h, batch_size, workers, device)
-    kill_kind, _, kill_at = os.environ.get(_TEST_KILL, "").partition(":")
     store = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
     rows, keys, crcs = {}, {}, {}  # per shard being built: embeddings (on the device until the shard is done), ...
     writer, written = ThreadPoolExecutor(max_workers=1), []  # sidecars are written while h computes the next batches
 
-    def write(url, emb, shard_keys, shard_crcs, info, kill):
+    def write(url, emb, shard_keys, shard_crcs, info):
         path = sidecar_path(out, url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         emb = emb.cpu().numpy() if emb is not None else np.zeros((0, cfg.embed_dim), DTYPES[dtype])
@@ -257,7 +191,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
             raise CacheError(f"h gave non-finite embeddings for {int((~np.isfinite(emb)).any(1).sum())} sample(s) "
                              f"of {url}: nothing written; build with --precision fp32 if h overflows in {precision}, else "
                              f"check h's weights")
-        _write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info), kill_midway=kill)
+        write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info))
 
     start, first, embedded = time.monotonic(), None, 0
     progress = progress_bar(label, len(todo), quiet)
@@ -276,18 +210,13 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     first = (time.monotonic(), embedded)
-            if kill_kind == "batches" and batches == int(kill_at):
-                for f in written:  # tests: die mid-shard, after the finished shards are on disk
-                    f.result()
-                os.kill(os.getpid(), signal.SIGKILL)
             if item["done"] is not None:
                 stats, url = item["done"], mine[shard]
                 info = {"shard": url, "shard_id": shard_id(url), "shard_size": stats["size"],
                         "shard_sha256": stats["sha256"], "samples": stats["samples"], "skipped": stats["skipped"],
                         "truncated": stats["truncated"]}
                 emb = torch.cat(rows.pop(shard)) if shard in rows else None
-                kill = kill_kind == "write" and summary["built"] + 1 == int(kill_at)
-                written.append(writer.submit(write, url, emb, keys.pop(shard, []), crcs.pop(shard, []), info, kill))
+                written.append(writer.submit(write, url, emb, keys.pop(shard, []), crcs.pop(shard, []), info))
                 for f in written:
                     if f.done():
                         f.result()  # surface a failed write now

@@ -3,9 +3,10 @@ one-line refusal), `info` (totals)."""
 import glob
 import os
 
-from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, check_shard_ids, expand_shards, file_sha256, fingerprint,
-                     fingerprint_diffs, load_sidecar, local_path, read_manifest, rebuild_hint, sidecar_info,
-                     sidecar_path, third_tower_cfg)
+from ..shards import local_path
+from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, cached_tower, check_shard_ids, expand_shards, file_sha256,
+                     fingerprint, fingerprint_diffs, load_sidecar, read_manifest, rebuild_hint, sidecar_info,
+                     sidecar_path)
 
 
 def check_shards(cache_dir, urls, checksum=False, dim=None):
@@ -51,7 +52,7 @@ def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=Fals
     urls = expand_shards(train_data)
     check_shard_ids(urls)
     manifest = read_manifest(cache_dir)
-    expected = fingerprint(third_tower_cfg(model, third_tower_weights, three_towers, tower))
+    expected = fingerprint(cached_tower(model, third_tower_weights, three_towers, tower))
     problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
     missing, mismatched, _ = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
     problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
@@ -85,6 +86,33 @@ def validate(cache_dir, train_data, cfg, policy="error"):
     return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"],
             "samples": sum(i["rows"] for i in infos.values()),
             "skipped": sum(len(i["skipped"]) for i in infos.values())}
+
+
+POLICIES = ("error", "skip", "online")
+
+
+def validate_plan(plan, train_data):
+    """Check the cache of each cached tower of a run's plan against `train_data` and that tower, under the plan's
+    --cache-missing policy. Raises CacheError (one line) on a mismatch, naming the tower a cache holds when it was
+    given for another; reads the weights files' bytes (sha256) and each sidecar's header, builds nothing. Returns
+    {tower name: the cache's totals (shards, samples, missing shards, skipped samples, dtype, embed_dim)}."""
+    if plan.cache_missing not in POLICIES:
+        raise CacheError(f"--cache-missing {plan.cache_missing}: use one of {', '.join(POLICIES)}")
+    facts = {}
+    for tower in plan.towers:
+        if tower.source != "cache":
+            continue
+        try:
+            facts[tower.name] = validate(tower.cache, train_data, tower.cfg, plan.cache_missing)
+        except CacheError:
+            found = read_manifest(tower.cache)["fingerprint"]
+            owners = [t.name for t in plan.towers if not fingerprint_diffs(found, fingerprint(t.cfg))]
+            if owners and tower.name not in owners:  # built for another tower of this model: the caches were swapped
+                raise CacheError(f"--third-tower-cache {tower.name}={tower.cache} holds the embeddings of the tower "
+                                 f"{owners[0]}, not {tower.name}: pass {owners[0]}={tower.cache}") from None
+            raise
+        facts[tower.name]["embed_dim"] = tower.cfg.embed_dim
+    return facts
 
 
 def info(cache_dir):

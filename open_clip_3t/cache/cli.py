@@ -7,7 +7,7 @@ import torch
 from . import __doc__ as PACKAGE_DOC
 from .build import build
 from .check import info, verify
-from ..third_tower import WeightsError
+from ..weights import WeightsError
 from .format import DTYPES, PRECISIONS, CacheError, expand_shards
 
 

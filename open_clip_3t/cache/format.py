@@ -8,13 +8,12 @@ docs/cache.md specifies the layout byte for byte:
                                                 metadata (shard size and sha256, skipped samples, and the
                                                 sidecar's own sha256, checked whenever it is read whole)
 """
+import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
-import signal
-import socket
 import sys
 import zlib
 
@@ -24,11 +23,14 @@ from safetensors import safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from ..files import write_atomic
+from ..shards import expand_shards as list_shards
+from ..shards import local_path
+
 FORMAT = "open_clip_3t.cache/1"
 MANIFEST = "manifest.json"
 SUFFIX = ".safetensors"
 META_KEY = "open_clip_3t_cache"        # the one key of a sidecar's safetensors __metadata__ (a JSON string)
-IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")  # OpenCLIP's rename(image="jpg;png;jpeg;webp"): the first one wins
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,16 +46,10 @@ def log(message):
 
 def expand_shards(spec):
     """Shard URLs of a --train-data SPEC (braceexpand, `::`-joined sources), sorted, without duplicates."""
-    import webdataset as wds
-    if not spec:
-        raise CacheError("no shards given: pass --train-data '/data/laion/{00000..41407}.tar'")
-    return sorted(set(wds.shardlists.expand_urls(spec)))
-
-
-def local_path(url):
-    """The file behind a shard URL, or None for remote/pipe URLs."""
-    path = url[len("file:"):] if url.startswith("file:") else url
-    return None if re.match(r"^[a-z][a-z0-9+.-]*:", path) else path
+    try:
+        return sorted(list_shards(spec))
+    except ValueError as e:
+        raise CacheError(str(e)) from None
 
 
 def shard_id(url):
@@ -104,27 +100,27 @@ def file_sha256(path):
     return _SHA256_MEMO[memo]
 
 
-def third_tower_cfg(model, third_tower_weights=None, three_towers=None, tower=None):
+def cached_tower(model, third_tower_weights=None, three_towers=None, tower=None):
     """The config of the tower called `tower` (default: the only one) of a 3T model name (or of an explicit
-    three_towers section), with the weights override."""
-    from .._openclip import model_exists, three_towers_config
-    from ..third_tower import ThreeTowersCfg
-    section = three_towers if three_towers is not None else three_towers_config(model)
-    if section is None and not model_exists(model):
+    three_towers section), with the weights file the build or check reads: the tower a cache of this model holds."""
+    from .._openclip import model_exists
+    from ..plan import resolve_plan
+    if three_towers is None and not model_exists(model):
         raise CacheError(f"model {model!r} does not exist (no such OpenCLIP or 3T config): pass a 3T model, e.g. "
                          f"3T-ViT-B-16 or 3T-tiny")
-    if section is None:
+    try:
+        plan = resolve_plan(model, section=three_towers, build_by_default=False, cli=True)
+    except ValueError as e:
+        raise CacheError(f"model {model!r}: {e}") from None
+    if plan.family != "3t":
         raise CacheError(f"model {model!r} has no three_towers section: pass a 3T model (e.g. 3T-ViT-B-16, 3T-tiny)")
-    towers = ThreeTowersCfg.from_dict(dict(section))
-    if tower is None and len(towers.names) > 1:
-        raise CacheError(f"model {model!r} has the third towers {towers.names}: say which one with --tower NAME (a "
-                         f"cache holds one tower's embeddings)")
-    if tower is not None and tower not in towers.names:
-        raise CacheError(f"model {model!r} has no third tower {tower!r}: pass --tower one of {towers.names}")
-    cfg = towers.tower(tower)
-    if third_tower_weights is not None:
-        cfg.weights = third_tower_weights
-    return cfg
+    if tower is None and len(plan.towers) > 1:
+        raise CacheError(f"model {model!r} has the third towers {list(plan.tower_names)}: say which one with --tower "
+                         f"NAME (a cache holds one tower's embeddings)")
+    if tower is not None and tower not in plan.tower_names:
+        raise CacheError(f"model {model!r} has no third tower {tower!r}: pass --tower one of {list(plan.tower_names)}")
+    cfg = plan.tower(tower).cfg
+    return cfg if third_tower_weights is None else dataclasses.replace(cfg, weights=third_tower_weights)
 
 
 def weights_identity(cfg):
@@ -191,42 +187,12 @@ def read_manifest(cache_dir):
     return manifest
 
 
-def _tmp_name(path):
-    """A temporary name next to `path`, unique across the nodes sharing the file system."""
-    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-
-
-def _write_atomic(path, data, kill_midway=False):
-    """Write to a temporary name, fsync, rename: `path` either does not exist or is complete."""
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        if kill_midway:  # tests: die with half a temporary file written
-            f.write(data[:len(data) // 2])
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def ensure_manifest(cache_dir, manifest):
     """Create DIR/manifest.json once (create-exclusive: safe with many ranks/array tasks), else check it matches."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.exists(path):
-        tmp = _tmp_name(path)
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic, fails if another rank was first
-        except (FileExistsError, FileNotFoundError):
-            pass
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    if not os.path.exists(path):  # the first of several builders (ranks, array tasks) writes it
+        write_atomic(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n", exclusive=True)
     found = read_manifest(cache_dir)
     diffs = fingerprint_diffs(found["fingerprint"], manifest["fingerprint"])
     diffs += [f"{k}: cache has {found.get(k)!r}, this build has {manifest[k]!r}"
@@ -309,12 +275,6 @@ def load_sidecar(path):
         raise CacheError(f"sidecar {path} holds non-finite embeddings ({int((~finite).sum())} rows, first key "
                          f"{keys[first]!r}): {rebuild_hint(path)}")
     return embeddings, keys, tensors["image_crc32"], meta
-
-
-def image_bytes(sample):
-    """The encoded image OpenCLIP trains on (rename(image="jpg;png;jpeg;webp")), or None."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    return None if ext is None else sample[ext]
 
 
 def image_crc32(data):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..files import write_atomic
+
 TRAIN_STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) ")
 VALUE = r"([-+\d.eE]+)"
 # The 3T loss terms as training/train.py logs them (the weighted term w/3 * L) and their temperatures (exp(scale)).
@@ -125,9 +127,7 @@ def plot(series: pd.DataFrame, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path.with_suffix(".csv"), series.to_csv(index=False))
+    write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    series.to_csv(path.with_suffix(".csv"), index=False)
-    tmp.replace(path)
     return path

@@ -9,7 +9,6 @@
 """
 import io
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.format import expand_shards, load_sidecar, sidecar_path
+from ..shards import iter_samples
 
 
 def cached_embeddings(cache_dir, train_spec=None):
@@ -54,13 +54,11 @@ def first_shard_images(train_spec, limit):
     """(key, PIL image) of the first `limit` samples of the first training shard, in tar order."""
     from PIL import Image
     out = []
-    with tarfile.open(expand_shards(train_spec)[0]) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                out.append((member.name.split(".")[0], image))
-                if len(out) == limit:
-                    break
+    for sample in iter_samples(expand_shards(train_spec)[0]):
+        if "jpg" in sample:
+            out.append((sample["__key__"], Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
+            if len(out) == limit:
+                break
     return out
 
 

@@ -18,12 +18,13 @@ from typing import Optional
 
 import pandas as pd
 
+from ..files import write_atomic
 from .pretrain import pretrain_third_tower
 from .synthetic import ATTRIBUTES, write_classification_folder, write_labelled_set, write_shards
 
 EVAL_ATTRIBUTES = ("shape", "colour")  # what zero-shot evaluation asks about
-# The sigmoid-loss rows (trained with --siglip) use CLIP-mini's towers as OpenCLIP's CustomTextCLIP with a bias.
-MODELS = {"CLIP": "CLIP-mini", "LiT": "LiT-mini", "3T": "3T-mini", "SigLIP": "CLIP-mini-sigmoid",
+# The sigmoid-loss rows (trained with --siglip) use 3T-baseline-CLIP-mini's towers as OpenCLIP's CustomTextCLIP with a bias.
+MODELS = {"CLIP": "3T-baseline-CLIP-mini", "LiT": "3T-baseline-LiT-mini", "3T": "3T-mini", "SigLIP": "3T-baseline-CLIP-mini-sigmoid",
           "SigLIP-3T": "3T-mini-sigmoid"}
 H_ARCH = "test_resnet"
 
@@ -311,17 +312,15 @@ def export_and_reload(checkpoint, out_dir, model_name):
 def save_table(df: pd.DataFrame, out_dir, stem):
     """OUT/stem.csv and OUT/stem.md (GitHub Markdown, floats to 4 decimals)."""
     out_dir = Path(out_dir)
-    df.to_csv(out_dir / f"{stem}.csv", index=False)
-    (out_dir / f"{stem}.md").write_text(df.to_markdown(index=False, floatfmt=".4f") + "\n")
+    write_atomic(out_dir / f"{stem}.csv", df.to_csv(index=False))
+    write_atomic(out_dir / f"{stem}.md", df.to_markdown(index=False, floatfmt=".4f") + "\n")
     return out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
 
 
 def write_json(path, obj):
     """JSON written to a temporary name and renamed: the file exists only when complete."""
-    tmp = Path(f"{path}.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_protocol(out, scale: Scale, extra: Optional[dict] = None):

@@ -22,6 +22,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from ..files import write_atomic
 from .synthetic import ATTRIBUTES, LABELLED_FILE, ArgumentParser, positive_int
 
 MEAN = STD = (0.5, 0.5, 0.5)  # timm's test models' pretrained_cfg values
@@ -172,11 +173,8 @@ def pretrain_third_tower(labelled_set, out_file, model_name="test_vit", image_si
         "heldout_accuracy_per_attribute": heldout_per_attribute, "epochs": epochs, "seed": seed,
     }
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state_dict, out_file + ".tmp")
-    os.replace(out_file + ".tmp", out_file)
-    with open(out_file + ".json.tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(out_file + ".json.tmp", out_file + ".json")
+    write_atomic(out_file, lambda f: torch.save(state_dict, f))
+    write_atomic(out_file + ".json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -23,6 +23,8 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import write_atomic
+
 ATTRIBUTES = {
     "shape": ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon"],
     "colour": ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"],
@@ -165,10 +167,13 @@ def _add_member(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path, data):
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+def _tar_writer(members):
+    """A write_atomic writer of an uncompressed USTAR tar holding (name, bytes) `members`, with reproducible bytes."""
+    def write(f):
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                _add_member(tar, name, data)
+    return write
 
 
 def write_shards(out_dir, num_samples, samples_per_shard=1000, seed=0, split="train", image_size=64, start_index=0):
@@ -188,18 +193,17 @@ def write_shards(out_dir, num_samples, samples_per_shard=1000, seed=0, split="tr
         name = f"{shard:05d}.tar"
         path = os.path.join(out_dir, name)
         indices = range(first, min(first + samples_per_shard, end))
-        with open(path + ".tmp", "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in indices:
-                image, attrs, caption = draw_sample(i, seed, split, image_size)
-                key = f"{i:09d}"
-                meta = {"key": key, "caption": caption, "width": image.width, "height": image.height, "attributes": attrs}
-                _add_member(tar, key + ".jpg", _jpeg(image))
-                _add_member(tar, key + ".txt", caption.encode())
-                _add_member(tar, key + ".json", json.dumps(meta).encode())
-        os.replace(path + ".tmp", path)  # a killed run leaves only *.tmp, never a short .tar
+        members = []
+        for i in indices:
+            image, attrs, caption = draw_sample(i, seed, split, image_size)
+            key = f"{i:09d}"
+            meta = {"key": key, "caption": caption, "width": image.width, "height": image.height, "attributes": attrs}
+            members += [(key + ".jpg", _jpeg(image)), (key + ".txt", caption.encode()),
+                        (key + ".json", json.dumps(meta).encode())]
+        write_atomic(path, _tar_writer(members))  # a killed run never leaves a short .tar
         paths.append(path)
         sizes[name] = len(indices)
-    _write_atomic(os.path.join(out_dir, "sizes.json"), json.dumps(sizes, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "sizes.json"), json.dumps(sizes, indent=1).encode())
     return paths
 
 
@@ -234,9 +238,9 @@ def write_classification_folder(out_dir, attribute, num_per_class, seed, split="
     for index, label in chosen:
         os.makedirs(dirs[label], exist_ok=True)
         image = draw_sample(index, seed, split, image_size)[0]
-        _write_atomic(os.path.join(dirs[label], f"{index:09d}.jpg"), _jpeg(image))
-    _write_atomic(os.path.join(out_dir, "classnames.txt"), "".join(v + "\n" for v in values).encode())
-    _write_atomic(os.path.join(out_dir, "templates.txt"), "".join(t + "\n" for t in CLASS_TEMPLATES[attribute]).encode())
+        write_atomic(os.path.join(dirs[label], f"{index:09d}.jpg"), _jpeg(image))
+    write_atomic(os.path.join(out_dir, "classnames.txt"), "".join(v + "\n" for v in values).encode())
+    write_atomic(os.path.join(out_dir, "templates.txt"), "".join(t + "\n" for t in CLASS_TEMPLATES[attribute]).encode())
     return out_dir
 
 
@@ -249,14 +253,11 @@ def _write_clip_benchmark(out_dir, samples, samples_per_shard, info_files):
     samples, shards = iter(samples), 0
     while chunk := list(itertools.islice(samples, samples_per_shard)):
         path = os.path.join(test, f"{shards}.tar")
-        with open(path + ".tmp", "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in chunk:
-                for ext, data in members.items():
-                    _add_member(tar, f"{key}.{ext}", data)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, _tar_writer([(f"{key}.{ext}", data) for key, members in chunk
+                                        for ext, data in members.items()]))
         shards += 1
     for name, text in {**info_files, "test/nshards.txt": f"{shards}\n"}.items():
-        _write_atomic(os.path.join(out_dir, name), text.encode())
+        write_atomic(os.path.join(out_dir, name), text.encode())
     return out_dir
 
 
@@ -316,10 +317,9 @@ def write_labelled_set(out_dir, attributes, num_samples, seed, split="pretrain",
         labels[i] = label_of[tuple(attrs[a] for a in attributes)]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LABELLED_FILE)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, images=images, labels=labels, class_names=np.array([" ".join(c) for c in combos]),
-                 attributes=np.array(attributes))
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: np.savez(f, images=images, labels=labels,
+                                          class_names=np.array([" ".join(c) for c in combos]),
+                                          attributes=np.array(attributes)))
     return path
 
 

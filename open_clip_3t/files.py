@@ -1,0 +1,53 @@
+"""Writing files so that existence means completeness: every file the package writes goes through `write_atomic`
+(a temporary name in the same folder, fsync, rename), so a killed job, a full disk or a read-only folder never leaves
+a half-written file under the real name."""
+import os
+import socket
+
+
+def tmp_name(path):
+    """A temporary name beside `path`, unique across the processes and nodes sharing the file system."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def write_atomic(path, data, exclusive=False):
+    """Write `data` (bytes, str, or a function that writes to a binary file object) to `path` atomically; returns
+    `path`. With `exclusive`, an existing `path` is left as it is (create-exclusive: the first of several writers
+    wins) and False is returned. The temporary file is removed on any failure."""
+    path = os.fspath(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails if another writer was first
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+        _fsync_folder(os.path.dirname(path) or ".")
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _fsync_folder(folder):
+    """Make a rename in `folder` durable (a crash right after it keeps the new name); a no-op where the file system
+    cannot open folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,120 @@
+"""Reading pretrained weights and checkpoints without surprises: timm towers loaded strictly (every weight from the
+file, or a one-line WeightsError), checkpoint files described without reading their tensors."""
+import contextlib
+import logging
+import warnings
+
+import timm
+import timm.models._builder as timm_builder
+import torch
+
+
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be read or do not fill the model: the message is one line naming the fix."""
+
+
+def error_line(error):
+    """'Type: first sentence' of an exception raised while reading a weights or checkpoint file."""
+    text = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    if "weights_only" in text:  # torch's advice to unpickle unsafely is never the fix for a bad weights file
+        text = "not a file that torch.load or safetensors can read"
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+@contextlib.contextmanager
+def _recording_timm_loads(records, what, source, name):
+    """Within the block, timm's pretrained-weights load (timm 1.0: `timm.models._builder.load_pretrained`, which
+    loads with strict=False once the classifier is dropped) appends the keys it could not match to `records`;
+    a file it cannot read or load becomes a one-line WeightsError."""
+    original = getattr(timm_builder, "load_pretrained", None)
+    if original is None:
+        raise ImportError(f"timm {timm.__version__} has no timm.models._builder.load_pretrained: open_clip_3t's strict "
+                          f"weight check was written for timm 1.0")
+
+    def load_pretrained(model, *args, **kwargs):
+        hook = model.register_load_state_dict_post_hook(lambda module, keys: records.append(keys))
+        try:
+            return original(model, *args, **kwargs)
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            if lines and lines[0].startswith("Error(s) in loading state_dict"):  # a shape that does not fit
+                raise WeightsError(f"{what} {source} do not fit timm's {name} ({lines[1].strip()[:300]}): pass "
+                                   f"weights of that model, saved from timm.create_model('{name}', ...)") from None
+            raise WeightsError(f"{what} {source} cannot be read ({error_line(e)}): pass a state dict saved with "
+                               f"torch.save(model.state_dict(), FILE) or a .safetensors file") from None
+        finally:
+            hook.remove()
+
+    timm_builder.load_pretrained = load_pretrained
+    quiet = logging.getLogger(timm_builder.__name__)  # its "Missing/Unexpected keys" lines: we report them ourselves
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        timm_builder.load_pretrained = original
+        quiet.setLevel(level)
+
+
+def create_timm_model(name, weights=None, pretrained=True, what="weights", **kwargs):
+    """`timm.create_model(name, num_classes=0, **kwargs)` with pretrained weights (the local file `weights` through
+    timm's `pretrained_cfg_overlay` door, else timm's hub), loaded strictly: every parameter and buffer of the model
+    comes from the weights, or WeightsError (one line). timm itself would keep random weights with a log line."""
+    source = weights if weights else f"(timm's hub weights of {name})"
+    records = []
+    overlay = dict(file=weights) if weights else None
+    with _recording_timm_loads(records, what, source, name):
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
+    if pretrained and records:  # no record: a custom loader (e.g. .npz) that loads every weight or raises
+        missing, unexpected = list(records[-1].missing_keys), list(records[-1].unexpected_keys)
+        if missing or unexpected:
+            total = len(model.state_dict())
+            extra = f"; {len(unexpected)} tensors of the file are not in the model (e.g. {unexpected[:3]})" \
+                if unexpected else ""
+            raise WeightsError(f"{what} {source} do not fit timm's {name}: {len(missing)} of its {total} weights are "
+                               f"not in the file (e.g. {missing[:3]}){extra}; pass weights of that model, saved from "
+                               f"timm.create_model('{name}', ...)")
+    return model
+
+
+def on_meta_device(build):
+    """Run `build()` (which reads weights files) with the model on the meta device: the checks of a strict load,
+    without memory or compute for the model. A failure there is confirmed on the CPU, since a timm checkpoint
+    filter may create tensors that cannot be mixed with meta ones."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
+            build()
+    except WeightsError:
+        build()
+
+
+def checkpoint_keys(path):
+    """Parameter names in a checkpoint file without reading its tensors (safetensors header / torch mmap)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+        keys = list(sd.keys())
+    return [k[len("module."):] if k.startswith("module.") else k for k in keys]
+
+
+def checkpoint_unreadable(path):
+    """Why torch cannot read the checkpoint file `path` (e.g. truncated by a job that died while writing it, or
+    not a checkpoint at all), as one short line; None if it reads. Cheap: a zip checkpoint (torch.save's format) is
+    memory-mapped, so its directory and pickle are read, not its tensors; a .safetensors file's header is read."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
+    except Exception as e:
+        return error_line(e)
+    return None

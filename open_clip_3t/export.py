@@ -27,7 +27,7 @@ from ._openclip import load_state_dict, model_exists, openclip_model_class
 from .files import write_atomic
 from .model import clip_state_dict, towers_in
 from .plan import resolve_plan
-from .weights import checkpoint_keys, checkpoint_unreadable
+from .weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite
 
 
 def _run_params(checkpoint):
@@ -160,6 +160,10 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
                          f"pass the 3T --model the checkpoint was trained with")
 
     state_dict = load_state_dict(checkpoint)
+    bad = first_nonfinite(state_dict)
+    if bad is not None:
+        raise ValueError(f"checkpoint {checkpoint} holds non-finite weights (first: {bad}): the run diverged; export "
+                         f"a checkpoint from before that")
     clip_cfg = plan.model_cfg
     clip_weights = {k: v.detach().contiguous() for k, v in clip_state_dict(state_dict).items()}
     # Prove that vanilla OpenCLIP will load it: build the class its factory picks for this config, strictly (a

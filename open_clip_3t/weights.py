@@ -118,3 +118,11 @@ def checkpoint_unreadable(path):
     except Exception as e:
         return error_line(e)
     return None
+
+
+def first_nonfinite(state_dict):
+    """The name of the first floating-point tensor of a state dict that holds a NaN or an infinity, else None."""
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None

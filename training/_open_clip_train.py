@@ -9,6 +9,7 @@ import contextlib
 import glob
 import logging
 import os
+import types
 
 import open_clip
 import torch
@@ -87,25 +88,40 @@ class _DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         super().__init__(module, device_ids, *args, **kwargs)
 
 
+class _TorchSavingWith(types.ModuleType):
+    """`torch` as open_clip_train.main sees it, with `save` replaced: OpenCLIP 3.3 writes its epoch checkpoints with a
+    bare torch.save (a half-written epoch_N.pt when a job dies mid-write)."""
+
+    def __init__(self, save):
+        super().__init__("torch")
+        self.save = save
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 @contextlib.contextmanager
-def openclip_trainer(**helpers):
-    """Yields open_clip_train.main.main with the named helpers (see TRAINER_HELPERS) replaced by ours."""
+def openclip_trainer(save_checkpoint=None, **helpers):
+    """Yields open_clip_train.main.main with the named helpers (see TRAINER_HELPERS) replaced by ours, and its
+    checkpoints written by `save_checkpoint(obj, path)`."""
     import open_clip_train.main as oc_main
     for name in helpers:
         if name not in TRAINER_HELPERS or not hasattr(oc_main, name):
             raise ImportError(f"open_clip_train.main has no helper {name!r} to replace: this trainer was written "
                               f"for open_clip_torch 3.3 (found {open_clip.__version__})")
     saved = {name: getattr(oc_main, name) for name in helpers}
-    saved_ddp = torch.nn.parallel.DistributedDataParallel
+    saved_ddp, saved_torch = torch.nn.parallel.DistributedDataParallel, oc_main.torch
     try:
         for name, fn in helpers.items():
             setattr(oc_main, name, fn)
         torch.nn.parallel.DistributedDataParallel = _DistributedDataParallel
+        if save_checkpoint is not None:
+            oc_main.torch = _TorchSavingWith(save_checkpoint)
         yield oc_main.main
     finally:
         for name, fn in saved.items():
             setattr(oc_main, name, fn)
-        torch.nn.parallel.DistributedDataParallel = saved_ddp
+        torch.nn.parallel.DistributedDataParallel, oc_main.torch = saved_ddp, saved_torch
 
 
 # --- the webdataset train pipeline (training/data.py, training/cached_data.py) --------------------------------
@@ -168,13 +184,35 @@ def wds_join_field(data_info, join_stage, fields):
     return data_info
 
 
-def wds_watch(data_info, urls_stage, samples_stage):
-    """Insert `urls_stage` (shard urls -> the same) right before the tar reader and `samples_stage` (samples ->
-    the same) right before the batcher of a DataInfo from OpenCLIP's get_wds_dataset(is_train=True). Each data
-    worker runs both, once per pass over its shards (a fresh pass each time webdataset's with_epoch repeats)."""
-    stages, tar, _, batched = _wds_train_stages(data_info)
-    stages.insert(batched, samples_stage)
-    stages.insert(tar, urls_stage)
+def wds_make_resumable(data_info, stream, seed, rank, worker_init_fn=None):
+    """Put the stages of `stream` (training/resumable_data.py ResumableStream) in place of the tar reader, the sample
+    shuffle and the batcher of a DataInfo from OpenCLIP's get_wds_dataset(is_train=True), and its augmentation
+    seeding right before the stage that augments (map_dict). The DataLoader's worker seeds (which OpenCLIP's
+    ResampledShards2 draws from) are made a function of (seed, rank), and its workers start with
+    `worker_init_fn`."""
+    import functools
+
+    from open_clip_train.data import tarfile_to_samples_nothrow
+    from webdataset.filters import FilterFunction, _map_dict, _shuffle, default_collation_fn
+
+    from .resumable_data import mix
+
+    stages, tar, to_tuple, batched = _wds_train_stages(data_info)
+    shuffles = [i for i, s in enumerate(stages) if isinstance(s, FilterFunction) and s.f is _shuffle]
+    maps = [i for i, s in enumerate(stages) if isinstance(s, FilterFunction) and s.f is _map_dict]
+    if len(shuffles) != 1 or len(maps) != 1 or not tar < shuffles[0] < maps[0] < to_tuple:
+        raise RuntimeError(f"OpenCLIP's webdataset pipeline is not the one open_clip_3t's resumable stream was written "
+                           f"for (open_clip_torch 3.3, webdataset<=0.2.86): found open_clip_torch {open_clip.__version__}")
+    shuffle, batcher = stages[shuffles[0]], stages[batched]
+    (batchsize,), partial = batcher.args, batcher.kw.get("partial", True)
+    stages[batched] = functools.partial(stream.batch, batchsize=batchsize, partial=partial,
+                                        collation_fn=batcher.kw.get("collation_fn", default_collation_fn))
+    stages.insert(maps[0], stream.seed_samples)
+    stages[shuffles[0]] = functools.partial(stream.shuffle, **shuffle.kw)
+    stages[tar] = functools.partial(stream.read, read_shard=tarfile_to_samples_nothrow)
+    loader = data_info.dataloader.pipeline[0]
+    loader.generator = torch.Generator().manual_seed(mix(seed, rank))
+    loader.worker_init_fn = worker_init_fn
     return data_info
 
 

@@ -36,7 +36,7 @@ from open_clip_3t.files import write_atomic
 from open_clip_3t.model import checkpoint_layout, tower_keys
 from open_clip_3t.plan import resolve_plan
 from open_clip_3t.shards import expand_shards, image_bytes, iter_samples
-from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable
+from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite
 
 from .eval_sets import ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader
 from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
@@ -138,6 +138,10 @@ def load_model(spec: ModelSpec, device, precision, plan=None):
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.checkpoint,
                                                                      device=device, precision=precision,
                                                                      **normalisation)
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise ValueError(f"{spec.checkpoint or spec.name} holds non-finite weights (first: {bad}): the run diverged; "
+                         f"evaluate a checkpoint from before that")
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(spec.name)
 

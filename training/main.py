@@ -31,6 +31,7 @@ from open_clip_3t.weights import WeightsError, create_timm_model
 
 from ._open_clip_train import launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
+from .long_run import CheckpointError, Diverged, Preempted, install_signal_handlers, save_checkpoint
 from .params import fail, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import evaluate, train_one_epoch
@@ -128,8 +129,9 @@ def model_factory(args):
 
 
 # Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
-# data loader (the cache join, an endless epoch) or the run folder (lock, resume).
-STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError)
+# data loader (the cache join, an endless epoch), the run folder (lock, resume) or a long run (divergence, a
+# checkpoint that cannot be written).
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, Diverged, CheckpointError)
 
 
 def one_line(error):
@@ -159,17 +161,23 @@ def claim_run_folder(args):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)  # our checks run here, before any process group, model or data
+    install_signal_handlers()  # SIGUSR1 / SIGTERM: save and stop at the next step boundary (training/long_run.py)
     lock = None
     try:
         lock = claim_run_folder(args)
         with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
-                              pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging) as run:
+                              pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging,
+                              save_checkpoint=save_checkpoint) as run:
             result = run(argv)
+    except Preempted as e:
+        logging.warning(str(e))
+        print(f"training.main: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
     except STOPS as e:
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
             logging.error(one_line(e))
-        fail(one_line(e))
+        fail(one_line(e), code=1 if isinstance(e, (Diverged, CheckpointError)) else 2)
     finally:
         if lock is not None:
             lock.close()

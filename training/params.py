@@ -56,6 +56,19 @@ def add_three_towers_args(parser):
     group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
                        help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
                             "pretrained_cfg_overlay file door; the local-file twin of --pretrained-image.")
+    group = parser.add_argument_group("Long runs (step checkpoints, preemption, divergence)")
+    group.add_argument("--save-every-n-steps", type=int, default=0, metavar="N",
+                       help="Write a step checkpoint (checkpoints/epoch_E_step_K.pt) every N optimizer steps, from "
+                            "which --resume latest goes on exactly where it stopped. Default 0: by the clock only.")
+    group.add_argument("--save-every-minutes", type=float, default=30, metavar="M",
+                       help="Write a step checkpoint when M minutes have passed since the last one (0: never). "
+                            "SIGUSR1 and SIGTERM also write one, at the next step boundary, then stop the run.")
+    group.add_argument("--keep-step-checkpoints", type=int, default=2, metavar="K",
+                       help="Keep the newest K step checkpoints (older ones are removed once a newer one is "
+                            "complete); OpenCLIP's epoch checkpoints are kept as --save-frequency says.")
+    group.add_argument("--skip-nonfinite-steps", type=int, default=0, metavar="K",
+                       help="Skip an update whose loss or gradients are not finite, at most K in a row (each logged); "
+                            "default 0: the run stops at the first one.")
     return parser
 
 
@@ -77,9 +90,9 @@ def parse_args(argv):
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip.loss.SigLipLoss's dist_impl values
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"training.main: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def check_train_data(args):
@@ -161,6 +174,13 @@ def plan_run(args):
     if args.three_towers_loss_weights is not None:
         if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
             fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+    for flag, value in (("--save-every-n-steps", args.save_every_n_steps),
+                        ("--save-every-minutes", args.save_every_minutes),
+                        ("--skip-nonfinite-steps", args.skip_nonfinite_steps)):
+        if value < 0:
+            fail(f"{flag} {value}: must be >= 0 (0 turns it off)")
+    if args.keep_step_checkpoints < 1:
+        fail(f"--keep-step-checkpoints {args.keep_step_checkpoints}: keep at least 1")
     if args.siglip and args.loss_dist_impl not in (None, *SIGLIP_DIST_IMPLS):
         fail(f"--loss-dist-impl {args.loss_dist_impl}: OpenCLIP's SigLIP exchanges features with one of "
              f"{', '.join(SIGLIP_DIST_IMPLS)}")

@@ -7,7 +7,8 @@
   file system may keep a dead node's lock until its lease expires.
 - `check_resume`: before any model is built, `--resume latest` on a run none of whose checkpoints loads stops.
 - `checkpoint_loader`: replaces OpenCLIP's `pt_load` for --resume: a checkpoint that does not load (e.g. truncated
-  by a node that died while writing it) is skipped, with a warning saying why, for the next older one.
+  by a node that died while writing it) is skipped, with a warning saying why, for the next older one; a step
+  checkpoint's resume point (epoch, batch, data positions, RNG states) goes to args.resume_position.
 """
 import json
 import logging
@@ -134,8 +135,12 @@ def checkpoint_loader(args):
                 logging.warning(f"--resume latest: resuming from {chosen}, the newest checkpoint that loads")
                 args.resume = path = chosen
         try:
-            return openclip_pt_load(path, map_location=map_location)
+            checkpoint = openclip_pt_load(path, map_location=map_location)
         except Exception as e:
             raise RunFolderError(f"--resume: checkpoint {path} does not load ({error_line(e)}): it is truncated or "
                                  f"not a training checkpoint; pass another one") from None
+        # A step checkpoint says where inside its epoch the run stopped (training/long_run.py): the data stream and
+        # the training loop go on from there.
+        args.resume_position = checkpoint.get("resume") if isinstance(checkpoint, dict) else None
+        return checkpoint
     return pt_load

@@ -31,6 +31,8 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, get_input_
 from ._open_clip_train import openclip_autocast
 from .cached_data import fill_missing_third
 from .eval_sets import DEFAULT_RETRIEVAL_K
+from .long_run import (EXIT_PREEMPTED, Preempted, Watch, save_step_checkpoint, set_rng_state, step_checkpoint,
+                       stop_before_the_epoch, stop_requested, total_grad_norm)
 from .metrics import (build_classifier, encode_pairs, logit_scale_of, retrieval_metrics, unwrap_model,
                       zero_shot_accuracy)
 
@@ -87,25 +89,39 @@ def backward(total_loss, scaler):
         total_loss.backward()
 
 
-def optimizer_step(model, optimizer, scaler, args):
+def prepare_update(model, optimizer, scaler, args):
+    """Before the optimizer: unscale (amp), clip (--grad-clip-norm). Returns the gradient norm the divergence check
+    reads: computed once (also for clipping) when there is no GradScaler; None with one, whose own skipping of
+    non-finite fp16 gradients stays in charge."""
+    params = list(model.parameters())
     if scaler is not None:
         if args.horovod:
             optimizer.synchronize()
+        if args.grad_clip_norm is not None or args.horovod:
             scaler.unscale_(optimizer)
-            if args.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm, norm_type=2.0)
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-        else:
-            if args.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm, norm_type=2.0)
-            scaler.step(optimizer)
-        scaler.update()
-    else:
         if args.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm, norm_type=2.0)
-        optimizer.step()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm, norm_type=2.0)
+        return None
+    norm = total_grad_norm(params)
+    if args.grad_clip_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip_norm, norm)
+    return norm
+
+
+def apply_update(optimizer, scaler, args, update):
+    """optimizer.step() (through the GradScaler under amp), or no update at all for a skipped step."""
+    if scaler is None:
+        if update:
+            optimizer.step()
+        return
+    if update and args.horovod:
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+    elif update:
+        scaler.step(optimizer)
+    else:
+        scaler.unscale_(optimizer)  # records the non-finite gradients, so that update() lowers the scale
+    scaler.update()
 
 
 def clamp_scales(model):
@@ -118,6 +134,39 @@ def clamp_scales(model):
             m.logit_scale.clamp_(0, math.log(100))
 
 
+def log_step(args, epoch, i_accum, num_batches_per_epoch, dataloader, losses, losses_m, model_out, optimizer,
+             batch_time_m, data_time_m, batch_size, step, tb_writer):
+    """OpenCLIP's step line and scalars, with every temperature, bias and loss term."""
+    batch_count = i_accum + 1
+    sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
+    num_samples = batch_count * batch_size * args.accum_freq * args.world_size
+    percent_complete = 100.0 * batch_count / num_batches_per_epoch
+    for key, val in losses.items():
+        losses_m.setdefault(key, AverageMeter()).update(val.item(), batch_size)
+    scales = {key[len("logit_"):]: val.item() for key, val in model_out.items() if key.startswith(SCALE_PREFIXES)}
+    samples_per_second = args.accum_freq * args.batch_size * args.world_size / batch_time_m.val
+    samples_per_second_per_gpu = args.accum_freq * args.batch_size / batch_time_m.val
+    scale_log = " ".join(f"Logit {name.replace('_', ' ').title()}: {val:.3f}" for name, val in scales.items())
+    loss_log = " ".join(f"{name.capitalize()}: {m.val:#.5g} ({m.avg:#.5g})" for name, m in losses_m.items())
+    logging.info(
+        f"Train Epoch: {epoch} [{num_samples:>{sample_digits}}/{dataloader.num_samples} ({percent_complete:.0f}%)] "
+        f"Data (t): {data_time_m.avg:.3f} "
+        f"Batch (t): {batch_time_m.avg:.3f}, {samples_per_second:#g}/s, {samples_per_second_per_gpu:#g}/s/gpu "
+        f"LR: {optimizer.param_groups[0]['lr']:5f} {scale_log} {loss_log}")
+    log_data = {"data_time": data_time_m.val, "batch_time": batch_time_m.val, "samples_per_second": samples_per_second,
+                "samples_per_second_per_gpu": samples_per_second_per_gpu, **scales,
+                "lr": optimizer.param_groups[0]["lr"]}
+    log_data.update({name: m.val for name, m in losses_m.items()})
+    log_data = {"train/" + name: val for name, val in log_data.items()}
+    if tb_writer is not None:
+        for name, val in log_data.items():
+            tb_writer.add_scalar(name, val, step)
+    if args.wandb:
+        assert wandb is not None, "Please install wandb."
+        log_data["step"] = step
+        wandb.log(log_data, step=step)
+
+
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
     device = torch.device(args.device)
     autocast = openclip_autocast(args.precision, device_type=device.type)
@@ -125,6 +174,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     seed_epoch(args.seed, args.rank, epoch)
     three_towers = hasattr(unwrap_model(model), "third_embeddings")
     cached_towers = getattr(data["train"], "cached_towers", ())
+    resumable = getattr(data["train"], "resumable", False)
 
     model.train()
     if args.distill:
@@ -133,14 +183,29 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     data["train"].set_epoch(epoch)
     dataloader = data["train"].dataloader
     num_batches_per_epoch = dataloader.num_batches // args.accum_freq
-    sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
+    watch = Watch(args, epoch, num_batches_per_epoch, device)
+    resume = getattr(args, "resume_position", None)
+    resume = resume if resume and resume["epoch"] == epoch else None
+    skip_batches = resume["batches"] if resume and not resumable else 0  # CSV, synthetic: drawn again and dropped
+    if resume:
+        logging.info(f"Train Epoch: {epoch} resumes at batch {resume['batches']} of {dataloader.num_batches} "
+                     f"(step {resume['batches'] // args.accum_freq} of {num_batches_per_epoch})")
+        if resume["world_size"] == args.world_size:
+            set_rng_state(resume["rng"][args.rank])
+    if stop_requested():
+        stop_before_the_epoch(model, optimizer, scaler, args, epoch)
 
     accum_batches, accum_features = [], {}
-    steps_done, samples_done = 0, 0
+    steps_done, samples_done, positions = 0, 0, {}
     losses_m = {}
     batch_time_m, data_time_m = AverageMeter(), AverageMeter()
     end = time.time()
     for i, batch in enumerate(dataloader):
+        if isinstance(batch, str) or i < skip_batches:  # SKIPPED: consumed before the resume (nothing was read)
+            continue
+        if resumable:
+            *batch, position = batch
+            positions[int(position["worker"])] = position
         i_accum = i // args.accum_freq
         step = num_batches_per_epoch * epoch + i_accum
         if not args.skip_scheduler:
@@ -189,48 +254,32 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                     losses["loss"] = total_loss
                 backward(total_loss, scaler)
 
-        optimizer_step(model, optimizer, scaler, args)
+        update, save, stop = watch.check(losses, prepare_update(model, optimizer, scaler, args), step)
+        apply_update(optimizer, scaler, args, update)
+        if not update:
+            optimizer.zero_grad()
         steps_done += 1
         samples_done += len(images) * args.accum_freq
         if args.accum_freq > 1:
             accum_batches, accum_features = [], {}
         clamp_scales(model)
+        args._steps_this_job = getattr(args, "_steps_this_job", 0) + 1
+        if save and getattr(args, "logs", None) and args.logs.lower() != "none":  # every rank: the positions are gathered to rank 0
+            checkpoint = step_checkpoint(model, optimizer, scaler, args, epoch, i + 1, positions)
+            if checkpoint is not None and args.save_logs:
+                save_step_checkpoint(args, checkpoint, epoch, i_accum + 1)
+            watch.saved()
+            if args.distributed:
+                torch.distributed.barrier()
+        if stop:
+            raise Preempted(f"stopped at epoch {epoch} step {i_accum + 1} of {num_batches_per_epoch} after a signal, "
+                            f"with a step checkpoint: resume with --resume latest", EXIT_PREEMPTED)
 
         batch_time_m.update(time.time() - end)
         end = time.time()
-        batch_count = i_accum + 1
-        if args.rank == 0 and (i_accum % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-            batch_size = len(images)
-            num_samples = batch_count * batch_size * args.accum_freq * args.world_size
-            percent_complete = 100.0 * batch_count / num_batches_per_epoch
-            for key, val in losses.items():
-                losses_m.setdefault(key, AverageMeter()).update(val.item(), batch_size)
-            scales = {key[len("logit_"):]: val.item() for key, val in model_out.items()
-                      if key.startswith(SCALE_PREFIXES)}
-            samples_per_second = args.accum_freq * args.batch_size * args.world_size / batch_time_m.val
-            samples_per_second_per_gpu = args.accum_freq * args.batch_size / batch_time_m.val
-            scale_log = " ".join(f"Logit {name.replace('_', ' ').title()}: {val:.3f}" for name, val in scales.items())
-            loss_log = " ".join(f"{name.capitalize()}: {m.val:#.5g} ({m.avg:#.5g})" for name, m in losses_m.items())
-            logging.info(
-                f"Train Epoch: {epoch} [{num_samples:>{sample_digits}}/{dataloader.num_samples} "
-                f"({percent_complete:.0f}%)] "
-                f"Data (t): {data_time_m.avg:.3f} "
-                f"Batch (t): {batch_time_m.avg:.3f}, {samples_per_second:#g}/s, {samples_per_second_per_gpu:#g}/s/gpu "
-                f"LR: {optimizer.param_groups[0]['lr']:5f} {scale_log} {loss_log}")
-
-            log_data = {"data_time": data_time_m.val, "batch_time": batch_time_m.val,
-                        "samples_per_second": samples_per_second,
-                        "samples_per_second_per_gpu": samples_per_second_per_gpu,
-                        **scales, "lr": optimizer.param_groups[0]["lr"]}
-            log_data.update({name: m.val for name, m in losses_m.items()})
-            log_data = {"train/" + name: val for name, val in log_data.items()}
-            if tb_writer is not None:
-                for name, val in log_data.items():
-                    tb_writer.add_scalar(name, val, step)
-            if args.wandb:
-                assert wandb is not None, "Please install wandb."
-                log_data["step"] = step
-                wandb.log(log_data, step=step)
+        if args.rank == 0 and (i_accum % args.log_every_n_steps == 0 or i_accum + 1 == num_batches_per_epoch):
+            log_step(args, epoch, i_accum, num_batches_per_epoch, dataloader, losses, losses_m, model_out, optimizer,
+                     batch_time_m, data_time_m, len(images), step, tb_writer)
             batch_time_m, data_time_m = AverageMeter(), AverageMeter()  # per log window, as OpenCLIP
 
     # Every rank says how far it went (ranks that disagree point at uneven data).

@@ -34,7 +34,7 @@ DONE_RE = re.compile(r"Train Epoch: (\d+) done on rank (\d+): (\d+) steps, (\d+)
 # PYTHON for train.sbatch: the real interpreter running `-m training.main`, recording per task which rank started
 # under which SLURM_RESTART_COUNT and which rank called torch.save on what (checkpoints are written by rank 0 only).
 PYTHON_WRAPPER = f"""#!{sys.executable}
-import os, runpy, sys
+import os, re, runpy, sys
 import torch
 RECORD = os.environ["LAUNCHER_RECORD"]
 RANK = os.environ.get("SLURM_PROCID", "?")
@@ -44,8 +44,8 @@ def record(line):
         f.write(line + "\\n")
 
 _save = torch.save
-def save(obj, f, *args, **kwargs):
-    record(f"save {{RANK}} {{f}}")
+def save(obj, f, *args, **kwargs):  # checkpoints are written to NAME.tmp.HOST.PID, then renamed to NAME
+    record(f"save {{RANK}} {{re.sub(r'[.]tmp[.][^/]*$', '', getattr(f, 'name', str(f)))}}")
     return _save(obj, f, *args, **kwargs)
 
 torch.save = save
@@ -180,16 +180,19 @@ def test_build_cache_sbatch_array_then_verify(slurm_cluster, h_weights, tmp_path
     assert "missing: " in capsys.readouterr().out
 
 
-# --- 3. preemption and the time limit: requeued twice, resumed each time with --resume latest -------------------
+# --- 3. preemption and the time limit: requeued twice, resumed inside the epoch each time ---------------------------
 
 RESUMED_RE = re.compile(r"=> resuming checkpoint '(.+?)' \(epoch (\d+)\)")
+INSIDE_RE = re.compile(r"Train Epoch: (\d+) resumes at batch (\d+) of 20")
 
 
-def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluster, data, h_weights, tmp_path):
-    """Run 1 is preempted (`scontrol requeue`, as the scheduler does) during its 2nd epoch; run 2 resumes and gets
-    USR1 in the batch shell (what --signal=B:USR1@180 sends before the time limit), whose trap requeues the job;
-    run 3 resumes again and finishes. One job id throughout: same run name, same checkpoints, same output file."""
-    epochs = 4
+def test_train_sbatch_requeued_job_resumes_inside_the_epoch_with_the_uninterrupted_weights(slurm_cluster, data,
+                                                                                          h_weights, tmp_path):
+    """Run 1 is preempted (`scontrol requeue`, as the scheduler does: SIGTERM to every task) in the middle of epoch
+    0; run 2 resumes inside that epoch and gets USR1 in the batch shell (what --signal=B:USR1@180 sends before the
+    time limit) in the middle of epoch 1, whose trap passes it to the tasks and requeues the job once they saved;
+    run 3 resumes inside epoch 1 and finishes with the weights of the same job run without interruption."""
+    epochs = 2
     # 320 samples / (2 ranks x 8) = 20 steps per rank per epoch (a few seconds on 2 shared cores)
     env = train_env(data, h_weights, tmp_path, EPOCHS=str(epochs), TRAIN_NUM_SAMPLES="320")
     t0 = time.monotonic()
@@ -210,18 +213,10 @@ def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluste
             time.sleep(0.2)
         return time.monotonic() - t0
 
-    def resumed_epoch(run):
-        found = RESUMED_RE.findall(run)
-        return int(found[0][1]) if len(found) == 2 else None  # each rank logs it
-
-    # A requeue comes once an epoch has begun after a save (the launcher's --save-most-recent makes a requeue
-    # during a save safe too: epoch_latest.pt is renamed into place, and --resume latest reads it).
     try:
-        t1 = wait_for("2nd epoch in run 1", lambda r: len(r) == 1 and "Train Epoch: 1 [" in r[0])
+        t1 = wait_for("step 6 of epoch 0 in run 1", lambda r: len(r) == 1 and "Train Epoch: 0 [ 96/" in r[0])
         slurm_cluster.run("scontrol", "requeue", job_id)
-        t2 = wait_for("epoch after the resume in run 2",
-                      lambda r: len(r) == 2 and resumed_epoch(r[1]) is not None
-                      and f"Train Epoch: {resumed_epoch(r[1]) + 1} [" in r[1])
+        t2 = wait_for("step 6 of epoch 1 in run 2", lambda r: len(r) == 2 and "Train Epoch: 1 [ 96/" in r[1])
         slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
         state = slurm_cluster.wait_for_state(job_id, tuple(FINAL_STATES), timeout=240, poll=0.5)
     finally:
@@ -241,17 +236,41 @@ def test_train_sbatch_requeued_job_resumes_from_its_last_checkpoint(slurm_cluste
     starts = sorted((r, v) for k, r, v in records(env["LAUNCHER_RECORD"]) if k == "start")
     assert starts == [(r, c) for r in "01" for c in "012"], starts  # rank, SLURM_RESTART_COUNT
     assert "No latest resume checkpoint found" in run1 and not RESUMED_RE.search(run1), tail(run1)
-    assert {(0, 0), (0, 1)} <= set(done_lines(run1)), tail(run1)
-    assert "train.sbatch: time limit near, requeueing job" in run2, tail(run2)  # the launcher's USR1 trap
-    k2, k3 = resumed_epoch(run2), resumed_epoch(run3)
-    assert k3 is not None and 1 <= k2 < k3 < epochs, (k2, k3, tail(run3))
-    for run, k in ((run2, k2), (run3, k3)):
+    assert "stopped at epoch 0 step" in run1 and "time limit near" in run2, tail(run2)
+    assert "progress saved in" in run2 and "requeueing job" in run2, tail(run2)  # the launcher's USR1 trap
+    [(e2, b2)], [(e3, b3)] = (sorted({(int(e), int(b)) for e, b in INSIDE_RE.findall(r)}) for r in (run2, run3))
+    assert e2 == 0 and e3 == 1 and 6 <= b2 < 20 and 6 <= b3 < 20, (b2, b3)  # inside the epoch, nothing redone
+    for run, b in ((run2, b2), (run3, b3)):
         assert RESUMED_RE.search(run).group(1) == str(ckpts / "epoch_latest.pt"), tail(run)
-        started = {int(e) for e in re.findall(r"Train Epoch: (\d+) \[", run)}
-        assert min(started) == k, (k, sorted(started))  # nothing before the checkpoint is trained again
-    assert done_lines(run3) == {(e, r): (20, 160) for e in range(k3, epochs) for r in (0, 1)}, tail(run3)
-    assert sorted(os.listdir(ckpts)) == [f"epoch_{e}.pt" for e in range(1, epochs + 1)] + ["epoch_latest.pt"]
-    assert torch.load(ckpts / f"epoch_{epochs}.pt", map_location="cpu", weights_only=False)["epoch"] == epochs
+        first = re.search(r"Train Epoch: \d \[ *(\d+)/", run.split("resumes at batch")[-1])
+        assert int(first.group(1)) == (b + 1) * 16, tail(run)  # the epoch's counters go on from the resume point
+    final = torch.load(ckpts / f"epoch_{epochs}.pt", map_location="cpu", weights_only=False)
+    assert final["epoch"] == epochs
+
+    # the same job, never interrupted: the same weights
+    job2, rc = slurm_cluster.sbatch_wait(os.path.join(SLURM_DIR, "train.sbatch"), "--ntasks-per-node=2", *CPU_FLAGS,
+                                         f"--output={tmp_path}/slurm-%j.out", env_extra=env, cwd=REPO, timeout=240)
+    assert rc == 0, tail(read(tmp_path / f"slurm-{job2}.out"))
+    straight = torch.load(tmp_path / "logs" / f"3t-3T-tiny-{job2}" / "checkpoints" / f"epoch_{epochs}.pt",
+                          map_location="cpu", weights_only=False)["state_dict"]
+    assert max(float((final["state_dict"][k] - v).abs().max()) for k, v in straight.items()) <= 1e-5
+
+
+def test_a_time_limit_shorter_than_the_signal_lead_time_fails_instead_of_requeueing(slurm_cluster, data, h_weights,
+                                                                                    tmp_path):
+    """--time=1 (60 s) is under the launcher's 180 s signal lead: USR1 comes before anything is saved, so the job
+    must fail with a line saying so, not requeue itself every half minute."""
+    slow = tmp_path / "slow_start.py"  # a start-up slower than the signal: nothing trains before it comes
+    slow.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(300)\n")
+    slow.chmod(0o755)
+    env = train_env(data, h_weights, tmp_path, PYTHON=str(slow))
+    job_id, rc = slurm_cluster.sbatch_wait(os.path.join(SLURM_DIR, "train.sbatch"), "--ntasks-per-node=1",
+                                           "--gpus-per-node=0", "--cpus-per-task=1", "--time=1",
+                                           f"--output={tmp_path}/slurm-%j.out", env_extra=env, cwd=REPO, timeout=200)
+    log = read(tmp_path / f"slurm-{job_id}.out")
+    assert rc != 0 and slurm_cluster.job_state(job_id) == "FAILED", tail(log)
+    assert "time limit is shorter than the signal's lead time" in log and "requeueing" not in log, tail(log)
+    assert len(slurm_cluster.jobcomp_records(job_id)) == 1  # no requeue
 
 
 # --- 4. evaluation of the checkpoint trained above ---------------------------------------------------------------

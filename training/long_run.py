@@ -192,8 +192,8 @@ class Watch:
             self.skips_in_a_row = 0
             return True, save, stop
         self.skips_in_a_row += 1
-        where = f"epoch {self.epoch} step {step} (step {step - self.epoch * self.steps_per_epoch + 1} of " \
-                f"{self.steps_per_epoch} in the epoch)"
+        where = f"epoch {self.epoch}, step {step - self.epoch * self.steps_per_epoch + 1} of {self.steps_per_epoch} " \
+                f"(global step {step + 1})"
         what = next((f"the loss term {name}" for name, v in losses.items() if not bool(torch.isfinite(v).all())),
                     "the gradient norm" if grad_norm is not None and not bool(torch.isfinite(grad_norm))
                     else "another rank's loss or gradients")
@@ -258,19 +258,23 @@ def step_checkpoint(model, optimizer, scaler, args, epoch, batches, positions):
     return checkpoint
 
 
-def stop_before_the_epoch(model, optimizer, scaler, args, epoch):
-    """A signal that came before this epoch's first step (during start-up, evaluation or an epoch checkpoint):
-    progress made in this job is saved (a step checkpoint at this epoch's start) and the run stops for a requeue;
-    a job that trained nothing yet stops without saving (its launcher must not requeue it)."""
-    flag = torch.tensor([getattr(args, "_steps_this_job", 0)], device=args.device)
+def stop_at_epoch_start(model, optimizer, scaler, args, epoch):
+    """Every rank, before an epoch's first step: a signal received since the last step boundary (during start-up,
+    evaluation or an epoch checkpoint) stops the run here, agreed by every rank. Progress made in this job is saved
+    (a step checkpoint at this epoch's start) and the run exits EXIT_PREEMPTED for a requeue; a job that has trained
+    nothing yet exits EXIT_NO_PROGRESS without saving (its launcher must not requeue it)."""
+    flags = torch.tensor([int(stop_requested()), getattr(args, "_steps_this_job", 0)], device=args.device)
     if args.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if not int(flag.item()):
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    stop, steps = (int(x) for x in flags.tolist())
+    if not stop:
+        return
+    if not steps:
         raise Preempted("stopped by a signal before its first step: nothing to save", EXIT_NO_PROGRESS)
     checkpoint = step_checkpoint(model, optimizer, scaler, args, epoch, 0, {})  # this epoch starts afresh
     if checkpoint is not None and args.save_logs:
         save_step_checkpoint(args, checkpoint, epoch, 0)
     if args.distributed:
         torch.distributed.barrier()
-    raise Preempted(f"stopped by a signal before epoch {epoch}'s next step, with a step checkpoint: resume with "
+    raise Preempted(f"stopped by a signal before epoch {epoch}'s first step, with a step checkpoint: resume with "
                     f"--resume latest", EXIT_PREEMPTED)

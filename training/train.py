@@ -32,7 +32,7 @@ from ._open_clip_train import openclip_autocast
 from .cached_data import fill_missing_third
 from .eval_sets import DEFAULT_RETRIEVAL_K
 from .long_run import (EXIT_PREEMPTED, Preempted, Watch, save_step_checkpoint, set_rng_state, step_checkpoint,
-                       stop_before_the_epoch, stop_requested, total_grad_norm)
+                       stop_at_epoch_start, total_grad_norm)
 from .metrics import (build_classifier, encode_pairs, logit_scale_of, retrieval_metrics, unwrap_model,
                       zero_shot_accuracy)
 
@@ -192,8 +192,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                      f"(step {resume['batches'] // args.accum_freq} of {num_batches_per_epoch})")
         if resume["world_size"] == args.world_size:
             set_rng_state(resume["rng"][args.rank])
-    if stop_requested():
-        stop_before_the_epoch(model, optimizer, scaler, args, epoch)
+    stop_at_epoch_start(model, optimizer, scaler, args, epoch)
 
     accum_batches, accum_features = [], {}
     steps_done, samples_done, positions = 0, 0, {}

@@ -153,6 +153,10 @@ NOT_RUN = {
     ("docs/training.md", "python scripts/benchmark.py --model 3T-mini --device cpu --batch-size 128 --steps 60 "
                          "--rounds 10"):
         NotRun("minutes per run on CPU, and a GPU for the last line"),
+    ("docs/training.md", "TRAIN_DATA='/data/laion400m/{00000..41407}.tar' TRAIN_NUM_SAMPLES=400000000 "
+                         "THIRD_TOWER_WEIGHTS=/weights/in21k_b16.pth \\"):
+        NotRun("a preemptible SLURM partition with GPUs: tests/test_slurm_launchers.py requeues train.sbatch on the "
+               "local cluster (scontrol requeue, then USR1) and checks the weights against an uninterrupted job"),
     ("docs/training.md", "bash scripts/gpu_check.sh gpu_check_out      # writes gpu_check_out/report.md and "
                          "gpu_check_out/report.json"):
         NotRun("a GPU and 8 minutes: tests/test_gpu_check.py runs the check tiny on CPU", check_gpu_check),

@@ -25,6 +25,7 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
+from open_clip_3t._openclip import RemoteCodeError, trusting_remote_code
 from open_clip_3t.cache import CacheError
 from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.weights import WeightsError, create_timm_model
@@ -129,7 +130,7 @@ def model_factory(args):
 
 # Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
 # data loader (the cache join, an endless epoch) or the run folder (lock, resume).
-STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError)
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, RemoteCodeError)
 
 
 def one_line(error):
@@ -165,7 +166,8 @@ def main(argv=None):
         with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
                               pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging) as run:
-            result = run(argv)
+            with trusting_remote_code(args.trust_remote_code):  # --trust-remote-code: for OpenCLIP's loads too
+                result = run(argv)
     except STOPS as e:
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
             logging.error(one_line(e))

@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "open_clip_torch>=3.3,<3.4",
-        "torch>=2.1",
+        "torch>=2.6",  # torch.load defaults to weights_only=True: loaders we do not call ourselves never unpickle code
         "torchvision",
         "timm>=1.0",
         "webdataset>=0.2.5,<=0.2.86",  # open_clip_torch 3.3's pipeline breaks on webdataset 1.x

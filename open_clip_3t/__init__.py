@@ -7,6 +7,7 @@ Importing this package registers the 3T model family in OpenCLIP's factory (once
 import warnings
 
 from . import factory as _factory
+from ._openclip import RemoteCodeError
 from ._openclip import register as _register
 from .config import ThirdTowerCfg, ThreeTowersSection
 from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
@@ -18,7 +19,7 @@ _register(_factory.create_model, _factory.create_loss)
 
 __all__ = ["ThreeTowers", "ThreeTowersCLIP", "ThreeTowersCustomTextCLIP", "ThreeTowersLoss", "ThreeTowersSigLipLoss",
            "ThirdTower", "ThirdTowerCfg", "ThreeTowersSection", "RunPlan", "TowerPlan", "resolve_plan",
-           "export_clip", "clip_state_dict"]
+           "export_clip", "clip_state_dict", "RemoteCodeError"]
 __version__ = "0.1.0"
 
 

@@ -5,10 +5,18 @@ key to its constructor. So `register` replaces `create_model` and `create_loss` 
 docstrings) with the 3T-aware versions of open_clip_3t/factory.py, which let OpenCLIP build a 3T model as usual with
 its `CLIP` and `CustomTextCLIP` classes swapped for our subclasses for the duration of that call. The trainer's seams
 (open_clip_train) live in training/_open_clip_train.py: the library never imports open_clip_train.
+
+`register` also puts `get_tokenizer` and `create_model` behind the rule of docs/untrusted_models.md: code that comes
+with a model (a config's `tokenizer_kwargs.trust_remote_code`, an `auto_map` in a tokenizer's or a Hugging Face text
+tower's files) is refused in one line unless the caller trusts it (`trust_remote_code=True`, or a command's
+--trust-remote-code, which sets `trusting_remote_code` for the run).
 """
 import contextlib
+import contextvars
 import functools
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,11 +51,45 @@ def read_model_config(model_name):
     return oc_factory.get_model_config(model_name if schema else model_name.replace("/", "-"))
 
 
+def config_source(model_name):
+    """The file a model's config comes from, as errors name it."""
+    schema, identifier = oc_factory.parse_model_name(model_name)
+    if schema == "local-dir":
+        return str(Path(identifier) / "open_clip_config.json")
+    if schema == "hf-hub":
+        return f"open_clip_config.json of hf-hub:{identifier}"
+    name = identifier.replace("/", "-")
+    found = [p for base in oc_factory._MODEL_CONFIG_PATHS
+             for p in ([Path(base)] if Path(base).is_file() else Path(base).glob("*.json")) if p.stem == name]
+    return str(found[-1]) if found else f"the config of {model_name}"
+
+
+# timm.create_model keywords that read weights from somewhere: a tower's weights come only through its `weights`
+# key (or --third-tower-weights), which is loaded strictly and hashed by the cache.
+TIMM_WEIGHT_KEYS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+
+
+def _check_timm_kwargs(section, model_name):
+    towers = section.get("towers") if isinstance(section, dict) else None
+    listed = [(f"towers[{i}].", t) for i, t in enumerate(towers)] if isinstance(towers, list) else [("", section)]
+    for where, tower in listed:
+        kwargs = tower.get("timm_kwargs") if isinstance(tower, dict) else None
+        found = [k for k in TIMM_WEIGHT_KEYS if k in (kwargs if isinstance(kwargs, dict) else {})]
+        if found:
+            raise ValueError(f"{config_source(model_name)}: {SECTION}.{where}timm_kwargs.{found[0]} would have timm "
+                             f"read the tower's weights around its strictly checked `weights` key: remove it and name "
+                             f"the weights file with `weights` (or --third-tower-weights)")
+
+
 def read_three_towers_section(model_name):
     """The `three_towers` section of a model's config, or None if it has none. Read by two callers only: the
-    factory hook (is this a 3T model?) and open_clip_3t/plan.py (everything else)."""
+    factory hook (is this a 3T model?) and open_clip_3t/plan.py (everything else). A section whose timm_kwargs
+    would load weights around the tower's `weights` key is refused (ValueError, one line)."""
     cfg = read_model_config(model_name)
-    return None if cfg is None else cfg.get(SECTION)
+    section = None if cfg is None else cfg.get(SECTION)
+    if section is not None:
+        _check_timm_kwargs(section, model_name)
+    return section
 
 
 def model_exists(model_name):
@@ -71,9 +113,25 @@ def load_openclip_checkpoint(model, path, strict=True):
     return oc_factory.load_checkpoint(model, path, strict=strict)
 
 
+def model_weights_file(model_name, cache_dir=None):
+    """The full-model weights file OpenCLIP's create_model loads for a local-dir: or hf-hub: name (for hf-hub:, the
+    file it fetches into the Hugging Face cache, after the config: FileNotFoundError if that cannot be had), or None."""
+    schema, identifier = oc_factory.parse_model_name(model_name)
+    if schema == "local-dir":
+        return checkpoint_path_for(model_name, None)
+    if schema == "hf-hub":
+        fetch_hub_config(model_name, cache_dir)
+        try:
+            return oc_factory.download_pretrained_from_hf(identifier, cache_dir=cache_dir)
+        except Exception:  # not reachable: OpenCLIP says so when it loads the model
+            return None
+    return None
+
+
 def load_state_dict(path):
-    """OpenCLIP's state-dict reader: handles safetensors, {'state_dict': ...} and 'module.' prefixes."""
-    return oc_factory.load_state_dict(path, weights_only=False)
+    """OpenCLIP's state-dict reader: handles safetensors, {'state_dict': ...} and 'module.' prefixes. Never
+    unpickles code (weights_only=True)."""
+    return oc_factory.load_state_dict(path, weights_only=True)
 
 
 def openclip_model_class(cfg, force_custom_text=False):
@@ -113,7 +171,188 @@ def hide_no_weights_warning(active):
         root.removeFilter(keep)
 
 
-ORIGINAL = {}  # OpenCLIP's own create_model and create_loss, once register() ran
+# --- code that comes with a model ----------------------------------------------------------------------------
+
+class RemoteCodeError(ValueError):
+    """Code that comes with a model, refused: one line naming the file, the key and the fix."""
+
+
+RemoteCodeError = globals().get("_REMOTE_CODE_ERROR", RemoteCodeError)  # one class across importlib.reload
+_REMOTE_CODE_ERROR = RemoteCodeError
+
+
+TRUST_FIX = "pass --trust-remote-code (in Python: trust_remote_code=True) only if you trust its authors"
+_TRUSTED = contextvars.ContextVar("open_clip_3t_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting_remote_code(trusted=True):
+    """Within the block, OpenCLIP's doors trust code that comes with a model as if each call passed
+    trust_remote_code=`trusted` (what our commands' --trust-remote-code means for the run)."""
+    token = _TRUSTED.set(bool(trusted))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def remote_code_trusted(explicit=None):
+    """A caller's trust_remote_code=..., else the run's (`trusting_remote_code`; default False)."""
+    return bool(explicit) if explicit is not None else _TRUSTED.get()
+
+
+def _hf_file(name, filename):
+    name = str(name)
+    return os.path.join(name, filename) if os.path.isdir(name) else f"{filename} of the Hugging Face repo {name}"
+
+
+def _refused(error, what, name, filename):
+    """transformers' refusal of remote code (asked with trust_remote_code=False) as our one line; None for others."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return RemoteCodeError(f"{_hf_file(name, filename)}: its auto_map names code that comes with {what} {name}: "
+                           f"refused; {TRUST_FIX}")
+
+
+class _AutoWithTrust:
+    """transformers' AutoConfig / AutoModel as open_clip.hf_model calls them, with trust_remote_code decided here
+    (OpenCLIP 3.3 passes none: transformers then asks on a terminal, for 15 s, whether to run a repo's code)."""
+
+    def __init__(self, auto, trusted):
+        self.auto, self.trusted = auto, trusted
+
+    def __getattr__(self, name):
+        return getattr(self.auto, name)
+
+    def _load(self, method, source, *args, **kwargs):
+        kwargs["trust_remote_code"] = self.trusted
+        try:
+            return getattr(self.auto, method)(source, *args, **kwargs)
+        except ValueError as e:
+            refused = None if self.trusted else _refused(e, "the Hugging Face text tower (text_cfg.hf_model_name)",
+                                                          getattr(source, "_name_or_path", source), "config.json")
+            if refused is None:
+                raise
+            raise refused from None
+
+    def from_pretrained(self, source, *args, **kwargs):
+        return self._load("from_pretrained", source, *args, **kwargs)
+
+    def from_config(self, config, *args, **kwargs):
+        return self._load("from_config", config, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def hf_text_tower_trust(trusted):
+    """Within the block, OpenCLIP's Hugging Face text towers (open_clip.hf_model) load with trust_remote_code=
+    `trusted`."""
+    hf_model = sys.modules.get("open_clip.hf_model")
+    if hf_model is None or getattr(hf_model, "transformers", None) is None:  # no transformers: no HF tower
+        yield
+        return
+    saved = hf_model.AutoConfig, hf_model.AutoModel
+    hf_model.AutoConfig, hf_model.AutoModel = (_AutoWithTrust(getattr(a, "auto", a), trusted) for a in saved)
+    try:
+        yield
+    finally:
+        hf_model.AutoConfig, hf_model.AutoModel = saved
+
+
+def fetch_hub_config(model_name, cache_dir=None):
+    """The model_cfg of an hf-hub: name (its open_clip_config.json, fetched or from the Hugging Face cache);
+    FileNotFoundError (one line) when it cannot be had."""
+    identifier = oc_factory.parse_model_name(model_name)[1]
+    try:
+        cfg = oc_factory._get_hf_config(identifier, cache_dir=cache_dir)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise FileNotFoundError(f"{model_name}: cannot fetch its open_clip_config.json ({type(e).__name__}: {first}): "
+                                f"check the id, the network, or HF_HUB_OFFLINE and the Hugging Face cache") from None
+    return cfg.get("model_cfg", cfg)
+
+
+def _tokenizer_cfg(model_name, cache_dir=None):
+    """(text_cfg, the Hugging Face tokenizer OpenCLIP 3.3's get_tokenizer would load, or None): its rules."""
+    schema, identifier = oc_factory.parse_model_name(model_name)
+    try:
+        if schema == "local-dir":
+            cfg = json.loads((Path(identifier) / "open_clip_config.json").read_text())["model_cfg"]
+        elif schema == "hf-hub":
+            cfg = fetch_hub_config(model_name, cache_dir)
+        else:
+            cfg = oc_factory.get_model_config(identifier) or {}
+    except FileNotFoundError:
+        cfg = {} if schema != "hf-hub" else None
+    except (OSError, ValueError, KeyError, TypeError):  # OpenCLIP says what is wrong with it
+        cfg = {}
+    if cfg is None:  # an hf-hub: repo without a config: OpenCLIP reads the repo itself as a tokenizer
+        return {}, identifier
+    text_cfg = cfg.get("text_cfg") if isinstance(cfg, dict) and isinstance(cfg.get("text_cfg"), dict) else {}
+    if not text_cfg.get("hf_tokenizer_name"):
+        return text_cfg, None
+    return text_cfg, identifier if schema == "local-dir" else text_cfg["hf_tokenizer_name"]
+
+
+def get_tokenizer(model_name="", context_length=None, cache_dir=None, **kwargs):
+    """`open_clip.get_tokenizer` that never runs code that comes with the model unless trusted: a config's
+    text_cfg.tokenizer_kwargs.trust_remote_code is refused, and a Hugging Face tokenizer loads with
+    trust_remote_code=False (an auto_map in its files refused in one line). trust_remote_code=True: OpenCLIP's."""
+    explicit = kwargs.get("trust_remote_code")
+    if explicit is True:
+        return ORIGINAL["get_tokenizer"](model_name, context_length, cache_dir, **kwargs)
+    trusted = remote_code_trusted(explicit)
+    text_cfg, tokenizer = _tokenizer_cfg(model_name, cache_dir)
+    config_kwargs = text_cfg.get("tokenizer_kwargs")
+    if not trusted and isinstance(config_kwargs, dict) and config_kwargs.get("trust_remote_code"):
+        raise RemoteCodeError(f"{config_source(model_name)}: text_cfg.tokenizer_kwargs.trust_remote_code asks to run "
+                              f"code that comes with the model's tokenizer: refused; {TRUST_FIX}")
+    if tokenizer is None:  # not a Hugging Face tokenizer: nothing that loads code (nor takes trust_remote_code)
+        kwargs.pop("trust_remote_code", None)
+        return ORIGINAL["get_tokenizer"](model_name, context_length, cache_dir, **kwargs)
+    kwargs["trust_remote_code"] = trusted
+    try:
+        return ORIGINAL["get_tokenizer"](model_name, context_length, cache_dir, **kwargs)
+    except ValueError as e:
+        refused = None if trusted else _refused(e, "the tokenizer", tokenizer, "tokenizer_config.json")
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _create_model_with_trust(create_model):
+    """`create_model` taking trust_remote_code= (OpenCLIP 3.3 would pass it to the model's constructor): its
+    Hugging Face text tower loads with that trust (default: the run's, False)."""
+    def guarded(*args, trust_remote_code=None, **kwargs):
+        with hf_text_tower_trust(remote_code_trusted(trust_remote_code)):
+            return create_model(*args, **kwargs)
+    return guarded
+
+
+def check_remote_code(model_name, trusted=None, cache_dir=None):
+    """Before any model is built: RemoteCodeError (one line) if loading `model_name`'s tokenizer or Hugging Face
+    text tower would run code that comes with it, which the loads themselves would refuse later (`trusted`: default
+    the run's). Cheap: the tokenizer and the tower's config.json, never weights; any other failure is left for those
+    loads to report."""
+    if remote_code_trusted(trusted):
+        return
+    text_cfg, tokenizer = _tokenizer_cfg(model_name, cache_dir)
+    tower = text_cfg.get("hf_model_name")
+    loads = [lambda: get_tokenizer(model_name, cache_dir=cache_dir, trust_remote_code=False)] \
+        if tokenizer or text_cfg.get("tokenizer_kwargs") else []
+    if tower:
+        auto = sys.modules["open_clip.hf_model"].AutoConfig
+        auto = getattr(auto, "auto", auto)  # transformers' own, also inside hf_text_tower_trust
+        loads.append(lambda: _AutoWithTrust(auto, False).from_pretrained(tower, cache_dir=cache_dir))
+    for load in loads:
+        try:
+            load()
+        except RemoteCodeError:
+            raise
+        except Exception:
+            pass
+
+
+ORIGINAL = {}  # OpenCLIP's own create_model, create_loss and get_tokenizer, once register() ran
 
 
 def _wrapper(replacement, original):
@@ -126,8 +365,8 @@ def _wrapper(replacement, original):
 
 def register(create_model, create_loss):
     """Register the 3T configs and put `create_model` / `create_loss` (which call ORIGINAL's for models they do not
-    change) in place of OpenCLIP's, under OpenCLIP's names, signatures and docstrings. Idempotent (re-import,
-    importlib.reload)."""
+    change) and `get_tokenizer` (above) in place of OpenCLIP's, under OpenCLIP's names, signatures and docstrings;
+    `create_model` also takes trust_remote_code=. Idempotent (re-import, importlib.reload)."""
     check_openclip_version()
     if CONFIG_DIR not in oc_factory._MODEL_CONFIG_PATHS:
         open_clip.add_model_config(CONFIG_DIR)
@@ -135,11 +374,15 @@ def register(create_model, create_loss):
     if installed is not None:  # already wrapped (perhaps by an earlier copy of this module)
         ORIGINAL.update(installed)
         return
-    ORIGINAL.update(create_model=oc_factory.create_model, create_loss=oc_factory.create_loss)
-    wrapped_model = _wrapper(create_model, ORIGINAL["create_model"])
-    wrapped_loss = _wrapper(create_loss, ORIGINAL["create_loss"])
-    wrapped_model._open_clip_3t_original = dict(ORIGINAL)
-    # OpenCLIP re-exports these by value, and open_clip_train.main imports them by name: patch every binding.
-    for module in (oc_factory, open_clip, sys.modules.get("open_clip_train.main")):
-        if module is not None:
-            module.create_model, module.create_loss = wrapped_model, wrapped_loss
+    ORIGINAL.update(create_model=oc_factory.create_model, create_loss=oc_factory.create_loss,
+                    get_tokenizer=oc_factory.get_tokenizer)
+    wrapped = {"create_model": _wrapper(_create_model_with_trust(create_model), ORIGINAL["create_model"]),
+               "create_loss": _wrapper(create_loss, ORIGINAL["create_loss"]),
+               "get_tokenizer": _wrapper(get_tokenizer, ORIGINAL["get_tokenizer"])}
+    wrapped["create_model"]._open_clip_3t_original = dict(ORIGINAL)
+    # OpenCLIP re-exports these by value, and open_clip_train imports them by name: patch every binding.
+    for module in (oc_factory, open_clip, sys.modules.get("open_clip_train.main"),
+                   sys.modules.get("open_clip_train.zero_shot")):
+        for name, function in wrapped.items():
+            if module is not None and hasattr(module, name):
+                setattr(module, name, function)

@@ -23,7 +23,8 @@ import open_clip
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save as save_safetensors
 
-from ._openclip import load_state_dict, model_exists, openclip_model_class
+from ._openclip import (RemoteCodeError, check_remote_code, hf_text_tower_trust, load_state_dict, model_exists,
+                        openclip_model_class, remote_code_trusted, trusting_remote_code)
 from .files import write_atomic
 from .model import clip_state_dict, towers_in
 from .plan import resolve_plan
@@ -71,7 +72,10 @@ def _not_exported(out_dir, names):
 
 
 def _check_out(out_dir, overwrite):
-    """--out may be new, empty, or (with --overwrite) an earlier export: never anything else."""
+    """--out may be new, empty, or (with --overwrite) an earlier export: never anything else, nor a link to one."""
+    if out_dir.is_symlink():  # the export would replace the link, or (--overwrite) the folder it points to
+        raise FileExistsError(f"--out {out_dir} is a symbolic link (to {os.readlink(out_dir)}): pass the folder "
+                              f"itself, or a new path")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -120,6 +124,8 @@ def _tokenizer_files(model_name, tokenizer_name):
     a tokenizer from FOLDER itself, so the export ships it."""
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
+    except RemoteCodeError:
+        raise
     except Exception as e:  # hub unreachable and not cached, missing files, ...
         raise ValueError(f"cannot load {model_name}'s tokenizer {tokenizer_name!r} to ship it with the export "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}): export where the "
@@ -129,10 +135,16 @@ def _tokenizer_files(model_name, tokenizer_name):
         return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
+def export_clip(checkpoint, out_dir, model_name=None, overwrite=False, trust_remote_code=None):
     """Write the plain-OpenCLIP part of a 3T checkpoint to `out_dir`; returns the folder's path. `overwrite` replaces
-    an earlier export, never a folder that holds anything else."""
-    out_dir = Path(out_dir)
+    an earlier export, never a folder that holds anything else. Code that comes with the model's tokenizer or
+    Hugging Face text tower runs only with trust_remote_code=True (docs/untrusted_models.md)."""
+    trusted = remote_code_trusted(trust_remote_code)
+    with trusting_remote_code(trusted):
+        return _export(checkpoint, Path(out_dir), model_name, overwrite, trusted)
+
+
+def _export(checkpoint, out_dir, model_name, overwrite, trusted):
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: pass a training checkpoint "
                                 f"(epoch_N.pt) or a saved state dict")
@@ -158,6 +170,7 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
     if plan.family != "3t":
         raise ValueError(f"{checkpoint} holds 3T heads, but {model_name} (from {source}) is a plain OpenCLIP model: "
                          f"pass the 3T --model the checkpoint was trained with")
+    check_remote_code(model_name, trusted)
 
     state_dict = load_state_dict(checkpoint)
     bad = first_nonfinite(state_dict)
@@ -171,7 +184,8 @@ def export_clip(checkpoint, out_dir, model_name=None, overwrite=False):
     build_cfg = {k: v for k, v in clip_cfg.items() if k != "custom_text"}
     if "hf_model_name" in build_cfg["text_cfg"]:
         build_cfg["text_cfg"] = {**build_cfg["text_cfg"], "hf_model_pretrained": False}
-    openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
+    with hf_text_tower_trust(trusted):
+        openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
 
     preprocess_cfg = asdict(PreprocessCfg())
     preprocess_cfg["size"] = clip_cfg["vision_cfg"].get("image_size", preprocess_cfg["size"])
@@ -196,9 +210,13 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="3T model name; default: read from the run's params.txt")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in --out (a folder holding anything else is never replaced)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
+                             "a config's trust_remote_code), refused by default: only for models you trust")
     args = parser.parse_args(argv)
     try:
-        out = export_clip(args.checkpoint, args.out, model_name=args.model, overwrite=args.overwrite)
+        out = export_clip(args.checkpoint, args.out, model_name=args.model, overwrite=args.overwrite,
+                          trust_remote_code=args.trust_remote_code)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     print(f"exported plain OpenCLIP model to {out} (load with create_model_and_transforms('local-dir:{out}'))")

@@ -2,11 +2,14 @@
 file, or a one-line WeightsError), checkpoint files described without reading their tensors."""
 import contextlib
 import logging
+import re
 import warnings
 
 import timm
 import timm.models._builder as timm_builder
 import torch
+
+from ._openclip import model_weights_file
 
 
 class WeightsError(ValueError):
@@ -16,8 +19,11 @@ class WeightsError(ValueError):
 def error_line(error):
     """'Type: first sentence' of an exception raised while reading a weights or checkpoint file."""
     text = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
-    if "weights_only" in text:  # torch's advice to unpickle unsafely is never the fix for a bad weights file
-        text = "not a file that torch.load or safetensors can read"
+    unsafe = re.search(r"Unsupported globals?: (?:GLOBAL )?([\w.]*\w)", str(error))  # torch's words, or timm's
+    if unsafe:  # a pickle that would build other objects than tensors, e.g. call builtins.exec: never unpickled
+        text = f"it pickles {unsafe.group(1)}, which is never unpickled (only tensors are)"
+    elif "weights_only" in text or "Weights only load failed" in text:  # torch's advice to unpickle unsafely is never
+        text = "not a file that torch.load or safetensors can read"      # the fix for a bad weights file
     return f"{type(error).__name__}: {text[:200]}"
 
 
@@ -126,3 +132,13 @@ def first_nonfinite(state_dict):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def check_model_weights(model_name, what="--model"):
+    """The weights file OpenCLIP loads for a local-dir: or hf-hub: model must read as tensors (no pickled code, a
+    safetensors header that tells the truth): WeightsError (one line) if not, before any model is built."""
+    path = model_weights_file(model_name)
+    reason = checkpoint_unreadable(path) if path else None
+    if reason:
+        raise WeightsError(f"{what} {model_name}: weights file {path} does not load ({reason}): pass a folder written "
+                           f"by `python -m open_clip_3t.export` (open_clip_model.safetensors)")

@@ -98,7 +98,8 @@ def test_one_place_decides_where_a_tower_comes_from(tmp_path, h_weights):
 
 def test_openclip_names_keep_their_signatures_and_docstrings():
     describe = ("import inspect, open_clip{}\n"
-                "for f in (open_clip.create_model, open_clip.create_loss, open_clip.factory.create_model):\n"
+                "for f in (open_clip.create_model, open_clip.create_loss, open_clip.factory.create_model,\n"
+                "          open_clip.get_tokenizer, open_clip.factory.get_tokenizer):\n"
                 "    print(f.__name__, f.__module__, inspect.signature(f), repr(f.__doc__))")
     plain = run_python(describe.format(""))
     ours = run_python(describe.format(", open_clip_3t"))
@@ -106,8 +107,9 @@ def test_openclip_names_keep_their_signatures_and_docstrings():
     wrapped = run_python("import open_clip, open_clip_3t, open_clip_3t._openclip as s\n"
                          "print(open_clip.create_model.__wrapped__ is s.ORIGINAL['create_model'],"
                          " open_clip.create_loss.__wrapped__ is s.ORIGINAL['create_loss'],"
+                         " open_clip.get_tokenizer.__wrapped__ is s.ORIGINAL['get_tokenizer'],"
                          " type(open_clip.create_model('3T-tiny')).__name__)")
-    assert wrapped.split() == ["True", "True", "ThreeTowersCLIP"]
+    assert wrapped.split() == ["True", "True", "True", "ThreeTowersCLIP"]
 
 
 def test_the_library_never_imports_the_trainer():

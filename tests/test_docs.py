@@ -160,6 +160,11 @@ NOT_RUN = {
     ("docs/training.md", "bash scripts/gpu_check.sh gpu_check_out      # writes gpu_check_out/report.md and "
                          "gpu_check_out/report.json"):
         NotRun("a GPU and 8 minutes: tests/test_gpu_check.py runs the check tiny on CPU", check_gpu_check),
+    ("docs/untrusted_models.md", "python -m training.eval --model hf-hub:ORG/REPO --zeroshot-data data/pets_test "
+                                 "--out results/hub --trust-remote-code"):
+        NotRun("a model from the hub: tests/test_hostile.py runs --trust-remote-code on a tokenizer that brings code"),
+    ("docs/untrusted_models.md", "from huggingface_hub import snapshot_download"):
+        NotRun("the network (a hub repo at one commit): tests/test_hostile.py loads hf-hub: ids from an offline cache"),
 }
 
 
@@ -292,6 +297,8 @@ def workspace(tmp_path_factory, h_weights):
 
 PAGE_SETUP = {  # what a page assumes the reader made earlier
     "docs/evaluation.md": lambda ws: export_clip(ws / "logs" / "run" / "checkpoints" / "epoch_20.pt", ws / "released"),
+    "docs/untrusted_models.md": lambda ws: export_clip(ws / "logs" / "run" / "checkpoints" / "epoch_20.pt",
+                                                       ws / "released"),
 }
 
 

@@ -29,14 +29,14 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
-from open_clip_3t._openclip import load_state_dict
+from open_clip_3t._openclip import check_remote_code, load_state_dict, trusting_remote_code
 # params.txt beside the run's checkpoints/ names the model and, for pretrained image towers, their normalisation
 from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run
 from open_clip_3t.files import write_atomic
 from open_clip_3t.model import checkpoint_layout, tower_keys
 from open_clip_3t.plan import resolve_plan
 from open_clip_3t.shards import expand_shards, image_bytes, iter_samples
-from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite
+from open_clip_3t.weights import check_model_weights, checkpoint_keys, checkpoint_unreadable, first_nonfinite
 
 from .eval_sets import ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader
 from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
@@ -51,17 +51,27 @@ PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_b
 class ModelSpec:
     label: str                 # how the model is named in the table
     name: str                  # OpenCLIP model name, or local-dir:DIR
-    checkpoint: Optional[str]  # training checkpoint (None for local-dir:)
+    checkpoint: Optional[str]  # training checkpoint (None for local-dir: and hf-hub:)
+
+
+def model_folder(name, flag):
+    """A local-dir: or hf-hub: model, checked before any model is built (docs/untrusted_models.md): its weights read
+    as tensors, its tokenizer and text tower need no code of their own (unless trusted)."""
+    check_model_weights(name, flag)
+    check_remote_code(name)
+    return ModelSpec(name, name, None)
 
 
 def resolve_spec(spec, model_name, flag, model_flag):
-    """A model given as local-dir:DIR, an exported folder, or a checkpoint file (+ its model name)."""
+    """A model given as local-dir:DIR, an exported folder, an hf-hub: id, or a checkpoint file (+ its model name)."""
+    if spec.startswith("hf-hub:"):
+        return model_folder(spec, flag)
     if spec.startswith("local-dir:") or os.path.isdir(spec):
         folder = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
         if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
             raise FileNotFoundError(f"{flag} {spec}: {folder} holds no open_clip_config.json; pass a folder written "
                                     f"by `python -m open_clip_3t.export` (or any OpenCLIP local-dir folder)")
-        return ModelSpec(f"local-dir:{folder}", f"local-dir:{folder}", None)
+        return model_folder(f"local-dir:{folder}", flag)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{flag} {spec}: no such checkpoint file or folder; pass epoch_N.pt, an exported "
                                 f"folder or local-dir:DIR")
@@ -72,6 +82,7 @@ def resolve_spec(spec, model_name, flag, model_flag):
     model_name = model_name or _model_name_from_run(spec)
     if model_name is None:
         raise ValueError(f"cannot tell which model {spec} holds (no params.txt beside its run): pass {model_flag} NAME")
+    check_remote_code(model_name)
     return ModelSpec(f"{model_name} {spec}", model_name, spec)
 
 
@@ -294,11 +305,11 @@ def parse_args(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("--model", default=None,
                         help="OpenCLIP/3T model name of --checkpoint (default: read from the run's params.txt), or "
-                             "local-dir:DIR for an exported folder.")
+                             "local-dir:DIR for an exported folder, or hf-hub:ORG/REPO.")
     parser.add_argument("--checkpoint", default=None, metavar="FILE", help="Training checkpoint (epoch_N.pt).")
     parser.add_argument("--combine-with", default=None, metavar="SPEC",
                         help="Second model (the paper's LiT) for the convex combination: a checkpoint file, an "
-                             "exported folder or local-dir:DIR.")
+                             "exported folder, local-dir:DIR or hf-hub:ORG/REPO.")
     parser.add_argument("--combine-model", default=None, metavar="NAME",
                         help="Model name of a --combine-with checkpoint (default: read from its run's params.txt).")
     parser.add_argument("--third-tower-pair", nargs="?", const=True, default=False, metavar="NAME",
@@ -323,6 +334,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--out", required=True, metavar="DIR", help="Writes DIR/results.csv and DIR/results.md.")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Run code that comes with a model's tokenizer or Hugging Face text tower (refused by "
+                             "default): only for models you trust. See docs/untrusted_models.md.")
     return parser, parser.parse_args(argv)
 
 
@@ -330,11 +344,11 @@ def check_args(args):
     """Every input checked before a model is built; returns (spec, its plan, combine_spec, tasks, shards)."""
     if args.checkpoint is not None:
         spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
-    elif args.model is not None and (args.model.startswith("local-dir:") or os.path.isdir(args.model)):
+    elif args.model is not None and (args.model.startswith(("local-dir:", "hf-hub:")) or os.path.isdir(args.model)):
         spec = resolve_spec(args.model, None, "--model", "--model")
     else:
         raise ValueError("nothing to evaluate: pass --checkpoint FILE (with --model NAME unless the run's params.txt "
-                         "names it) or --model local-dir:DIR")
+                         "names it), --model local-dir:DIR or --model hf-hub:ORG/REPO")
     combine_spec = None
     if args.combine_with is not None and args.third_tower_pair:
         raise ValueError("--combine-with and --third-tower-pair each give the second model of the combination: "
@@ -372,8 +386,9 @@ def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
-        spec, plan, combine_spec, tasks, shards = check_args(args)
-        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, plan)
+        with trusting_remote_code(args.trust_remote_code):  # check_args and the models' loads
+            spec, plan, combine_spec, tasks, shards = check_args(args)
+            df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, plan)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     paths = write_results(df, args.out)

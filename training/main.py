@@ -25,6 +25,7 @@ import timm
 import torch
 
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
+from open_clip_3t._openclip import RemoteCodeError, trusting_remote_code
 from open_clip_3t.cache import CacheError
 from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.weights import WeightsError, create_timm_model
@@ -131,7 +132,8 @@ def model_factory(args):
 # Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
 # data loader (the cache join, an endless epoch), the run folder (lock, resume) or a long run (divergence, a
 # checkpoint that cannot be written).
-STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, Diverged, CheckpointError)
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, Diverged, CheckpointError,
+         RemoteCodeError)
 
 
 def one_line(error):
@@ -169,7 +171,8 @@ def main(argv=None):
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
                               pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging,
                               save_checkpoint=save_checkpoint) as run:
-            result = run(argv)
+            with trusting_remote_code(args.trust_remote_code):  # --trust-remote-code: for OpenCLIP's loads too
+                result = run(argv)
     except Preempted as e:
         logging.warning(str(e))
         print(f"training.main: {e}", file=sys.stderr)

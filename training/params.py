@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from open_clip_3t._openclip import CONFIG_DIR, model_exists
+from open_clip_3t._openclip import CONFIG_DIR, RemoteCodeError, check_remote_code, model_exists
 from open_clip_3t.cache import CacheError, expand_shards, validate_plan
 from open_clip_3t.config import DEFAULT_TOWER, parse_named
 from open_clip_3t.factory import check_supported
@@ -18,8 +18,8 @@ from open_clip_3t.model import checkpoint_layout
 from open_clip_3t.plan import resolve_plan
 from open_clip_3t.shards import local_path
 from open_clip_3t.third_tower import ThirdTower
-from open_clip_3t.weights import (WeightsError, checkpoint_keys, checkpoint_unreadable, create_timm_model,
-                                  on_meta_device)
+from open_clip_3t.weights import (WeightsError, check_model_weights, checkpoint_keys, checkpoint_unreadable,
+                                  create_timm_model, on_meta_device)
 
 from ._open_clip_train import launch_rank, openclip_is_webdataset, openclip_parse_args
 from .eval_sets import add_eval_args
@@ -52,6 +52,11 @@ def add_three_towers_args(parser):
     group.add_argument("--cache-missing", choices=["error", "skip", "online"], default="error",
                        help="With --third-tower-cache: what to do with a sample missing from a cache "
                             "(online builds that tower and computes it).")
+    group = parser.add_argument_group("Models you did not train")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="Run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
+                            "a config's tokenizer_kwargs.trust_remote_code), refused by default: only for models you "
+                            "trust. See docs/untrusted_models.md.")
     group = parser.add_argument_group("LiT baseline")
     group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
                        help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
@@ -130,6 +135,23 @@ def check_weights(plan):
         fail(str(e))
 
 
+def check_model_files(args):
+    """Weights files OpenCLIP will load (--pretrained, --distill-pretrained, a local-dir: model's) must load without
+    unpickling code; the model's tokenizer and text tower must not need code that comes with them, unless
+    --trust-remote-code. Before any model, process group or data loader."""
+    for flag, path in (("--pretrained", args.pretrained), ("--distill-pretrained", args.distill_pretrained)):
+        reason = checkpoint_unreadable(path) if path and os.path.isfile(path) else None
+        if reason:
+            fail(f"{flag} {path} does not load ({reason}): pass a checkpoint saved by OpenCLIP or a .safetensors "
+                 f"file")
+    try:
+        if args.model.startswith("local-dir:"):
+            check_model_weights(args.model)
+        check_remote_code(args.model, args.trust_remote_code, args.cache_dir)
+    except (WeightsError, RemoteCodeError) as e:
+        fail(str(e))
+
+
 def pretrained_towers(args):
     """(towers held, head type) of a full 3T checkpoint given as --pretrained FILE, else (None, None)."""
     if not args.pretrained or not os.path.isfile(args.pretrained) or checkpoint_unreadable(args.pretrained):
@@ -195,6 +217,7 @@ def plan_run(args):
         if reason:
             fail(f"--resume {args.resume} does not load ({reason}): pass a training checkpoint (epoch_N.pt), or "
                  f"--resume latest")
+    check_model_files(args)
     if args.train_data:
         check_train_data(args)
     if plan.cached:

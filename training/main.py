@@ -29,7 +29,7 @@ from open_clip_3t.cache import CacheError
 from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.weights import WeightsError, create_timm_model
 
-from ._open_clip_train import launch_rank, openclip_setup_logging, openclip_trainer
+from ._open_clip_train import RendezvousError, launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
 from .params import fail, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
@@ -127,9 +127,9 @@ def model_factory(args):
     return create_model_and_transforms
 
 
-# Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
-# data loader (the cache join, an endless epoch) or the run folder (lock, resume).
-STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError)
+# Our one-line errors: after the arguments are checked they can still come from the rendezvous, the model build
+# (weights), the data loader (the cache join, an endless epoch) or the run folder (lock, resume).
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, RendezvousError)
 
 
 def one_line(error):
@@ -162,7 +162,8 @@ def main(argv=None):
     lock = None
     try:
         lock = claim_run_folder(args)
-        with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
+        with openclip_trainer(rendezvous_timeout=args.rendezvous_timeout,
+                              parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
                               pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging) as run:
             result = run(argv)

@@ -13,7 +13,9 @@ index `python -m open_clip_3t.cache verify` writes (timed). Three launches per s
 - cache, no index: the same cache with its index moved aside: start-up reads every sidecar's header (what every rank
                  did before the index existed, and what a cache built before it still costs until `verify` runs).
 A launch is timed from process start to its first logged step ("Train Epoch: 0 [", --log-every-n-steps 1) and then
-stopped. One data worker (--workers 1), so that the sidecar the first step joins is read in the worker, not in the
+stopped. On a shared machine that figure carries seconds of noise, so the start-up checks alone (training/params.py
+`parse_args`: the flags, the plan, the cache's validation; imports excluded) are also timed, in a fresh process each
+time, as global rank 0 (which hashes the weights and stats the shards) and as rank 1 of 2 (which reads two files). One data worker (--workers 1), so that the sidecar the first step joins is read in the worker, not in the
 main process. Opens and stats are counted with strace (-f; the main process's threads, not its data workers: a
 clone with CLONE_THREAD stays in its parent's process) on paths inside the cache folder; without strace they read n/a.
 """
@@ -76,6 +78,26 @@ def command(work, weights, spec, folder, variant, name):
             "--warmup", "1", "--workers", "1", "--device", "cpu", "--precision", "fp32", "--log-every-n-steps", "1",
             "--logs", os.path.join(work, "logs"), "--name", name, "--seed", "0"]
     return argv + (["--third-tower-cache", folder] if variant != "online" else [])
+
+
+CHECKS = """import os, sys, time
+import training.params
+start = time.perf_counter()
+training.params.parse_args(sys.argv[1:])
+print(time.perf_counter() - start)
+"""
+
+
+def checks_seconds(argv, rank):
+    """Seconds of training.main's start-up checks (parse_args) for `argv` (training.main's flags) as global rank
+    `rank` of 2 (rank 0 alone when `rank` is 0), in a fresh interpreter, imports excluded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if rank:
+        env.update(RANK=str(rank), WORLD_SIZE="2")
+    out = subprocess.run([sys.executable, "-c", CHECKS, *argv], cwd=REPO, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"benchmark_startup.py: the checks failed: {out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def first_step_seconds(argv, prefix=()):
@@ -150,6 +172,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", type=int, nargs="+", default=[1000, 5000, 41408])
     p.add_argument("--repeats", type=int, default=3, help="launches per variant and size (medians reported)")
+    p.add_argument("--check-repeats", type=int, default=5, help="timed start-up checks per variant, size and rank")
     p.add_argument("--workdir", default=None, help="default: a temporary folder, deleted afterwards")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -158,13 +181,19 @@ def main(argv=None):
         weights, runs = prepare(work, args.shards)
         for n, (spec, folder, verify_s) in runs.items():
             times = {v: [] for v in VARIANTS}
+            checks = {(v, rank): [] for v in VARIANTS for rank in (0, 1)}
             index = os.path.join(folder, cache.INDEX)
-            for r in range(args.repeats):
+            for r in range(max(args.repeats, args.check_repeats)):
                 for v in VARIANTS:  # interleaved: the machine may be shared
                     if v == "cache, no index":
                         os.rename(index, index + ".aside")
                     try:
-                        times[v].append(first_step_seconds(command(work, weights, spec, folder, v, f"{n}-{v}-{r}")))
+                        argv = command(work, weights, spec, folder, v, f"{n}-{v}-{r}")
+                        if r < args.repeats:
+                            times[v].append(first_step_seconds(argv))
+                        if r < args.check_repeats:
+                            for rank in (0, 1):
+                                checks[v, rank].append(checks_seconds(argv[3:], rank))
                     finally:
                         if os.path.exists(index + ".aside"):
                             os.rename(index + ".aside", index)
@@ -184,18 +213,24 @@ def main(argv=None):
                          "cache_minus_online_s": round(med["cache"] - med["online"], 2),
                          "no_index_minus_online_s": round(med["cache, no index"] - med["online"], 2),
                          "runs_s": {v: [round(t, 2) for t in ts] for v, ts in times.items()},
+                         **{f"checks_rank{rank}_{v}_s": round(statistics.median(t), 3)
+                            for (v, rank), t in checks.items()},
                          "cache_opens": opened["cache"][0], "cache_stats": opened["cache"][1],
                          "no_index_opens": opened["cache, no index"][0],
                          "no_index_stats": opened["cache, no index"][1]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"launch -> first step (s, median of {args.repeats}), cache files opened/stat'ed by the training main "
-          f"process at start-up; {os.cpu_count()} CPU cores")
-    print("| shards | verify (s) | online | cache | cache - online | cache, no index | no index - online "
-          "| cache: opens / stats | no index: opens / stats |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"launch -> first step (s, median of {args.repeats}); start-up checks (s, median of {args.check_repeats}) "
+          f"as rank 0 and as rank 1 of 2; cache files the training main process opens / stats at start-up; "
+          f"{os.cpu_count()} CPU cores")
+    print("| shards | verify (s) | first step: online | cache | cache - online | no index | no index - online "
+          "| checks, rank 0: online / cache / no index | rank 1: online / cache / no index "
+          "| files: cache | no index |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        c0 = " / ".join(str(r[f"checks_rank0_{v}_s"]) for v in VARIANTS)
+        c1 = " / ".join(str(r[f"checks_rank1_{v}_s"]) for v in VARIANTS)
         print(f"| {r['shards']} | {r['verify_s']} | {r['online_s']} | {r['cache_s']} | {r['cache_minus_online_s']:+} "
-              f"| {r['cache, no index_s']} | {r['no_index_minus_online_s']:+} | {r['cache_opens']} / "
+              f"| {r['cache, no index_s']} | {r['no_index_minus_online_s']:+} | {c0} | {c1} | {r['cache_opens']} / "
               f"{r['cache_stats']} | {r['no_index_opens']} / {r['no_index_stats']} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,7 @@ import os
 
 from ..shards import local_path
 from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, cached_tower, check_shard_ids, expand_shards, file_sha256,
-                     fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_id,
+                     fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_ids,
                      sidecar_info, sidecar_path)
 from .index import FIELDS, entry, fold_parts, index_files, read_index
 
@@ -66,9 +66,9 @@ def update_index(cache_dir, urls, infos):
     """Bring the cache's index up to date for `urls` (each present sidecar's header in `infos`), folding the
     builders' parts into index.json. A cache folder this process cannot write keeps its index (a warning says so)."""
     entries, read = read_index(cache_dir)
-    for url in urls:
-        entries.pop(shard_id(url), None)
-    entries.update({shard_id(url): entry(info) for url, info in infos.items()})
+    for sid in shard_ids(urls):
+        entries.pop(sid, None)
+    entries.update(zip(shard_ids(list(infos)), map(entry, infos.values())))
     try:
         fold_parts(cache_dir, entries, read)
     except OSError as e:

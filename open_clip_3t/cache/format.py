@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import zlib
 
@@ -222,12 +223,28 @@ def ensure_manifest(cache_dir, manifest):
               for k in ("dtype", "precision") if found.get(k) != manifest[k]]
     if diffs:
         raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank; nobody needs them now
-        try:
-            os.remove(stale)
-        except FileNotFoundError:
-            pass
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a killed rank (not one still writing it)
+        if _dead_writer(tmp[len(path) + len(".tmp."):]):
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
     return found
+
+
+def _dead_writer(host_pid):
+    """Whether the writer of a temporary file named by files.tmp_name ('<host>.<pid>') is a process of this host
+    that no longer runs (another host's writer cannot be asked: its file is left alone)."""
+    host, _, pid = host_pid.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 # --- sidecars -------------------------------------------------------------------------------------------------

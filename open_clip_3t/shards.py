@@ -1,5 +1,6 @@
 """LAION-style webdataset shards, read the way OpenCLIP's training pipeline reads them: one shard lister (braceexpand,
 `::`-joined sources) and one tar reader (members grouped into samples by webdataset's key rule)."""
+import functools
 import gzip
 import hashlib
 import re
@@ -17,16 +18,24 @@ class ShardSpecError(ValueError):
 
 def expand_shards(spec, flag="--train-data"):
     """The shard URLs of a SPEC (braceexpand, `::`-joined sources), in the spec's order, without duplicates."""
-    import webdataset as wds
     if not spec:
         raise ShardSpecError(f"no shards given: pass {flag} '/data/laion/{{00000..41407}}.tar'")
-    return list(dict.fromkeys(wds.shardlists.expand_urls(spec)))
+    return list(_expand(spec))
+
+
+@functools.lru_cache(maxsize=8)
+def _expand(spec):  # start-up expands --train-data in several places: 41,408 names once
+    import webdataset as wds
+    return tuple(dict.fromkeys(wds.shardlists.expand_urls(spec)))
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")
 
 
 def local_path(url):
     """The file behind a shard URL, or None for remote/pipe URLs."""
     path = url[len("file:"):] if url.startswith("file:") else url
-    return None if re.match(r"^[a-z][a-z0-9+.-]*:", path) else path
+    return None if _SCHEME.match(path) else path
 
 
 def image_bytes(sample):

@@ -1,4 +1,6 @@
-"""A real single-node SLURM cluster for tests (scripts/slurm/local_cluster.sh).
+"""A real SLURM cluster for tests (scripts/slurm/local_cluster.sh): two nodes on this machine (two slurmd daemons,
+each NodeAddr=127.0.0.1 on its own port: LOCAL_SLURM_SLURMD_PORT and the next one), unless LOCAL_SLURM_NODES says
+otherwise.
 
 Usage in a test module (the fixture is re-exported by tests/conftest.py)::
 
@@ -10,7 +12,8 @@ Usage in a test module (the fixture is re-exported by tests/conftest.py)::
 The session fixture starts the cluster once (unless one already runs in the same state dir,
 ``$LOCAL_SLURM_DIR`` or /tmp/open_clip_3t_slurm) and stops it at session end only if this
 session started it. Where the cluster cannot run (not root, no package source: the script
-exits with code 3) every test using the fixture is skipped with the script's reason.
+exits with code 3) every test using the fixture is skipped with the script's reason. A test
+that needs both nodes calls ``slurm_cluster.require_nodes(2)`` (a reused one-node cluster: skip).
 
 Job scripts and ``srun`` inside them find the cluster through ``SLURM_CONF``, which is in
 ``cluster.env`` and inherited by jobs (sbatch's default ``--export=ALL``; with
@@ -32,6 +35,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
 DEFAULT_STATE_DIR = "/tmp/open_clip_3t_slurm"
+TEST_NODES = "2"  # nodes of the cluster the session fixture starts (LOCAL_SLURM_NODES wins)
 EXIT_UNAVAILABLE = 3  # local_cluster.sh: cannot run here (not root, cannot install packages)
 
 # Variables an enclosing SLURM job (pytest itself run under sbatch/srun) would leak into our
@@ -73,6 +77,17 @@ class LocalSlurmCluster:
     @property
     def jobcomp_file(self) -> Path:
         return self.state_dir / "jobcomp.txt"
+
+    @property
+    def nodes(self) -> list[str]:
+        """The cluster's node names, e.g. ["n1", "n2"]."""
+        return sorted(self.run("sinfo", "-h", "-N", "-o", "%N").stdout.split())
+
+    def require_nodes(self, count: int) -> None:
+        """Skip the calling test unless the cluster has `count` nodes or more."""
+        if len(self.nodes) < count:
+            pytest.skip(f"needs a {count}-node cluster; the one in {self.state_dir} has {len(self.nodes)} node(s) "
+                        f"(stop it, and rerun with LOCAL_SLURM_NODES={count})")
 
     # --- generic ------------------------------------------------------------------
     def run(self, *cmd: str, env_extra: dict | None = None, check: bool = True, timeout: float = 60,
@@ -229,7 +244,7 @@ def start_cluster(state_dir: str | os.PathLike | None = None, script_env: dict |
 def slurm_cluster():
     """Session-wide local SLURM cluster (see module docstring); skips where it cannot run."""
     try:
-        cluster = start_cluster()
+        cluster = start_cluster(script_env={"LOCAL_SLURM_NODES": os.environ.get("LOCAL_SLURM_NODES", TEST_NODES)})
     except ClusterUnavailable as exc:
         pytest.skip(str(exc))
     print(f"\n[slurm_cluster] {'started in %.1fs' % cluster.start_seconds if cluster.started_here else 'reusing running cluster'}"

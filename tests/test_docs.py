@@ -120,6 +120,18 @@ NOT_RUN = {
     ("docs/local_slurm.md", "sudo scripts/slurm/local_cluster.sh start     # first run installs the packages "
                             "(~13 MB, <10 s)"):
         NotRun("root, apt packages and SLURM daemons: tests/test_local_cluster.py (the coordinator runs it)"),
+    ("docs/local_slurm.md", "sudo LOCAL_SLURM_NODES=2 scripts/slurm/local_cluster.sh start   # nodes n1, n2: two "
+                            "slurmd daemons"):
+        NotRun("root, apt packages and SLURM daemons: tests/test_local_cluster.py starts one- and two-node clusters"),
+    ("docs/cache.md", "python -m open_clip_3t.cache merge /scratch/node1/cache /scratch/node2/cache --out "
+                      "/data/cache/laion400m-vitb16"):
+        NotRun("two caches of LAION shards: tests/test_cache_index.py merges two parts and refuses what does not fit"),
+    ("docs/training.md", "# on every node (c10d rendezvous: the agents agree on the ranks; node 0 hosts nothing "
+                         "special)"):
+        NotRun("two nodes with GPUs: tests/test_multinode.py runs two torchrun agents (c10d and static) on CPU"),
+    ("docs/training.md", "python scripts/benchmark_startup.py                       # 1000, 5000 and 41408 shards, "
+                         "3 launches each (~25 min)"):
+        NotRun("about 20 minutes; its figures are on the page"),
     ("docs/local_slurm.md", "# tests/conftest.py re-exports the session fixture:"):
         NotRun("a test body that needs the SLURM cluster fixture", check_slurm_fixture_api),
     ("docs/quickstart.md", "python -m open_clip_3t.toy.quickstart [--out quickstart_out] [--tiny]"):

@@ -1,5 +1,5 @@
-"""The local single-node SLURM cluster (scripts/slurm/local_cluster.sh) really schedules jobs:
-multi-task steps, arrays, requeue, exit codes; and its `stop` kills only what `start` started.
+"""The local SLURM cluster (scripts/slurm/local_cluster.sh) really schedules jobs: multi-task steps on one node and
+across two (two slurmd daemons), arrays, requeue, exit codes; and its `stop` kills only what `start` started.
 
 Skipped where the cluster cannot run (not root / SLURM packages not installable).
 """
@@ -25,10 +25,6 @@ def _write_script(path: Path, body: str) -> Path:
     return path
 
 
-def _node_name(cluster) -> str:
-    return cluster.run("sinfo", "-h", "-o", "%N").stdout.strip()
-
-
 def test_two_task_batch_job(slurm_cluster, tmp_path):
     script = _write_script(tmp_path / "two_tasks.sh", f"""
         #SBATCH --ntasks=2
@@ -43,9 +39,34 @@ def test_two_task_batch_job(slurm_cluster, tmp_path):
     print(f"\n2-task job {job_id}: {time.monotonic() - t0:.1f}s")
     assert rc == 0, (slurm_cluster.job_info(job_id), (tmp_path / f"slurm-{job_id}.out").read_text())
     rows = sorted(p.read_text().split() for p in tmp_path.glob("rank_*.txt"))
-    node = _node_name(slurm_cluster)
-    assert rows == [["0", "2", "0", node], ["1", "2", "1", node]]
+    node = rows[0][3]  # both tasks on one node (the job asked for one)
+    assert node in slurm_cluster.nodes and rows == [["0", "2", "0", node], ["1", "2", "1", node]]
     assert slurm_cluster.job_state(job_id) == "COMPLETED"
+
+
+def test_two_node_job(slurm_cluster, tmp_path):
+    """A step over both nodes: one task on each slurmd, and each node reachable at its NodeAddr (127.0.0.1) while
+    its name resolves nowhere, as on clusters where launchers must not rendezvous by node name."""
+    slurm_cluster.require_nodes(2)
+    script = _write_script(tmp_path / "two_nodes.sh", f"""
+        #SBATCH --nodes=2
+        #SBATCH --ntasks-per-node=1
+        #SBATCH --cpus-per-task=1
+        #SBATCH --time=2
+        #SBATCH --output={tmp_path}/slurm-%j.out
+        set -eu
+        first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+        addr=$(scontrol show node -o "$first" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
+        resolves=$(getent ahosts "$first" >/dev/null && echo yes || echo no)
+        srun bash -c "echo \\$SLURM_PROCID \\$SLURMD_NODENAME $first $addr $resolves > {tmp_path}/task_\\$SLURM_PROCID.txt"
+        """)
+    t0 = time.monotonic()
+    job_id, rc = slurm_cluster.sbatch_wait(script, timeout=60)
+    print(f"\n2-node job {job_id}: {time.monotonic() - t0:.1f}s")
+    assert rc == 0, (slurm_cluster.job_info(job_id), (tmp_path / f"slurm-{job_id}.out").read_text())
+    rows = sorted(p.read_text().split() for p in tmp_path.glob("task_*.txt"))
+    nodes = slurm_cluster.nodes[:2]
+    assert rows == [[str(i), node, nodes[0], "127.0.0.1", "no"] for i, node in enumerate(nodes)]
 
 
 def test_array_job(slurm_cluster, tmp_path):
@@ -167,16 +188,26 @@ def test_exit_code_3_becomes_cluster_unavailable(tmp_path, monkeypatch):
         start_cluster(tmp_path / "state")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(count: int = 1) -> int:
+    """A free port followed by count - 1 free ones."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for p in range(port + 1, port + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    pytest.skip(f"no {count} consecutive free ports")
 
 
 def _daemon_pids(state_dir) -> dict:
     state_dir = Path(state_dir)
     files = {"munged": state_dir / "munge" / "munged.pid", "slurmctld": state_dir / "pid" / "slurmctld.pid",
-             "slurmd": state_dir / "pid" / "slurmd.pid"}
+             **{f.name[:-len(".pid")]: f for f in (state_dir / "pid").glob("slurmd*.pid")}}
     return {name: int(f.read_text().strip()) for name, f in files.items() if f.exists() and f.read_text().strip()}
 
 
@@ -188,16 +219,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_stop_kills_only_what_start_started():
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_stop_kills_only_what_start_started(nodes):
     """A second cluster (own state dir, own ports, own munged) next to the session's one:
-    its `stop` ends its three daemons only -- not look-alike processes named slurmd/slurmctld/
-    munged, not a PID named in a stale PID file, not the other cluster."""
+    its `stop` ends its daemons only (munged, slurmctld, one slurmd per node) -- not look-alike
+    processes named slurmd/slurmctld/munged, not a PID named in a stale PID file, not the other
+    cluster."""
     state_dir = tempfile.mkdtemp(prefix="oc3t_slurm2_", dir="/tmp")  # short: the munge socket lives there
     fake_dir = Path(tempfile.mkdtemp(prefix="oc3t_fake_", dir="/tmp"))
     fakes = []
     other_pids = {n: p for n, p in _daemon_pids(os.environ.get("LOCAL_SLURM_DIR") or DEFAULT_STATE_DIR).items()
                   if _alive(p)}
-    script_env = {"LOCAL_SLURM_CTLD_PORT": str(_free_port()), "LOCAL_SLURM_SLURMD_PORT": str(_free_port())}
+    script_env = {"LOCAL_SLURM_CTLD_PORT": str(_free_port()), "LOCAL_SLURM_SLURMD_PORT": str(_free_port(nodes)),
+                  "LOCAL_SLURM_NODES": str(nodes)}
     try:
         try:
             cluster = start_cluster(state_dir, script_env=script_env)
@@ -205,7 +239,8 @@ def test_stop_kills_only_what_start_started():
             pytest.skip(str(exc))
         assert cluster.started_here
         print(f"\nsecond cluster started in {cluster.start_seconds:.1f}s")
-        assert cluster.run("srun", "-N1", "-n1", "hostname", timeout=60).stdout.strip()
+        assert cluster.run("srun", f"-N{nodes}", f"-n{nodes}", "hostname", timeout=60).stdout.strip()
+        assert len(cluster.nodes) == nodes
         again = cluster.script("start")
         assert again.returncode == 0 and "already running" in again.stderr, again.stderr
 
@@ -213,7 +248,8 @@ def test_stop_kills_only_what_start_started():
             shutil.copy("/bin/sleep", fake_dir / name)
             fakes.append(subprocess.Popen([str(fake_dir / name), "300"]))
         pids = _daemon_pids(state_dir)
-        assert set(pids) == {"munged", "slurmctld", "slurmd"} and all(map(_alive, pids.values())), pids
+        slurmds = {"slurmd"} if nodes == 1 else {f"slurmd-n{i}" for i in range(1, nodes + 1)}
+        assert set(pids) == {"munged", "slurmctld", *slurmds} and all(map(_alive, pids.values())), pids
 
         cluster.stop()
         deadline = time.monotonic() + 10
@@ -225,7 +261,7 @@ def test_stop_kills_only_what_start_started():
         assert cluster.script("status").returncode == 1
 
         # a stale PID file naming an unrelated (look-alike) process: stop must leave it alone
-        (Path(state_dir) / "pid" / "slurmd.pid").write_text(f"{fakes[0].pid}\n")
+        (Path(state_dir) / "pid" / min(f"{name}.pid" for name in slurmds)).write_text(f"{fakes[0].pid}\n")
         cluster.stop()
         time.sleep(0.3)
         assert fakes[0].poll() is None, "stop killed the process named in a stale PID file"

@@ -1,7 +1,8 @@
-"""The project's launchers (scripts/slurm/*.sbatch) as real batch jobs on the local single-node SLURM cluster
-(scripts/slurm/local_cluster.sh, fixture `slurm_cluster`): 2-task gloo training, a cache-build array job + verify,
-preemption (`scontrol requeue`) and the launcher's time-limit trap (USR1) each followed by `--resume latest`, and
-evaluation of the trained checkpoint.
+"""The project's launchers (scripts/slurm/*.sbatch) as real batch jobs on the local two-node SLURM cluster
+(scripts/slurm/local_cluster.sh, fixture `slurm_cluster`): 2-task gloo training, on one node and across two (3T online
+and from a cache: the same weights), a cache-build array job + verify (on one node, and across both), preemption
+(`scontrol requeue`) and the launcher's time-limit trap (USR1) each followed by `--resume latest`, and evaluation of
+the trained checkpoint.
 
 CPU settings go in through the launchers' variables (DEVICE=cpu, PRECISION=fp32, ...) and sbatch flags
 (--gpus-per-node=0 --cpus-per-task=1 ...): the scripts keep their GPU defaults. Tiny models, 32 px generated shards.
@@ -32,7 +33,8 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 DONE_RE = re.compile(r"Train Epoch: (\d+) done on rank (\d+): (\d+) steps, (\d+) samples")
 
 # PYTHON for train.sbatch: the real interpreter running `-m training.main`, recording per task which rank started
-# under which SLURM_RESTART_COUNT and which rank called torch.save on what (checkpoints are written by rank 0 only).
+# under which SLURM_RESTART_COUNT on which node and which rank called torch.save on what (checkpoints are written by
+# rank 0 only).
 PYTHON_WRAPPER = f"""#!{sys.executable}
 import os, re, runpy, sys
 import torch
@@ -50,6 +52,7 @@ def save(obj, f, *args, **kwargs):  # checkpoints are written to NAME.tmp.HOST.P
 
 torch.save = save
 record(f"start {{RANK}} {{os.environ.get('SLURM_RESTART_COUNT', '0')}}")
+record(f"node {{RANK}} {{os.environ.get('SLURMD_NODENAME', '?')}}")
 assert sys.argv[1] == "-m", sys.argv
 module, sys.argv = sys.argv[2], [sys.argv[0], *sys.argv[3:]]
 sys.path.insert(0, os.getcwd())  # as `python -m` does
@@ -133,6 +136,64 @@ def test_train_sbatch_two_tasks_gloo(trained):
     assert ckpt["epoch"] == 1 and ckpt["name"] == f"3t-3T-tiny-{t.job_id}"
 
 
+# --- 1b. training across two nodes: the weights of the same job on one node ----------------------------------------
+
+def train_job(slurm_cluster, data, h_weights, tmp, *flags, **overrides):
+    """One train.sbatch job (3T-tiny, 1 epoch of 64 samples, batch 8 per rank) with these sbatch flags."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = train_env(data, h_weights, tmp, **overrides)
+    t0 = time.monotonic()
+    job_id, rc = slurm_cluster.sbatch_wait(os.path.join(SLURM_DIR, "train.sbatch"), *flags, *CPU_FLAGS,
+                                           f"--output={tmp}/slurm-%j.out", env_extra=env, cwd=REPO, timeout=240)
+    print(f"\ntrain.sbatch {' '.join(flags)}: job {job_id} in {time.monotonic() - t0:.1f}s")
+    return SimpleNamespace(job_id=job_id, rc=rc, info=slurm_cluster.job_info(job_id),
+                           log=read(tmp / f"slurm-{job_id}.out"), run_dir=tmp / "logs" / f"3t-3T-tiny-{job_id}",
+                           record=records(env["LAUNCHER_RECORD"]))
+
+
+def final_weights(run):
+    return torch.load(run.run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def assert_two_nodes_train_as_one(two, one):
+    """`two` ran its 2 ranks on n1 and n2, met at n1's NodeAddr, and ends with `one`'s weights, bit for bit."""
+    assert two.rc == 0 and one.rc == 0, (two.info, tail(two.log), one.info, tail(one.log))
+    assert f"train.sbatch: job {two.job_id}, 2 node(s), 2 task(s), rendezvous 127.0.0.1:" in two.log, tail(two.log)
+    assert {r: v for k, r, v in two.record if k == "node"} == {"0": "n1", "1": "n2"}, two.record
+    assert len({v for k, _, v in one.record if k == "node"}) == 1, one.record
+    for run in (one, two):
+        assert done_lines(run.log) == {(0, 0): (4, 32), (0, 1): (4, 32)}, tail(run.log)
+    a, b = final_weights(two), final_weights(one)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ
+
+
+def test_train_sbatch_across_two_nodes_equals_one_node(slurm_cluster, trained, data, h_weights, tmp_path):
+    """3T online: --nodes=2 --ntasks-per-node=1 against the 2-task job on one node (`trained`)."""
+    slurm_cluster.require_nodes(2)
+    two = train_job(slurm_cluster, data, h_weights, tmp_path, "--nodes=2", "--ntasks-per-node=1")
+    assert_two_nodes_train_as_one(two, trained)
+
+
+@pytest.fixture(scope="module")
+def train_cache(data, h_weights, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("slurm_cache") / "cache")
+    cache.build(data.train, "3T-tiny", out, h_weights, batch_size=8, workers=0, split=(0, 1), quiet=True)
+    return out
+
+
+def test_train_sbatch_from_a_cache_across_two_nodes_equals_one_node(slurm_cluster, data, h_weights, train_cache,
+                                                                    tmp_path):
+    slurm_cluster.require_nodes(2)
+    runs = [train_job(slurm_cluster, data, h_weights, tmp_path / name, *flags, THIRD_TOWER_CACHE=train_cache)
+            for name, flags in (("one", ["--ntasks-per-node=2"]), ("two", ["--nodes=2", "--ntasks-per-node=1"]))]
+    assert_two_nodes_train_as_one(runs[1], runs[0])
+    for run in runs:  # trained from the cache: h never built, every sample joined
+        assert f"third-tower cache {train_cache} (tower third): 32 embeddings for 2 shards" in run.log, tail(run.log)
+        assert not any("third_tower." in k for k in final_weights(run))
+
+
 # --- 2. cache build: array job of 2 tasks ----------------------------------------------------------------------
 
 def tar_keys(path):
@@ -178,6 +239,41 @@ def test_build_cache_sbatch_array_then_verify(slurm_cluster, h_weights, tmp_path
     os.remove(sidecars[2])  # the same check fails on a cache that misses a shard
     assert cache.main(verify) == 1
     assert "missing: " in capsys.readouterr().out
+
+
+def test_build_cache_sbatch_array_over_two_nodes_then_verify(slurm_cluster, h_weights, tmp_path, capsys):
+    """An array of 2 tasks, each over both nodes (one builder per node): 4 builders, each writes its sidecars and
+    its own part of the index; verify then checks the cache and folds the parts into index.json."""
+    slurm_cluster.require_nodes(2)
+    shards = write_shards(str(tmp_path / "data"), num_samples=20, samples_per_shard=5, seed=2, image_size=32)
+    spec = f"{tmp_path}/data/{{00000..00003}}.tar"
+    out = tmp_path / "cache"
+    env = {"TRAIN_DATA": spec, "OUT": str(out), "MODEL": "3T-tiny", "THIRD_TOWER_WEIGHTS": h_weights,
+           "DEVICE": "cpu", "PRECISION": "fp32", "BATCH_SIZE": "4", "WORKERS": "0", "PYTHON": sys.executable,
+           "REPO_DIR": REPO}
+    t0 = time.monotonic()
+    job_id, rc = slurm_cluster.sbatch_wait(os.path.join(SLURM_DIR, "build_cache.sbatch"), "--array=0-1",
+                                           "--nodes=2", "--ntasks-per-node=1", *CPU_FLAGS,
+                                           f"--output={tmp_path}/slurm-%A_%a.out", env_extra=env, cwd=REPO,
+                                           timeout=240)
+    print(f"\nbuild_cache.sbatch, array of 2 x 2 nodes: job {job_id} in {time.monotonic() - t0:.1f}s")
+    logs = [read(f"{tmp_path}/slurm-{job_id}_{task}.out") for task in (0, 1)]
+    assert rc == 0, (slurm_cluster.job_records(job_id), [tail(log, 2000) for log in logs])
+    assert sorted(r.get("NodeList") for r in slurm_cluster.job_records(job_id)) == ["n[1-2]", "n[1-2]"]
+    for task, log in enumerate(logs):
+        for builder in (2 * task + 1, 2 * task + 2):
+            assert f"cache build [{builder}/4]: 1 of 4 shards are ours, 0 already done, 1 to build" in log, log
+    parts = sorted(os.path.basename(p) for p in glob.glob(f"{out}/index*.json"))
+    assert parts == [f"index.part-0000{i}-of-00004.json" for i in range(4)]
+    sizes = {cache.shard_id(s): os.path.getsize(s) for s in shards}
+    assert cache.read_index(str(out))[0] == {sid: [5, 0, size, False, 64] for sid, size in sizes.items()}
+
+    capsys.readouterr()
+    assert cache.main(["verify", "--train-data", spec, "--model", "3T-tiny", "--cache", str(out),
+                       "--third-tower-weights", h_weights]) == 0
+    assert f"ok: {out} covers 4 shards for 3T-tiny" in capsys.readouterr().out
+    assert [os.path.basename(p) for p in glob.glob(f"{out}/index*.json")] == ["index.json"]
+    assert cache.read_index(str(out))[0] == {sid: [5, 0, size, False, 64] for sid, size in sizes.items()}
 
 
 # --- 3. preemption and the time limit: requeued twice, resumed inside the epoch each time ---------------------------

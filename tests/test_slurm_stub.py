@@ -26,8 +26,34 @@ for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
 exit $rc
 """
 SCONTROL = """#!/bin/bash
-# stub scontrol: `scontrol show hostnames LIST` prints one host per line (plain comma lists only)
-[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+# stub scontrol, as SLURM answers: `show hostnames LIST` expands a host list (gpu[001-004,007],login1: one host per
+# line); `show node -o NAME` prints the node's one-line record, NodeAddr=$STUB_NODEADDR (default: the name itself)
+echo "$@" >> "${STUB_DIR:-/tmp}/scontrol_args.txt"
+one() {  # one host-list item: prefix[ranges]suffix or a plain name
+    if [[ $1 =~ ^([^[]*)\\[([^]]*)\\](.*)$ ]]; then
+        local pre=${BASH_REMATCH[1]} post=${BASH_REMATCH[3]} r n lo hi
+        IFS=, read -r -a ranges <<< "${BASH_REMATCH[2]}"
+        for r in "${ranges[@]}"; do
+            lo=${r%-*} hi=${r#*-}
+            for ((n = 10#$lo; n <= 10#$hi; n++)); do printf '%s%0*d%s\\n' "$pre" "${#lo}" "$n" "$post"; done
+        done
+    else
+        echo "$1"
+    fi
+}
+if [[ $1 == show && $2 == hostnames ]]; then
+    item="" depth=0
+    for ((i = 0; i < ${#3}; i++)); do  # split on the commas outside brackets
+        c=${3:i:1}
+        [[ $c == "[" ]] && depth=1
+        [[ $c == "]" ]] && depth=0
+        if [[ $c == "," && $depth == 0 ]]; then one "$item"; item=""; else item+=$c; fi
+    done
+    one "$item"
+elif [[ $1 == show && $2 == node ]]; then
+    name=${!#}
+    echo "NodeName=$name Arch=x86_64 CoresPerSocket=1 NodeAddr=${STUB_NODEADDR:-$name} NodeHostName=$name State=IDLE"
+fi
 """
 
 
@@ -127,3 +153,45 @@ def test_launchers_pass_one_cache_and_weights_file_per_tower(script, variables, 
     words = (tmp_path / "srun_args.txt").read_text().splitlines()
     start = words.index(expected[0])
     assert words[start:start + len(expected)] == expected
+
+
+def test_scontrol_stub_expands_host_lists(tmp_path):
+    (tmp_path / "scontrol").write_text(SCONTROL)
+    (tmp_path / "scontrol").chmod(0o755)
+
+    def hosts(nodelist):
+        return subprocess.run([str(tmp_path / "scontrol"), "show", "hostnames", nodelist], capture_output=True,
+                              text=True, env={**os.environ, "STUB_DIR": str(tmp_path)}, check=True).stdout.split()
+    assert hosts("gpu[001-004]") == ["gpu001", "gpu002", "gpu003", "gpu004"]
+    assert hosts("a[1-2,5],login1,c[09-10]x") == ["a1", "a2", "a5", "login1", "c09x", "c10x"]
+
+
+@pytest.mark.parametrize("node_addr, expected", [("127.0.0.1", "rendezvous 127.0.0.1:"), (None, None)])
+def test_train_sbatch_meets_at_the_first_nodes_address(node_addr, expected, tmp_path):
+    """MASTER_ADDR is the first node's NodeAddr (names like gpu001 need not resolve); a name that does not resolve
+    stops the launcher at once with one line, before srun (instead of ranks retrying it for 30 minutes)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
+    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+                "SLURM_JOB_NODELIST": "oc3t-gpu[001-004]", "SLURM_NNODES": "4", "REPO_DIR": REPO,
+                "TRAIN_DATA": "/data/{0..1}.tar", "RENDEZVOUS_TIMEOUT": "90"})
+    if node_addr:
+        env["STUB_NODEADDR"] = node_addr
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", "train.sbatch")], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=60)
+    asked = (tmp_path / "scontrol_args.txt").read_text().splitlines()
+    assert asked == ["show hostnames oc3t-gpu[001-004]", "show node -o oc3t-gpu001"]
+    if expected:
+        assert proc.returncode == 0, proc.stderr
+        assert f"{expected}20007, run 3t-3T-ViT-B-16-7" in proc.stdout
+        words = (tmp_path / "srun_args.txt").read_text().splitlines()
+        assert words[words.index("--rendezvous-timeout") + 1] == "90"
+    else:
+        assert proc.returncode == 2 and not (tmp_path / "srun_args.txt").exists()
+        assert proc.stderr == (f"train.sbatch: MASTER_ADDR=oc3t-gpu001 does not resolve on {socket.gethostname()}: "
+                               f"set MASTER_ADDR to an address of the job's first node that every node reaches (its "
+                               f"IP address)\n")

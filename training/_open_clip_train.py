@@ -6,9 +6,12 @@ checkpoints, resume) with a few of its helpers replaced. That function imports i
 replacement means rebinding the name in the `open_clip_train.main` module, for the duration of one call.
 """
 import contextlib
+import datetime
+import functools
 import glob
 import logging
 import os
+import socket
 import types
 
 import open_clip
@@ -100,10 +103,55 @@ class _TorchSavingWith(types.ModuleType):
         return getattr(torch, name)
 
 
+class RendezvousError(RuntimeError):
+    """Ranks that cannot meet: the message is one line naming the address and the fix."""
+
+
+def rendezvous_store(rank, world_size, seconds):
+    """The TCPStore of an env:// rendezvous (MASTER_ADDR:MASTER_PORT, hosted by rank 0), met within `seconds` or a
+    RendezvousError: torch would retry for its process-group timeout (30 min), an unresolvable name included."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    where = f"rank {rank} of {world_size} on {socket.gethostname()}"
+    if not addr or not port:
+        raise RendezvousError(f"rendezvous: {where}: MASTER_ADDR and MASTER_PORT are not set: set them to an address "
+                              f"of the first node and a free port there (scripts/slurm/train.sbatch does)")
+    try:
+        socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RendezvousError(f"rendezvous: {where}: MASTER_ADDR={addr} does not resolve ({e.strerror}): set "
+                              f"MASTER_ADDR to an address every node reaches, e.g. the first node's NodeAddr from "
+                              f"`scontrol show node NAME` (scripts/slurm/train.sbatch takes it from there)") from None
+    try:
+        store = torch.distributed.TCPStore(addr, int(port), world_size, is_master=rank == 0,
+                                           timeout=datetime.timedelta(seconds=seconds), multi_tenant=True)
+    except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RendezvousError(f"rendezvous: {where} did not meet the other ranks at MASTER_ADDR:MASTER_PORT = "
+                              f"{addr}:{port} within {seconds:g} s ({reason}): check that every node reaches that "
+                              f"address and that the port is free on the first node, or raise "
+                              f"--rendezvous-timeout") from None
+    from torch.distributed.constants import default_pg_timeout
+    store.set_timeout(default_pg_timeout)  # after the meeting, the store waits as long as torch's own would
+    return store
+
+
+def _bounded_init_process_group(init_process_group, seconds):
+    """torch.distributed.init_process_group whose env:// rendezvous with an explicit rank (OpenCLIP's srun path) is
+    met within `seconds`. torchrun's (no rank given: its agent's store) and other init methods are left alone."""
+    @functools.wraps(init_process_group)
+    def bounded(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1, store=None, **kwargs):
+        if store is None and init_method in (None, "env://") and rank >= 0 and world_size > 1:
+            store, init_method = rendezvous_store(rank, world_size, seconds), None
+        return init_process_group(backend=backend, init_method=init_method, timeout=timeout, world_size=world_size,
+                                  rank=rank, store=store, **kwargs)
+    return bounded
+
+
 @contextlib.contextmanager
-def openclip_trainer(save_checkpoint=None, **helpers):
-    """Yields open_clip_train.main.main with the named helpers (see TRAINER_HELPERS) replaced by ours, and its
-    checkpoints written by `save_checkpoint(obj, path)`."""
+def openclip_trainer(save_checkpoint=None, rendezvous_timeout=600, **helpers):
+    """Yields open_clip_train.main.main with the named helpers (see TRAINER_HELPERS) replaced by ours, its checkpoints
+    written by `save_checkpoint(obj, path)`, and its process group's rendezvous bounded by `rendezvous_timeout`
+    seconds (OpenCLIP 3.3 passes torch no timeout)."""
     import open_clip_train.main as oc_main
     for name in helpers:
         if name not in TRAINER_HELPERS or not hasattr(oc_main, name):
@@ -111,17 +159,20 @@ def openclip_trainer(save_checkpoint=None, **helpers):
                               f"for open_clip_torch 3.3 (found {open_clip.__version__})")
     saved = {name: getattr(oc_main, name) for name in helpers}
     saved_ddp, saved_torch = torch.nn.parallel.DistributedDataParallel, oc_main.torch
+    saved_init = torch.distributed.init_process_group
     try:
         for name, fn in helpers.items():
             setattr(oc_main, name, fn)
         torch.nn.parallel.DistributedDataParallel = _DistributedDataParallel
         if save_checkpoint is not None:
             oc_main.torch = _TorchSavingWith(save_checkpoint)
+        torch.distributed.init_process_group = _bounded_init_process_group(saved_init, rendezvous_timeout)
         yield oc_main.main
     finally:
         for name, fn in saved.items():
             setattr(oc_main, name, fn)
         torch.nn.parallel.DistributedDataParallel, oc_main.torch = saved_ddp, saved_torch
+        torch.distributed.init_process_group = saved_init
 
 
 # --- the webdataset train pipeline (training/data.py, training/cached_data.py) --------------------------------

@@ -30,7 +30,7 @@ from open_clip_3t.cache import CacheError
 from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.weights import WeightsError, create_timm_model
 
-from ._open_clip_train import launch_rank, openclip_setup_logging, openclip_trainer
+from ._open_clip_train import RendezvousError, launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
 from .long_run import CheckpointError, Diverged, Preempted, install_signal_handlers, save_checkpoint
 from .params import fail, parse_args
@@ -129,11 +129,11 @@ def model_factory(args):
     return create_model_and_transforms
 
 
-# Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
-# data loader (the cache join, an endless epoch), the run folder (lock, resume) or a long run (divergence, a
-# checkpoint that cannot be written).
+# Our one-line errors: after the arguments are checked they can still come from the rendezvous, the model build
+# (weights, a model's own code), the data loader (the cache join, an endless epoch), the run folder (lock, resume)
+# or a long run (divergence, a checkpoint that cannot be written).
 STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, Diverged, CheckpointError,
-         RemoteCodeError)
+         RemoteCodeError, RendezvousError)
 
 
 def one_line(error):
@@ -167,7 +167,8 @@ def main(argv=None):
     lock = None
     try:
         lock = claim_run_folder(args)
-        with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
+        with openclip_trainer(rendezvous_timeout=args.rendezvous_timeout,
+                              parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
                               get_data=get_data, train_one_epoch=train_one_epoch, evaluate=evaluate,
                               pt_load=checkpoint_loader(args), setup_logging=openclip_setup_logging,
                               save_checkpoint=save_checkpoint) as run:

@@ -57,6 +57,10 @@ def add_three_towers_args(parser):
                        help="Run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
                             "a config's tokenizer_kwargs.trust_remote_code), refused by default: only for models you "
                             "trust. See docs/untrusted_models.md.")
+    group = parser.add_argument_group("Distributed")
+    group.add_argument("--rendezvous-timeout", type=float, default=600, metavar="SECONDS",
+                       help="How long the ranks of an env:// rendezvous (srun: MASTER_ADDR, MASTER_PORT) wait for each "
+                            "other before stopping with an error naming the address; torch would wait 30 minutes.")
     group = parser.add_argument_group("LiT baseline")
     group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
                        help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
@@ -267,8 +271,9 @@ def check_three_towers(args, plan):
 
 
 def check_caches(args, plan):
-    """The plan with each cached tower's cache checked against --train-data (sidecar headers, the weights file's
-    hash: a mismatch stops the run before any model is built) and its totals attached."""
+    """The plan with each cached tower's cache checked against --train-data (its index; on global rank 0 also the
+    fingerprint, i.e. the weights file's hash, and the shard sizes: a mismatch stops the run before any model is
+    built) and its totals attached. Every rank reads a few files whatever the number of shards."""
     for tower in plan.towers:
         if tower.source == "cache" and not os.path.isdir(tower.cache):
             fail(f"--third-tower-cache {tower.cache}: no such directory; build it with "
@@ -277,6 +282,6 @@ def check_caches(args, plan):
         fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
              "(and --dataset-type webdataset or auto)")
     try:
-        return plan.with_cache_facts(validate_plan(plan, args.train_data))
+        return plan.with_cache_facts(validate_plan(plan, args.train_data, primary=launch_rank() == 0))
     except CacheError as e:
         fail(str(e))

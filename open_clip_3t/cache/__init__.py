@@ -2,6 +2,7 @@
 
     python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --out DIR [--third-tower-weights FILE]
     python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --cache DIR [--third-tower-weights FILE]
+    python -m open_clip_3t.cache merge  PART... --out DIR
     python -m open_clip_3t.cache info   --cache DIR
 
 A cache holds one tower's embeddings: for a model with several third towers, `--tower NAME` says which (one cache
@@ -14,22 +15,26 @@ Layout (docs/cache.md specifies it byte for byte):
                                                 newline-joined), `image_crc32` [N] (checked by the training join),
                                                 metadata (shard size and sha256, skipped samples, and the
                                                 sidecar's own sha256, checked whenever it is read whole)
+    DIR/index.json, DIR/index.part-*.json       the index: each sidecar's header facts (rows, shard size, ...), so
+                                                that training reads one file, not every sidecar (see index.py)
 
 A sidecar is written to a temporary name and renamed, so "the file exists" means "the shard is done": a killed
 build is resumed by running it again, and ends byte-identical to an uninterrupted one. Training joins the sidecars
 to OpenCLIP's webdataset pipeline by (shard, __key__): see training/cached_data.py.
 
-The package: `format` (layout, manifest, fingerprint, sidecars), `build` (the builder), `check` (verify, validate,
-info), `cli` (the command line).
+The package: `format` (layout, manifest, fingerprint, sidecars), `index` (the index), `build` (the builder), `check`
+(verify, validate, info), `merge` (caches built in separate folders), `cli` (the command line).
 """
 from ..shards import image_bytes
 from .build import ShardReader, build, decode_loader, shard_split
 from .check import check_shards, info, validate, validate_plan, verify
+from .index import INDEX, read_index
+from .merge import merge
 from .format import (DTYPES, FORMAT, MANIFEST, PRECISIONS, CacheError, cached_tower, expand_shards, fingerprint,
                      image_crc32, load_sidecar, read_manifest, shard_id, sidecar_info, sidecar_path)
 from .cli import main
 
-__all__ = ["CacheError", "build", "verify", "validate", "validate_plan", "info", "main", "load_sidecar", "sidecar_path", "sidecar_info",
+__all__ = ["CacheError", "build", "verify", "validate", "validate_plan", "info", "merge", "read_index", "INDEX", "main", "load_sidecar", "sidecar_path", "sidecar_info",
            "expand_shards", "cached_tower", "fingerprint", "read_manifest", "shard_id", "shard_split",
            "image_bytes", "image_crc32", "check_shards", "ShardReader", "decode_loader", "FORMAT", "MANIFEST",
            "DTYPES", "PRECISIONS"]

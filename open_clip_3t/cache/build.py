@@ -15,6 +15,7 @@ from ..files import write_atomic
 from ..shards import IMAGE_EXTS, iter_samples, local_path
 from .format import (DTYPES, PRECISIONS, CacheError, cached_tower, check_shard_ids, encode_sidecar, ensure_manifest,
                      expand_shards, file_sha256, image_crc32, log, make_manifest, shard_id, sidecar_info, sidecar_path)
+from .index import entry, part_name, read_file, write_index
 
 
 # --- reading shards (inside DataLoader workers) ---------------------------------------------------------------
@@ -115,15 +116,27 @@ def shard_split(environ=None):
 
 def _check_sidecar_is_for(path, url):
     """A finished sidecar is skipped only if it was built from this shard: same size, and same sha256 when it was
-    built from another path (the data moved, or two sources share a folder name)."""
+    built from another path (the data moved, or two sources share a folder name). Returns its metadata."""
     info = sidecar_info(path)
     file = local_path(url)
     if file is None or (info["shard"] == url and os.path.getsize(file) == info["shard_size"]):
-        return
+        return info
     if os.path.getsize(file) != info["shard_size"] or file_sha256(file) != info["shard_sha256"]:
         raise CacheError(f"{path} was built from another shard ({info['shard']}, {info['shard_size']} bytes), not "
                          f"{url}: if two sources share a folder name, give one another name (a symlink will do); "
                          f"if the shard changed, delete the sidecar; or use another --out")
+    return info
+
+
+def write_part(out, index, count, entries):
+    """This builder's part of the cache's index (see index.py): its shards, added to those of its previous part (a
+    build of other shards into the same cache with the same split)."""
+    path = os.path.join(out, part_name(index, count))
+    try:
+        previous = read_file(path)
+    except (OSError, ValueError):
+        previous = {}
+    write_index(out, {**previous, **entries}, os.path.basename(path))
 
 
 def progress_bar(label, total_shards, quiet):
@@ -160,8 +173,8 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     index, count = split if split is not None else shard_split()
     mine = urls[index::count]
     todo = [(i, u) for i, u in enumerate(mine) if not os.path.exists(sidecar_path(out, u))]
-    for url in set(mine) - {u for _, u in todo}:
-        _check_sidecar_is_for(sidecar_path(out, url), url)
+    indexed = {shard_id(url): entry(_check_sidecar_is_for(sidecar_path(out, url), url))
+               for url in sorted(set(mine) - {u for _, u in todo})}
     label = f"cache build{'' if tower is None else ' ' + tower} [{index + 1}/{count}]"
     from ..third_tower import ThirdTower
     h = ThirdTower(cfg) if todo else None  # h's weights load strictly before the manifest binds them to `out`
@@ -171,6 +184,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     say(f"{label}: {len(mine)} of {len(urls)} shards are ours, {summary['already_done']} already done, "
         f"{len(todo)} to build into {out}")
     if not todo:
+        write_part(out, index, count, indexed)
         return summary
 
     h = h.to(device)
@@ -192,6 +206,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                              f"of {url}: nothing written; build with --precision fp32 if h overflows in {precision}, else "
                              f"check h's weights")
         write_atomic(path, encode_sidecar(emb, shard_keys, shard_crcs, info))
+        return shard_id(url), entry({**info, "rows": len(emb), "dim": emb.shape[1]})
 
     start, first, embedded = time.monotonic(), None, 0
     progress = progress_bar(label, len(todo), quiet)
@@ -232,9 +247,9 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                                       f"before it" if stats["truncated"] else ""), file=sys.stderr)
                 progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}",
                                          refresh=False)
-    for f in written:
-        f.result()
+    indexed.update(f.result() for f in written)
     writer.shutdown()
+    write_part(out, index, count, indexed)
     progress.close()
     end = time.monotonic()
     summary["seconds"] = end - start

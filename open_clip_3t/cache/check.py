@@ -5,8 +5,9 @@ import os
 
 from ..shards import local_path
 from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, cached_tower, check_shard_ids, expand_shards, file_sha256,
-                     fingerprint, fingerprint_diffs, load_sidecar, read_manifest, rebuild_hint, sidecar_info,
-                     sidecar_path)
+                     fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_ids,
+                     sidecar_info, sidecar_path)
+from .index import FIELDS, entry, fold_parts, index_files, read_index
 
 
 def check_shards(cache_dir, urls, checksum=False, dim=None):
@@ -54,24 +55,77 @@ def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=Fals
     manifest = read_manifest(cache_dir)
     expected = fingerprint(cached_tower(model, third_tower_weights, three_towers, tower))
     problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
-    missing, mismatched, _ = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
+    missing, mismatched, infos = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
     problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
     problems += ["mismatched: " + m for m in mismatched]
+    update_index(cache_dir, urls, infos)
     return problems
 
 
-def validate(cache_dir, train_data, cfg, policy="error"):
+def update_index(cache_dir, urls, infos):
+    """Bring the cache's index up to date for `urls` (each present sidecar's header in `infos`), folding the
+    builders' parts into index.json. A cache folder this process cannot write keeps its index (a warning says so)."""
+    entries, read = read_index(cache_dir)
+    for sid in shard_ids(urls):
+        entries.pop(sid, None)
+    entries.update(zip(shard_ids(list(infos)), map(entry, infos.values())))
+    try:
+        fold_parts(cache_dir, entries, read)
+    except OSError as e:
+        log(f"cache {cache_dir}: its index was not brought up to date ({type(e).__name__}: {e}); training reads the "
+            f"sidecar headers of the shards the index lacks")
+
+
+def indexed_shards(cache_dir, urls, ids, dim, primary, warn):
+    """(missing, mismatched, samples, skipped) of `urls` from the cache's index; a shard the index lacks has its
+    sidecar's header read. On the primary process only, each indexed shard's size is compared to its file's (a stat
+    per shard; the join checks each sample's image anyway)."""
+    index, _ = read_index(cache_dir, warn if primary else None)
+    rows, skipped, size, dim_at = (FIELDS.index(f) for f in ("rows", "skipped", "shard_size", "dim"))
+    unindexed, mismatched, samples, dropped = [], [], 0, 0
+    for url, sid in zip(urls, ids):
+        values = index.get(sid)
+        if values is None:
+            unindexed.append(url)
+            continue
+        samples, dropped = samples + values[rows], dropped + values[skipped]
+        if values[dim_at] != dim:
+            mismatched.append(f"{url}: sidecar has {values[dim_at]}-d embeddings, the third tower {dim}-d")
+        file = local_path(url) if primary else None
+        if file is not None:
+            try:
+                found = os.stat(file).st_size
+            except FileNotFoundError:
+                mismatched.append(f"{url}: shard file does not exist")
+                continue
+            if found != values[size]:
+                mismatched.append(f"{url}: shard is {found} bytes, the cache was built from {values[size]} bytes")
+    missing, more, infos = check_shards(cache_dir, unindexed, dim=dim)
+    if infos and primary:
+        warn(f"third-tower cache {cache_dir}: {len(infos)} of the {len(urls)} shards of --train-data are not in its "
+             f"index, so their sidecars' headers were read (one file each, at every start-up): run `python -m "
+             f"open_clip_3t.cache verify --cache {cache_dir} ...` once to bring the index up to date")
+    samples += sum(i["rows"] for i in infos.values())
+    dropped += sum(len(i["skipped"]) for i in infos.values())
+    return missing, mismatched + more, samples, dropped
+
+
+def validate(cache_dir, train_data, cfg, policy="error", primary=True, warn=log):
     """Before training: refuse (CacheError, one line) a cache for another third tower or other shards. Shards with
-    no sidecar are refused under policy 'error' and reported otherwise. Returns a summary dict."""
+    no sidecar are refused under policy 'error' and reported otherwise. Returns a summary dict.
+
+    Reads the manifest and the index (a few files, whatever the number of shards; the sidecar header of a shard the
+    index lacks). `primary` (one process per job: global rank 0) also checks the fingerprint, which hashes the
+    weights file, and each shard's size; the other ranks trust it (the job stops with it)."""
     urls = expand_shards(train_data)
-    check_shard_ids(urls)
+    ids = check_shard_ids(urls)
     manifest = read_manifest(cache_dir)
-    diffs = fingerprint_diffs(manifest["fingerprint"], fingerprint(cfg))
+    diffs = fingerprint_diffs(manifest["fingerprint"], fingerprint(cfg)) if primary else []
     if diffs:
         raise CacheError(f"third-tower cache {cache_dir} was built for another third tower than {cfg.name} "
                          f"({'; '.join(diffs)}): pass the same --model/--third-tower-weights as the build, or build a "
                          f"cache for this one")
-    missing, mismatched, infos = check_shards(cache_dir, urls, dim=cfg.embed_dim)
+    missing, mismatched, samples, skipped = indexed_shards(cache_dir, urls, ids, cfg.embed_dim, primary, warn)
     verify_hint = f"run `python -m open_clip_3t.cache verify --cache {cache_dir} ...` for the full list"
     if mismatched:
         raise CacheError(f"third-tower cache {cache_dir} does not match --train-data: {len(mismatched)} shard(s) "
@@ -83,18 +137,18 @@ def validate(cache_dir, train_data, cfg, policy="error"):
         raise CacheError(f"third-tower cache {cache_dir} covers none of the {len(urls)} shards of --train-data (first: "
                          f"{missing[0]}): --cache-missing skip would drop every sample; build the cache for these "
                          f"shards, or pass --cache-missing online")
-    return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"],
-            "samples": sum(i["rows"] for i in infos.values()),
-            "skipped": sum(len(i["skipped"]) for i in infos.values())}
+    return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"], "samples": samples,
+            "skipped": skipped}
 
 
 POLICIES = ("error", "skip", "online")
 
 
-def validate_plan(plan, train_data):
+def validate_plan(plan, train_data, primary=True):
     """Check the cache of each cached tower of a run's plan against `train_data` and that tower, under the plan's
-    --cache-missing policy. Raises CacheError (one line) on a mismatch, naming the tower a cache holds when it was
-    given for another; reads the weights files' bytes (sha256) and each sidecar's header, builds nothing. Returns
+    --cache-missing policy (see `validate`; `primary`: this process checks for the whole job). Raises CacheError
+    (one line) on a mismatch, naming the tower a cache holds when it was given for another; reads the manifest and the
+    index of each cache, and on the primary the weights files' bytes (sha256); builds nothing. Returns
     {tower name: the cache's totals (shards, samples, missing shards, skipped samples, dtype, embed_dim)}."""
     if plan.cache_missing not in POLICIES:
         raise CacheError(f"--cache-missing {plan.cache_missing}: use one of {', '.join(POLICIES)}")
@@ -103,7 +157,7 @@ def validate_plan(plan, train_data):
         if tower.source != "cache":
             continue
         try:
-            facts[tower.name] = validate(tower.cache, train_data, tower.cfg, plan.cache_missing)
+            facts[tower.name] = validate(tower.cache, train_data, tower.cfg, plan.cache_missing, primary)
         except CacheError:
             found = read_manifest(tower.cache)["fingerprint"]
             owners = [t.name for t in plan.towers if not fingerprint_diffs(found, fingerprint(t.cfg))]
@@ -120,7 +174,8 @@ def info(cache_dir):
     manifest = read_manifest(cache_dir)
     paths = sorted(glob.glob(os.path.join(glob.escape(cache_dir), "*", "*" + SUFFIX)))
     infos = [sidecar_info(p) for p in paths]
-    size = sum(os.path.getsize(p) for p in paths) + os.path.getsize(os.path.join(cache_dir, MANIFEST))
+    size = (sum(os.path.getsize(p) for p in paths) + os.path.getsize(os.path.join(cache_dir, MANIFEST))
+            + sum(stat.st_size for _, stat in index_files(cache_dir)))
     samples = sum(i["rows"] for i in infos)
     return {"model": manifest["model"], "tower": manifest.get("tower"),
             "third_tower": manifest["fingerprint"]["timm_model_name"],

@@ -1,4 +1,4 @@
-"""`python -m open_clip_3t.cache build|verify|info` (see the package docstring)."""
+"""`python -m open_clip_3t.cache build|verify|merge|info` (see the package docstring)."""
 import argparse
 import sys
 
@@ -9,6 +9,7 @@ from .build import build
 from .check import info, verify
 from ..weights import WeightsError
 from .format import DTYPES, PRECISIONS, CacheError, expand_shards
+from .merge import merge
 
 
 def main(argv=None):
@@ -37,6 +38,9 @@ def main(argv=None):
     p.add_argument("--checksum", action="store_true",
                    help="also read every sidecar whole (its own sha256, finite embeddings) and re-hash every shard "
                         "(sha256; reads all the data)")
+    p = sub.add_parser("merge", help="one cache from caches built in separate folders (one per node or array task)")
+    p.add_argument("parts", nargs="+", metavar="PART", help="cache folders, each with its manifest and sidecars")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged cache: a new (or empty) folder")
     p = sub.add_parser("info", help="print the manifest summary")
     p.add_argument("--cache", required=True, metavar="DIR")
     args = parser.parse_args(argv)
@@ -55,6 +59,10 @@ def main(argv=None):
                       file=sys.stderr)
                 return 1
             print(f"ok: {args.cache} covers {len(expand_shards(args.train_data))} shards for {args.model}")
+        elif args.command == "merge":
+            summary = merge(args.parts, args.out)
+            print(f"ok: {args.out} holds {summary['shards']} shards ({summary['samples']} samples) from "
+                  f"{summary['parts']} parts")
         else:
             for k, v in info(args.cache).items():
                 print(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import zlib
 
@@ -63,24 +64,47 @@ def shard_id(url):
         words = [w for w in path[len("pipe:"):].split() if ".tar" in w]
         path = words[-1] if words else path
     path = path.split("?")[0].rstrip("/")
-    if local_path(path) is not None:
-        path = os.path.abspath(path)
+    if local_path(path) is not None and not (path.startswith("/") and "/." not in path and "//" not in path):
+        path = os.path.abspath(path)  # (an absolute path without '.', '..' or '//' parts already is one)
     parts = path.replace("\\", "/").split("/")[-2:]
-    return "/".join(re.sub(r"[^A-Za-z0-9._-]", "_", p) or "_" for p in parts)
+    return "/".join(p if _NAME.fullmatch(p) else _UNSAFE.sub("_", p) or "_" for p in parts)
+
+
+_NAME, _UNSAFE = re.compile(r"[A-Za-z0-9._-]+"), re.compile(r"[^A-Za-z0-9._-]")
 
 
 def sidecar_path(cache_dir, url):
     return os.path.join(cache_dir, *shard_id(url).split("/")) + SUFFIX
 
 
-def check_shard_ids(urls):
-    """Refuse two shards that would share a sidecar (same folder name and file name in two sources)."""
-    seen = {}
+def shard_ids(urls):
+    """[shard_id(url) for url in urls], with one abspath per folder instead of one per shard (41,408 names at
+    start-up)."""
+    folders, ids = {}, []
     for url in urls:
-        other = seen.setdefault(shard_id(url), url)
-        if other != url:
-            raise CacheError(f"shards {other} and {url} map to the same sidecar {shard_id(url)}{SUFFIX}: the cache "
-                             f"names a shard by its folder and file name; give one folder another name (a symlink will do)")
+        head, _, name = url.rpartition("/")
+        if not head or not name or name in (".", "..") or ":" in url or "?" in url:
+            ids.append(shard_id(url))
+            continue
+        folder = folders.get(head)
+        if folder is None:
+            folder = folders[head] = shard_id(head + "/_").split("/")[0]
+        ids.append(f"{folder}/{name if _NAME.fullmatch(name) else _UNSAFE.sub('_', name)}")
+    return ids
+
+
+def check_shard_ids(urls):
+    """Refuse two shards that would share a sidecar (same folder name and file name in two sources). Returns each
+    url's shard_id, in order."""
+    ids = shard_ids(urls)
+    if len(set(ids)) != len(ids):
+        seen = {}
+        for url, sid in zip(urls, ids):
+            other = seen.setdefault(sid, url)
+            if other != url:
+                raise CacheError(f"shards {other} and {url} map to the same sidecar {sid}{SUFFIX}: the cache names a "
+                                 f"shard by its folder and file name; give one folder another name (a symlink will do)")
+    return ids
 
 
 # --- the fingerprint ------------------------------------------------------------------------------------------
@@ -199,12 +223,28 @@ def ensure_manifest(cache_dir, manifest):
               for k in ("dtype", "precision") if found.get(k) != manifest[k]]
     if diffs:
         raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank; nobody needs them now
-        try:
-            os.remove(stale)
-        except FileNotFoundError:
-            pass
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a killed rank (not one still writing it)
+        if _dead_writer(tmp[len(path) + len(".tmp."):]):
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
     return found
+
+
+def _dead_writer(host_pid):
+    """Whether the writer of a temporary file named by files.tmp_name ('<host>.<pid>') is a process of this host
+    that no longer runs (another host's writer cannot be asked: its file is left alone)."""
+    host, _, pid = host_pid.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 # --- sidecars -------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# local_cluster.sh -- a real single-node SLURM cluster on this machine, for tests
-# and for trying the sbatch launchers on a workstation (Debian/Ubuntu, run as root).
+# local_cluster.sh -- a real SLURM cluster on this machine (one node, or several: one slurmd
+# daemon per node, each on its own port), for tests and for trying the sbatch launchers on a
+# workstation (Debian/Ubuntu, run as root).
 #
 # Usage:
-#   scripts/slurm/local_cluster.sh start    # install (if needed) + start munged, slurmctld, slurmd;
-#                                           # waits until `srun -N1 -n1 hostname` works, then
+#   scripts/slurm/local_cluster.sh start    # install (if needed) + start munged, slurmctld, slurmd(s);
+#                                           # waits until `srun -N<nodes> hostname` works, then
 #                                           # prints `export SLURM_CONF=...` on stdout, so:
 #                                           #   eval "$(scripts/slurm/local_cluster.sh start)"
 #   scripts/slurm/local_cluster.sh stop     # stop only the daemons this script started (PID files)
@@ -15,11 +16,14 @@
 #   LOCAL_SLURM_DIR            state dir: slurm.conf, logs, spool, PID files, munge socket
 #                              [/tmp/open_clip_3t_slurm]
 #   LOCAL_SLURM_CTLD_PORT      SlurmctldPort [6817]
-#   LOCAL_SLURM_SLURMD_PORT    SlurmdPort [6818]
-#   LOCAL_SLURM_NODE           node name [$(hostname -s)] (resolvable, so launchers can use
-#                              the first host of SLURM_JOB_NODELIST as MASTER_ADDR)
+#   LOCAL_SLURM_SLURMD_PORT    SlurmdPort [6818]; node i of several listens on this port + i - 1
+#   LOCAL_SLURM_NODES          number of nodes [1]; several are several slurmd daemons on this
+#                              machine, each NodeAddr=127.0.0.1 (their names do not resolve: the
+#                              launchers meet at a node's NodeAddr, as on clusters whose names don't)
+#   LOCAL_SLURM_NODE           node name [$(hostname -s)]; with several nodes, their prefix [n]:
+#                              n1, n2, ...
 #   LOCAL_SLURM_PARTITION      partition name [local]
-#   LOCAL_SLURM_CPUS           CPUs of the node [$(nproc)]
+#   LOCAL_SLURM_CPUS           CPUs of each node [$(nproc)]
 #   LOCAL_SLURM_MEMORY_MB      RealMemory [90% of MemTotal]
 #   LOCAL_SLURM_GPUS           gres gpu count [number of /dev/nvidia<N> devices]; if set > 0 on
 #                              a machine without such devices, a count-only gpu gres is
@@ -37,6 +41,9 @@
 # dir, AuthInfo=socket=...), so two clusters in different LOCAL_SLURM_DIRs with different
 # ports can run side by side. A requeued job waits cred_expire seconds before it may start
 # again (default 120 s; here 10 s). `start` wipes the previous job state (fresh job ids).
+# Several nodes need a SLURM built with multiple-slurmd support (Debian's is): each slurmd
+# is started with `-N NAME` and has its own port, PID file, log and spool dir (%n in slurm.conf).
+# The nodes of a cluster that runs are its slurm.conf's: `stop`/`status` read them from there.
 set -euo pipefail
 
 readonly PACKAGES=(munge slurmctld slurmd slurm-client)
@@ -45,7 +52,7 @@ readonly EXIT_UNAVAILABLE=3
 STATE_DIR="${LOCAL_SLURM_DIR:-/tmp/open_clip_3t_slurm}"
 CTLD_PORT="${LOCAL_SLURM_CTLD_PORT:-6817}"
 SLURMD_PORT="${LOCAL_SLURM_SLURMD_PORT:-6818}"
-NODE="${LOCAL_SLURM_NODE:-$(hostname -s)}"
+NODE_COUNT="${LOCAL_SLURM_NODES:-1}"
 PARTITION="${LOCAL_SLURM_PARTITION:-local}"
 CRED_EXPIRE="${LOCAL_SLURM_CRED_EXPIRE:-10}"
 START_TIMEOUT="${LOCAL_SLURM_START_TIMEOUT:-90}"
@@ -59,14 +66,14 @@ PID_DIR="$STATE_DIR/pid"
 declare -A PIDFILE=(
     [munged]="$MUNGE_DIR/munged.pid"
     [slurmctld]="$PID_DIR/slurmctld.pid"
-    [slurmd]="$PID_DIR/slurmd.pid"
 )
 declare -A LOGFILE=(
     [munged]="$MUNGE_DIR/munged.log"
     [slurmctld]="$LOG_DIR/slurmctld.log"
-    [slurmd]="$LOG_DIR/slurmd.log"
 )
-readonly DAEMONS=(munged slurmctld slurmd)   # start order; stop in reverse
+declare -A NODE_OF=()   # slurmd daemon -> its node
+DAEMONS=()              # start order; stop in reverse (set_nodes)
+NODES=()
 
 export SLURM_CONF="$CONF"
 # Do not let an enclosing SLURM job (e.g. pytest run inside sbatch) leak into our clients.
@@ -82,7 +89,7 @@ unavailable() { echo "local_cluster: unavailable: $*" >&2; exit "$EXIT_UNAVAILAB
 # daemon is started with a path inside it). This guards against stale PID files whose
 # PID was reused by an unrelated process.
 our_pid() {  # our_pid NAME -> prints the PID and returns 0 if our daemon NAME runs
-    local name="$1" pidfile="${PIDFILE[$1]}" pid comm cmdline
+    local name="${1%%@*}" pidfile="${PIDFILE[$1]}" pid comm cmdline
     [[ -r "$pidfile" ]] || return 1
     pid="$(tr -dc '0-9' <"$pidfile")"
     [[ -n "$pid" && -d "/proc/$pid" ]] || return 1
@@ -111,6 +118,54 @@ log_tails() {
             tail -n 25 "${LOGFILE[$d]}" >&2 || true
         fi
     done
+}
+
+# --- nodes ---------------------------------------------------------------------------
+# set_nodes NAME... : the cluster's nodes. One node keeps the single-node file names (pid/slurmd.pid,
+# log/slurmd.log); several get one daemon each, slurmd@NAME, with files named by node (%n in slurm.conf).
+set_nodes() {
+    NODES=("$@")
+    DAEMONS=(munged slurmctld)
+    local n d
+    for n in "${NODES[@]}"; do
+        if ((${#NODES[@]} == 1)); then d=slurmd; else d="slurmd@$n"; fi
+        DAEMONS+=("$d")
+        NODE_OF[$d]="$n"
+        if ((${#NODES[@]} == 1)); then
+            PIDFILE[$d]="$PID_DIR/slurmd.pid"
+            LOGFILE[$d]="$LOG_DIR/slurmd.log"
+        else
+            PIDFILE[$d]="$PID_DIR/slurmd-$n.pid"
+            LOGFILE[$d]="$LOG_DIR/slurmd-$n.log"
+        fi
+    done
+}
+
+configured_nodes() {  # LOCAL_SLURM_NODES nodes (a fresh start)
+    local i names=()
+    [[ "$NODE_COUNT" =~ ^[1-9][0-9]*$ ]] || die "LOCAL_SLURM_NODES=$NODE_COUNT: give a number of nodes >= 1"
+    if ((NODE_COUNT == 1)); then
+        names=("${LOCAL_SLURM_NODE:-$(hostname -s)}")
+    else
+        for ((i = 1; i <= NODE_COUNT; i++)); do names+=("${LOCAL_SLURM_NODE:-n}$i"); done
+    fi
+    set_nodes "${names[@]}"
+}
+
+existing_nodes() {  # the nodes of this state dir's slurm.conf, if there is one; else configured_nodes
+    local names=""
+    [[ -r "$CONF" ]] && names="$(sed -n 's/^NodeName=\([^ ]*\) NodeAddr=.*/\1/p' "$CONF")"
+    if [[ -n "$names" ]]; then
+        # shellcheck disable=SC2086  # one name per line
+        set_nodes $names
+    else
+        configured_nodes
+    fi
+}
+
+node_list() {  # n1,n2 (sinfo -n, PartitionName Nodes=)
+    local IFS=,
+    echo "${NODES[*]}"
 }
 
 # --- installation --------------------------------------------------------------------
@@ -158,7 +213,7 @@ gpu_count() {
 }
 
 write_config() {
-    local cpus mem_mb gpus gres_line="" gres_types=""
+    local cpus mem_mb gpus gres_line="" gres_types="" i node_lines="" slurmd_pid slurmd_log slurmd_spool
     cpus="${LOCAL_SLURM_CPUS:-$(nproc)}"
     mem_mb="${LOCAL_SLURM_MEMORY_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)}"
     gpus="$(gpu_count)"
@@ -167,7 +222,7 @@ write_config() {
         gres_types="GresTypes=gpu"
         gres_line="Gres=gpu:$gpus"
         if [[ -e /dev/nvidia$((gpus - 1)) ]]; then
-            echo "NodeName=$NODE Name=gpu File=/dev/nvidia[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
+            echo "NodeName=$(node_list) Name=gpu File=/dev/nvidia[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
         else
             # No GPUs here: fake device files (slurmd wants one File per gpu; a count-only
             # gres is reported as 0). /dev/null's numbers if mknod works, else plain files
@@ -177,11 +232,19 @@ write_config() {
             for ((i = 0; i < gpus; i++)); do
                 mknod "$dev/nvidia$i" c 1 3 2>/dev/null || touch "$dev/nvidia$i"
             done
-            echo "NodeName=$NODE Name=gpu File=$dev/nvidia[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
+            echo "NodeName=$(node_list) Name=gpu File=$dev/nvidia[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
         fi
     fi
+    for i in "${!NODES[@]}"; do
+        node_lines+="NodeName=${NODES[$i]} NodeAddr=127.0.0.1 NodeHostname=$(hostname) Port=$((SLURMD_PORT + i))"
+        node_lines+=" CPUs=$cpus RealMemory=$mem_mb $gres_line State=UNKNOWN"$'\n'
+    done
+    slurmd_pid="${PIDFILE[slurmd]:-$PID_DIR/slurmd-%n.pid}"
+    slurmd_log="${LOGFILE[slurmd]:-$LOG_DIR/slurmd-%n.log}"
+    slurmd_spool="$STATE_DIR/spool/slurmd"
+    ((${#NODES[@]} == 1)) || slurmd_spool+="-%n"
     cat >"$CONF" <<EOF
-# Generated by scripts/slurm/local_cluster.sh -- single-node test cluster. Do not edit:
+# Generated by scripts/slurm/local_cluster.sh -- test cluster of ${#NODES[@]} node(s). Do not edit:
 # rewritten on every fresh start.
 ClusterName=open_clip_3t_local
 SlurmctldHost=$(hostname -s)(127.0.0.1)
@@ -194,11 +257,11 @@ CredType=cred/munge
 # own munged socket; cred_expire is also how long a requeued job waits before restarting
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE_DIR/spool/ctld
-SlurmdSpoolDir=$STATE_DIR/spool/slurmd
+SlurmdSpoolDir=$slurmd_spool
 SlurmctldPidFile=${PIDFILE[slurmctld]}
-SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmdPidFile=$slurmd_pid
 SlurmctldLogFile=${LOGFILE[slurmctld]}
-SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmdLogFile=$slurmd_log
 SlurmctldDebug=info
 SlurmdDebug=info
 # no cgroups, no systemd
@@ -226,8 +289,7 @@ InactiveLimit=0
 Waittime=0
 SlurmdTimeout=60
 SlurmctldTimeout=60
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$(hostname) CPUs=$cpus RealMemory=$mem_mb $gres_line State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+${node_lines}PartitionName=$PARTITION Nodes=$(node_list) Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     chmod 0644 "$CONF"
 }
@@ -267,11 +329,12 @@ start_slurmctld() {
     wait_for_pid slurmctld 20
 }
 
-start_slurmd() {
-    our_pid slurmd >/dev/null && return 0
-    rm -f "${PIDFILE[slurmd]}"
-    slurmd -f "$CONF" -N "$NODE" || { log_tails; die "slurmd failed to start"; }
-    wait_for_pid slurmd 20
+start_slurmd() {  # start_slurmd DAEMON (slurmd, or slurmd@NODE)
+    our_pid "$1" >/dev/null && return 0
+    rm -f "${PIDFILE[$1]}"
+    mkdir -p "$STATE_DIR/spool/slurmd$( ((${#NODES[@]} == 1)) || echo "-${NODE_OF[$1]}")"
+    slurmd -f "$CONF" -N "${NODE_OF[$1]}" || { log_tails; die "slurmd of node ${NODE_OF[$1]} failed to start"; }
+    wait_for_pid "$1" 20
 }
 
 wait_until_usable() {
@@ -279,7 +342,8 @@ wait_until_usable() {
     local deadline=$((SECONDS + START_TIMEOUT)) out
     while :; do
         if scontrol ping >/dev/null 2>&1 &&
-            out="$(timeout 20 srun --quiet -N1 -n1 -t 1 -J local_cluster_check hostname 2>&1)"; then
+            out="$(timeout 20 srun --quiet -N"${#NODES[@]}" -n"${#NODES[@]}" -t 1 -J local_cluster_check \
+                bash -c 'echo "$SLURMD_NODENAME"' 2>&1 | tr '\n' ' ')"; then
             log "srun works (ran on ${out})"
             return 0
         fi
@@ -292,10 +356,10 @@ wait_until_usable() {
         # a node that slurmctld rejected (e.g. configured CPUs/gres it does not have) never
         # becomes usable: fail now with the reason instead of at the timeout
         local state
-        state="$(sinfo -h -n "$NODE" -o '%T|%E' 2>/dev/null || true)"
-        if [[ "$state" == inval* ]]; then
+        state="$(sinfo -h -N -n "$(node_list)" -o '%N|%T|%E' 2>/dev/null | grep '|inval' | head -n1 || true)"
+        if [[ -n "$state" ]]; then
             log_tails
-            die "node $NODE rejected by slurmctld: ${state#*|}"
+            die "node ${state%%|*} rejected by slurmctld: ${state##*|}"
         fi
         sleep 1
     done
@@ -305,7 +369,7 @@ cmd_start() {
     local t0=$SECONDS n
     n="$(running_count)"
     if ((n == ${#DAEMONS[@]})); then
-        log "already running (state dir $STATE_DIR)"
+        log "already running (state dir $STATE_DIR, node(s) $(node_list))"
         print_env
         return 0
     fi
@@ -317,11 +381,13 @@ cmd_start() {
     ensure_munge_key
 
     if ((n == 0)); then
-        # fresh start: new config, empty job state (job ids restart at 1), rotated logs
+        # fresh start: new config (the nodes LOCAL_SLURM_NODES asks for), empty job state (job ids
+        # restart at 1), rotated logs
+        configured_nodes
         rm -rf "$STATE_DIR/spool"
-        mkdir -p "$STATE_DIR/spool/ctld" "$STATE_DIR/spool/slurmd" "$LOG_DIR" "$PID_DIR" "$MUNGE_DIR"
+        mkdir -p "$STATE_DIR/spool/ctld" "$LOG_DIR" "$PID_DIR" "$MUNGE_DIR"
         local f
-        for f in "${LOGFILE[slurmctld]}" "${LOGFILE[slurmd]}" "${LOGFILE[munged]}" "$STATE_DIR/jobcomp.txt"; do
+        for f in "$LOG_DIR"/*.log "${LOGFILE[munged]}" "$STATE_DIR/jobcomp.txt"; do
             if [[ -f "$f" ]]; then mv -f "$f" "$f.old"; fi
         done
         write_config
@@ -333,9 +399,12 @@ cmd_start() {
 
     start_munged
     start_slurmctld
-    start_slurmd
+    local d
+    for d in "${DAEMONS[@]}"; do
+        if [[ "$d" == slurmd* ]]; then start_slurmd "$d"; fi
+    done
     wait_until_usable
-    log "started in $((SECONDS - t0))s; state dir $STATE_DIR; partition '$PARTITION', node '$NODE'"
+    log "started in $((SECONDS - t0))s; state dir $STATE_DIR; partition '$PARTITION', node(s) $(node_list)"
     log "use it with:  eval \"\$($0 env)\"   (sets SLURM_CONF)"
     print_env
 }
@@ -407,6 +476,7 @@ cmd_status() {
 }
 
 main() {
+    existing_nodes
     case "${1:-}" in
         start) cmd_start ;;
         stop) cmd_stop ;;

@@ -15,10 +15,9 @@ definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image
 mean and median ranks.
 """
 import argparse
-import io
+import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,19 +25,19 @@ import open_clip
 import pandas as pd
 import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-from PIL import Image
 
 import open_clip_3t  # noqa: F401  (registers the 3T configs before any model name is resolved)
-from open_clip_3t._openclip import load_state_dict
+from open_clip_3t._openclip import checkpoint_path_for, load_state_dict
 # params.txt beside the run's checkpoints/ names the model and, for pretrained image towers, their normalisation
-from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run
-from open_clip_3t.files import write_atomic
+from open_clip_3t.export import _model_name_from_run, image_normalisation_of_run, no_model_name
+from open_clip_3t.factory import checkpoint_misfit
+from open_clip_3t.files import unwritable, write_atomic
 from open_clip_3t.model import checkpoint_layout, tower_keys
 from open_clip_3t.plan import resolve_plan
-from open_clip_3t.shards import expand_shards, image_bytes, iter_samples
 from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable
 
-from .eval_sets import ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader
+from .eval_sets import (ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader, pair_batches,
+                        val_shards)
 from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
                       retrieval_metrics, topk_correct, zero_shot_batches)
 
@@ -71,7 +70,7 @@ def resolve_spec(spec, model_name, flag, model_flag):
                          f"epoch_N.pt, an exported folder or local-dir:DIR")
     model_name = model_name or _model_name_from_run(spec)
     if model_name is None:
-        raise ValueError(f"cannot tell which model {spec} holds (no params.txt beside its run): pass {model_flag} NAME")
+        raise ValueError(f"cannot tell which model {spec} holds ({no_model_name(spec)}): pass {model_flag} NAME")
     return ModelSpec(f"{model_name} {spec}", model_name, spec)
 
 
@@ -108,6 +107,36 @@ def eval_plan(spec: ModelSpec, third_tower_weights=None, pair=None):
     return plan
 
 
+def check_fits(spec: ModelSpec, plan, flag):
+    """The weights of `spec` load into its model as `load_model` loads them (checked on the meta device, no tensor
+    read): a checkpoint of another model, or an exported folder whose config no longer matches its weights (e.g. a
+    hand-edited context_length, which OpenCLIP would silently resize to), stops here, before any model is built."""
+    if spec.checkpoint is None:
+        weights = checkpoint_path_for(spec.name, None)
+        if weights is None:
+            raise ValueError(f"{flag} {spec.name}: the folder holds no weights file (open_clip_model.safetensors), so "
+                             f"OpenCLIP would evaluate random weights: pass a folder written by `python -m "
+                             f"open_clip_3t.export`")
+        reason = checkpoint_unreadable(weights)
+        if reason:
+            raise ValueError(f"{flag} {spec.name}: {weights} does not load ({reason}): it is cut short or damaged; "
+                             f"export the checkpoint again (`python -m open_clip_3t.export`)")
+        misfit = checkpoint_misfit(spec.name, weights, strict=True)
+        fix = ("the folder's open_clip_config.json does not describe its weights (edited by hand?): restore it, or "
+               "export the checkpoint again")
+    else:
+        weights, kwargs = spec.checkpoint, plan.model_kwargs()
+        fix = "pass the --model it was trained with (its run's params.txt names it)"
+        if plan.built or plan.family != "3t":  # loaded by create_model(pretrained=...): h's weights are not read here
+            kwargs.update({"third_tower": {n: b and "random" for n, b in kwargs["third_tower"].items()}} if kwargs else {})
+            misfit = checkpoint_misfit(spec.name, weights, **kwargs)
+        else:  # f and g, strictly (see load_model)
+            towers = {tower_keys(name).tower for name in plan.tower_names}
+            misfit = checkpoint_misfit(spec.name, weights, strict=True, ignore=towers, **kwargs)
+    if misfit:
+        raise ValueError(f"{flag}: {weights} does not fit {spec.name} ({misfit}): {fix}")
+
+
 def load_model(spec: ModelSpec, device, precision, plan=None):
     """(model in eval mode, its eval preprocessing, its tokenizer), as `plan` (default: `eval_plan(spec)`) says.
     A checkpoint is evaluated with the image normalisation its run trained with (its params.txt)."""
@@ -142,84 +171,31 @@ def load_model(spec: ModelSpec, device, precision, plan=None):
     return model, preprocess, open_clip.get_tokenizer(spec.name)
 
 
-# --- retrieval shards -----------------------------------------------------------------------------------------
-
-def bad_shard(shard, error):
-    return ValueError(f"--val-data shard {shard} is truncated or not a tar file ({error}): replace it, or leave it "
-                      f"out of --val-data")
-
-
-def check_shard(shard):
-    """Walk a shard's tar headers (no member data read): a truncated or non-tar file is refused before any model is
-    loaded. For an uncompressed .tar, each member's data must also end within the file."""
-    size = os.path.getsize(shard)
-    try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if shard.endswith(".tar") and member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"member {member.name} ends after the end of the file")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise bad_shard(shard, f"{type(e).__name__}: {e}") from None
-
-
-def val_shards(spec):
-    """Shard paths of a --val-data spec ('val/{00000..00009}.tar', '::'-joined lists); all must exist and be
-    intact tars."""
-    shards = expand_shards(spec, flag="--val-data")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"--val-data: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing); "
-                                f"pass existing local .tar shards, e.g. 'data/val/{{00000..00009}}.tar'")
-    for shard in shards:
-        check_shard(shard)
-    return shards
-
-
-def read_pairs(shards):
-    """Yields (RGB PIL image, caption) from LAION-style shards, in shard order then tar order, grouped into samples
-    as OpenCLIP's training pipeline groups them; samples without an image or a txt are skipped, as it skips them."""
-    for shard in shards:
-        stats = {}
-        for sample in iter_samples(shard, stats):
-            image = image_bytes(sample)
-            if image is not None and "txt" in sample:
-                yield Image.open(io.BytesIO(image)).convert("RGB"), sample["txt"].decode("utf-8")
-        if stats["truncated"]:  # changed since check_shard
-            raise bad_shard(shard, stats["truncated"])
-
-
-def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):
-    """(images, tokenized captions) batches of the first `num_samples` pairs (all when None)."""
-    images, texts, n = [], [], 0
-    for image, text in read_pairs(shards):
-        if num_samples is not None and n >= num_samples:
-            break
-        images.append(preprocess(image))
-        texts.append(text)
-        n += 1
-        if len(images) == batch_size:
-            yield torch.stack(images), tokenizer(texts)
-            images, texts = [], []
-    if images:
-        yield torch.stack(images), tokenizer(texts)
-
 
 # --- scores and table -----------------------------------------------------------------------------------------
 
-def model_scores(model, preprocess, tokenizer, tasks, shards, args):
-    """One model's raw scores: {task prefix: (scores (N, C), targets (N,))} and the (N, N) retrieval scores."""
-    zeroshot = {}
-    for task in tasks:
-        classifier = build_classifier(model, tokenizer, task.classnames, task.templates, args.device, args.precision)
-        loader = folder_dataloader(task.root, preprocess, args.batch_size, args.workers)
-        batches = list(zero_shot_batches(model, classifier, loader, args.device, args.precision))
-        zeroshot[task.prefix] = (torch.cat([s for s, _ in batches]), torch.cat([t for _, t in batches]))
-    retrieval = None
-    if shards:
+RETRIEVAL = "retrieval"  # the name of the --val-data task (a zero-shot task is named by its metric prefix)
+
+
+def task_scores(model, preprocess, tokenizer, task, shards, args):
+    """One model's raw scores on one task: {"zeroshot": {prefix: (scores (N, C), targets (N,))}} for a zero-shot
+    task, {"retrieval": (N, N) scores} for the --val-data shards (task RETRIEVAL)."""
+    if task == RETRIEVAL:
         batches = pair_batches(shards, preprocess, tokenizer, args.batch_size, args.val_num_samples)
         image, text, _ = encode_pairs(model, batches, args.device, args.precision)
-        retrieval = logit_scale_of(model) * image @ text.t()
-    return {"zeroshot": zeroshot, "retrieval": retrieval}
+        return {"zeroshot": {}, "retrieval": logit_scale_of(model) * image @ text.t()}
+    classifier = build_classifier(model, tokenizer, task.classnames, task.templates, args.device, args.precision)
+    loader = folder_dataloader(task.root, preprocess, args.batch_size, args.workers)
+    batches = list(zero_shot_batches(model, classifier, loader, args.device, args.precision))
+    return {"zeroshot": {task.prefix: (torch.cat([s for s, _ in batches]), torch.cat([t for _, t in batches]))},
+            "retrieval": None}
+
+
+def task_counts(task, scores, shards):
+    """What the task's figures are over: {"pairs", "shards"} for retrieval, {"images", "classes"} for zero-shot."""
+    if task == RETRIEVAL:
+        return {"pairs": scores["retrieval"].shape[0], "shards": len(shards)}
+    return {"images": len(scores["zeroshot"][task.prefix][1]), "classes": len(task.classnames)}
 
 
 def metrics_row(zeroshot, retrieval, ks):
@@ -250,25 +226,39 @@ def combined_row(a, b, alpha, ks):
     return metrics_row(zeroshot, retrieval, ks)
 
 
-def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None, plan=None) -> pd.DataFrame:
+def evaluate_models(spec, tasks, shards, args, combine_spec=None, alphas=None, plan=None, out=None) -> pd.DataFrame:
     """The results table: one row for `spec`, or one row per alpha of its convex combination with `combine_spec`,
-    or with its own third-tower pair when its `plan` (see eval_plan) builds a tower h."""
+    or with its own third-tower pair when its `plan` (see eval_plan) builds a tower h. Task by task: each task's
+    rows and what they are over (images and classes, or pairs) are printed and, with `out`, written at once to
+    OUT/tasks/TASK.json, so that a later failure loses none of them."""
     ks = args.retrieval_k
     plan = plan or eval_plan(spec)
-    model, preprocess, tokenizer = load_model(spec, args.device, args.precision, plan)
-    logging.info(f"evaluating {spec.label}")
-    scores = model_scores(model, preprocess, tokenizer, tasks, shards, args)
+    first = load_model(spec, args.device, args.precision, plan)
+    second, label = None, spec.label
     if plan.built:
-        logging.info(f"evaluating the third-tower pair of {spec.label}")
-        other = model_scores(ThirdTowerPair(model), preprocess, tokenizer, tasks, shards, args)
-        label = f"{spec.label} + third-tower pair"
-    elif combine_spec is None:
-        return pd.DataFrame([{"model": spec.label, **single_row(scores, ks)}])
-    else:
-        logging.info(f"evaluating {combine_spec.label}")
-        other = model_scores(*load_model(combine_spec, args.device, args.precision), tasks, shards, args)
-        label = f"{spec.label} + {combine_spec.label}"
-    return pd.DataFrame([{"model": label, "alpha": float(a), **combined_row(scores, other, a, ks)} for a in alphas])
+        second, label = (ThirdTowerPair(first[0]), *first[1:]), f"{spec.label} + third-tower pair"
+    elif combine_spec is not None:
+        second, label = load_model(combine_spec, args.device, args.precision), f"{spec.label} + {combine_spec.label}"
+    rows = [{"model": label}] if second is None else [{"model": label, "alpha": float(a)} for a in alphas]
+    for task in [*tasks, *([RETRIEVAL] if shards else [])]:
+        name = task if task == RETRIEVAL else task.prefix
+        logging.info(f"evaluating {label} on {name}")
+        scores = task_scores(*first, task, shards, args)
+        if second is None:
+            part = [single_row(scores, ks)]
+        else:
+            other = task_scores(*second, task, shards, args)
+            part = [combined_row(scores, other, a, ks) for a in alphas]
+        for row, values in zip(rows, part):
+            row.update(values)
+        over = task_counts(task, scores, shards)
+        print(f"{name}: over {', '.join(f'{v} {k}' for k, v in over.items())}", flush=True)
+        if out is not None:
+            os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
+            write_atomic(os.path.join(out, "tasks", f"{name}.json"), json.dumps(
+                {"task": name, "over": over, "rows": [{**{k: row[k] for k in ("model", "alpha") if k in row}, **values}
+                                                     for row, values in zip(rows, part)]}, indent=1) + "\n")
+    return pd.DataFrame(rows)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -318,12 +308,18 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=4, help="Dataloader workers for the zero-shot folders.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--out", required=True, metavar="DIR", help="Writes DIR/results.csv and DIR/results.md.")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="Writes DIR/results.csv and DIR/results.md, and DIR/tasks/TASK.json as each task ends.")
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
     return parser, parser.parse_args(argv)
 
 
 def check_args(args):
     """Every input checked before a model is built; returns (spec, its plan, combine_spec, tasks, shards)."""
+    reason = unwritable(args.out)
+    if reason:
+        raise ValueError(f"--out {args.out}: cannot write there ({reason}): free space on that file system, or pass "
+                         f"an --out folder on a writable one")
     if args.checkpoint is not None:
         spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
     elif args.model is not None and (args.model.startswith("local-dir:") or os.path.isdir(args.model)):
@@ -342,6 +338,9 @@ def check_args(args):
     elif args.combine_model is not None:
         raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
     plan = eval_plan(spec, args.third_tower_weights, args.third_tower_pair)
+    check_fits(spec, plan, "--checkpoint" if args.checkpoint is not None else "--model")
+    if combine_spec is not None:
+        check_fits(combine_spec, eval_plan(combine_spec), "--combine-with")
     if combine_spec is not None or plan.built:
         bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
         if bad:
@@ -364,15 +363,28 @@ def check_args(args):
     return spec, plan, combine_spec, tasks, shards
 
 
+def one_line(error):
+    """An error's message on one line, also when a DataLoader worker raised it (torch then puts the worker's
+    traceback in the message, whose last line is 'module.Class: message')."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[-1].split(": ", 1)[1] if len(lines) > 1 and ": " in lines[-1] else lines[0]
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
         spec, plan, combine_spec, tasks, shards = check_args(args)
-        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, plan)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    paths = write_results(df, args.out)
+        df = evaluate_models(spec, tasks, shards, args, combine_spec, args.alphas, plan, out=args.out)
+        paths = write_results(df, args.out)
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a file system full or read-only
+            done = os.path.join(args.out, "tasks")
+            e = f"cannot write {e.filename or args.out} ({e.strerror or e}): free space on that file system, or pass " \
+                f"an --out folder on a writable one (the tasks finished before are in {done})"
+        parser.exit(2, f"{parser.prog}: error: {one_line(e)}\n")
     print(markdown_table(df), end="")
     print(f"wrote {' and '.join(paths)}")
     return df

@@ -16,8 +16,10 @@ TensorBoard/W&B) with seven of its helpers replaced (see training/_open_clip_tra
 - setup_logging: OpenCLIP's, without forcing INFO onto torch's loggers (their dynamo statistics at exit); TORCH_LOGS works.
 Before OpenCLIP starts, global rank 0 locks the run folder: one live job per LOGS/NAME (training/run_folder.py).
 """
+import glob
 import logging
 import os
+import shutil
 import sys
 
 import open_clip
@@ -156,10 +158,30 @@ def claim_run_folder(args):
     return lock
 
 
+def new_run_folder(args):
+    """Global rank 0: whether this run creates its folder LOGS/NAME (without --name, OpenCLIP names a new one)."""
+    return launch_rank() == 0 and bool(args.logs) and args.logs.lower() != "none" and not (
+        args.name and os.path.exists(os.path.join(args.logs, args.name)))
+
+
+def forget_unstarted_run(args):
+    """Remove the run folder this run created if it stops before its first checkpoint: it holds nothing to keep,
+    and its out.log would make OpenCLIP refuse the same --name ("Experiment already exists")."""
+    run_dir = os.path.join(args.logs, args.name) if args.name else None
+    if run_dir is None or not os.path.isdir(run_dir) or glob.glob(os.path.join(glob.escape(run_dir), "checkpoints",
+                                                                                 "*.pt")):
+        return
+    for handler in list(logging.getLogger().handlers):  # OpenCLIP's out.log handler
+        if os.path.abspath(getattr(handler, "baseFilename", "/")).startswith(os.path.abspath(run_dir) + os.sep):
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)  # our checks run here, before any process group, model or data
-    lock = None
+    lock, new_folder = None, new_run_folder(args)
     try:
         lock = claim_run_folder(args)
         with openclip_trainer(parse_args=lambda _: args, create_model_and_transforms=model_factory(args),
@@ -169,6 +191,10 @@ def main(argv=None):
     except STOPS as e:
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
             logging.error(one_line(e))
+        if new_folder:
+            forget_unstarted_run(args)
+        if args.debug:
+            raise
         fail(one_line(e))
     finally:
         if lock is not None:

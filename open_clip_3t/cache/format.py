@@ -175,15 +175,25 @@ def make_manifest(model, cfg, dtype, precision):
 
 def read_manifest(cache_dir):
     path = os.path.join(cache_dir, MANIFEST)
+    again = (f"copy it again from where the cache came from, or build the cache again into a new folder "
+             f"(`python -m open_clip_3t.cache build --out NEW_DIR ...`)")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
     except FileNotFoundError:
         raise CacheError(f"{cache_dir} is not a third-tower cache (no {MANIFEST}): build one with "
                          f"`python -m open_clip_3t.cache build --out {cache_dir} ...`") from None
-    if manifest.get("format") != FORMAT:
+    except ValueError as e:  # not JSON, not UTF-8
+        raise CacheError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}): it is cut short or "
+                         f"damaged; {again}") from None
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise CacheError(f"{path} is not a third-tower cache manifest (it has no \"format\" field): another file is "
+                         f"in its place; {again}")
+    if manifest["format"] != FORMAT:
         raise CacheError(f"{path} has format {manifest.get('format')!r}, this open_clip_3t reads {FORMAT!r}: rebuild "
                          f"the cache with this version")
+    if not isinstance(manifest.get("fingerprint"), dict) or "dtype" not in manifest:
+        raise CacheError(f"{path} lacks its fingerprint or dtype: it is damaged; {again}")
     return manifest
 
 

@@ -160,10 +160,10 @@ def train(world, out, *flags):
                   "--workers", "0", "--batch-size", "8", "--train-num-samples", "8", "--epochs", "1", *flags]
 
 
-def build(world, out, *flags, data=None, weights=None):
+def build(world, out, *flags, weights=True):
     from open_clip_3t.cache import main
-    return main, ["build", "--train-data", data or str(world / "data" / "{00000..00001}.tar"), "--model", "3T-tiny",
-                  "--out", str(out / "cache"), "--third-tower-weights", weights or str(world / "h.pth"),
+    return main, ["build", "--train-data", str(world / "data" / "{00000..00001}.tar"), "--model", "3T-tiny",
+                  "--out", str(out / "cache"), *(["--third-tower-weights", str(world / "h.pth")] if weights else []),
                   "--workers", "0", "--batch-size", "8", "--device", "cpu", *flags]
 
 
@@ -209,7 +209,8 @@ def built_shards_marked_damaged(world, out):
         return True
     problems = cache.verify(str(world / "data" / "{00000..00001}.tar"), "3T-tiny", str(out / "cache"),
                             str(world / "h.pth"))
-    return any(p.startswith(("damaged: ", "mismatched: ")) for p in problems)
+    return any(p.startswith(f"damaged: {world / 'data' / '00000.tar'}: the shard was cut short or damaged when the "
+                            f"cache was built") for p in problems)
 
 
 # --- the cases -----------------------------------------------------------------------------------------------------
@@ -550,9 +551,10 @@ def test_a_run_folder_that_cannot_be_written_stops_training_before_it_starts(fau
         assert f"--logs {fs}/logs: " in line and files_in(fs) == [] and not (fs / "logs").exists()
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(world, tmp_path, capfd):
-    """A fault seen only once OpenCLIP runs (here: every sample of the shard is dropped, so no batch can be drawn)
-    still stops with one line, and the run folder it created goes with it: the same --name can be used again."""
+def test_a_run_that_fails_before_its_first_checkpoint_does_not_block_its_name(world, tmp_path, capfd):
+    """A fault seen only once OpenCLIP runs (here: no sample of the shard has an image, so no batch can be drawn)
+    stops with one line; the run folder it created keeps its log as out.log.failed and no out.log, so it does not
+    look like a run and the same --name trains at once (one step)."""
     shard = tmp_path / "00000.tar"
     with tarfile.open(world / "data" / "00000.tar") as t, tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as out:
         for member in t.getmembers():
@@ -561,11 +563,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(world
     main, argv = train(world, tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(shard))
     outcome = call(main, argv, capfd)
     assert outcome.status == 2 and "Traceback" not in outcome.output
-    assert outcome.errors == ["training.main: error: training data: a full pass over the shards of the data loader "
-                              "gave 0 usable sample(s), fewer than one batch of 8, so the epoch could never end: check "
-                              "that the shards of --train-data exist and hold images with captions"]
-    assert "Start epoch 0" not in outcome.output or True
-    assert not (tmp_path / "logs" / "run").exists() and (tmp_path / "logs").exists()
+    error = ("training data: a full pass over the shards of the data loader gave 0 usable sample(s), fewer than one "
+             "batch of 8, so the epoch could never end: check that the shards of --train-data exist and hold images "
+             "with captions")
+    assert outcome.errors == [f"training.main: error: {error}"]
+    run = tmp_path / "logs" / "run"
+    assert not (run / "out.log").exists() and error in (run / "out.log.failed").read_text()
+    assert not list(run.glob("checkpoints/*.pt"))
+    main, argv = train(world, tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(world / "data" / "00000.tar"))
+    assert call(main, argv, capfd).status == 0 and (run / "checkpoints" / "epoch_1.pt").is_file()
 
 
 @pytest.mark.parametrize("fault", ["read-only", "full"])
@@ -634,6 +640,108 @@ def test_an_eval_that_runs_out_of_room_keeps_the_tasks_it_finished(world, tmp_pa
         done = json.loads((fs / "eval" / "tasks" / "zs-zeroshot.json").read_text())
         assert done["over"] == {"images": 14, "classes": 7} and len(done["rows"]) == 1
         assert 0 <= done["rows"][0]["zs-zeroshot-top1"] <= 1
+
+
+# --- the issue's twelve, where the sweep does not already show them ---------------------------------------------
+
+def test_a_third_tower_without_weights_trains_only_when_asked_for_by_name(world, tmp_path, capfd):
+    """Item 1: 3T-tiny's h (timm_model_pretrained false) trained as a random frozen tower with exit 0."""
+    from training.params import parse_args
+    main, argv = train(world, tmp_path, "--model", "3T-tiny", "--train-data", str(world / "data" / "00000.tar"))
+    outcome = call(main, argv, capfd)
+    assert outcome.status == 2 and outcome.errors == [
+        "training.main: error: --model 3T-tiny: its third tower (test_vit) would train with random weights: its "
+        "config has timm_model_pretrained false and no weights file, and no --third-tower-weights, --third-tower-cache "
+        "or 3T --pretrained checkpoint gives them; pass --third-tower-weights FILE, or --third-tower-random to train "
+        "against a random frozen tower on purpose"]
+    assert no_run_folder(world, tmp_path)
+    assert str(parse_args([*argv, "--third-tower-random"]).run_plan.tower()) == "third: test_vit from random (built)"
+    assert call(*build(world, tmp_path, weights=False), capfd).errors == [  # the cache refused it already
+        "python -m open_clip_3t.cache build: error: 3T-tiny's third tower third (test_vit) has no pretrained weights "
+        "(timm_model_pretrained is false): pass --third-tower-weights FILE"]
+
+
+def test_a_validation_shard_cut_between_two_members_is_refused(world, tmp_path, capfd):
+    """Item 2: a shard cut at a tar member boundary read as a shorter, whole one (26 of 64 pairs, no word)."""
+    with tarfile.open(world / "data" / "00000.tar") as t:
+        boundary = t.getmembers()[6].offset  # the header of the third sample
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes((world / "data" / "00000.tar").read_bytes()[:boundary])
+    outcome = call(*evaluate(world, tmp_path, "--checkpoint", str(ckpt(world)), "--val-data", str(shard)), capfd)
+    assert outcome.status == 2 and outcome.errors == [
+        f"python -m training.eval: error: --val-data shard {shard} is truncated or not a tar file (ReadError: no "
+        f"whole end-of-archive marker after the last member (the file ends at byte {boundary}): cut short): replace "
+        f"it, or leave it out of --val-data"]
+
+
+def test_legacy_checkpoints_load_and_pickles_that_run_code_do_not(world, tmp_path, capfd):
+    """Items 3 and 4: a checkpoint in torch's legacy (non-zip) format crashed in mmap (--pretrained, export); a
+    pickle that runs code was refused with a traceback advising weights_only=False, and left a run folder."""
+    from training.params import parse_args
+    legacy = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
+    legacy.parent.mkdir(parents=True)
+    shutil.copyfile(world / "run" / "params.txt", tmp_path / "run" / "params.txt")
+    torch.save(torch.load(ckpt(world), weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:2] != b"PK"
+    _, argv = train(world, tmp_path, *H, str(world / "h.pth"), "--train-data", str(world / "data" / "00000.tar"))
+    assert parse_args([*argv, "--pretrained", str(legacy)]).pretrained == str(legacy)
+    assert parse_args([*argv, "--resume", str(legacy)]).resume == str(legacy)
+    out = export_clip(legacy, tmp_path / "export")
+    assert open_clip.create_model(f"local-dir:{out}").state_dict()["logit_scale"] == \
+        torch.load(ckpt(world), weights_only=True)["state_dict"]["module.logit_scale"]
+    assert call(*evaluate(world, tmp_path, "--checkpoint", str(legacy), "--zeroshot-data", str(world / "zs")),
+                capfd).status == 0
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("echo ran",)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": RunsCode()}}, evil)
+    outcome = call(*train(world, tmp_path, *H, str(world / "h.pth"), "--train-data", str(world / "data" / "00000.tar"),
+                          "--pretrained", str(evil)), capfd)
+    assert outcome.status == 2 and outcome.errors == [
+        f"training.main: error: --pretrained {evil} does not load (UnpicklingError: it holds pickled Python objects "
+        f"(posix.system) that torch's safe loader refuses; such a file is never unpickled, since that can run any "
+        f"code): pass a checkpoint saved with torch.save (e.g. a training run's epoch_N.pt) or a .safetensors file"]
+    assert "ran" not in outcome.output and "weights_only=False" not in outcome.output
+    assert no_run_folder(world, tmp_path)
+
+
+def test_zero_training_samples_and_an_edited_context_length(world, tmp_path, capfd):
+    """Items 8 and 6: --train-num-samples 0 (a ZeroDivisionError and a run folder); an export whose
+    context_length was edited by hand (OpenCLIP resized the weights to it, silently)."""
+    main, argv = train(world, tmp_path, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(world / "data" / "00000.tar"))
+    outcome = call(main, [*argv, "--train-num-samples", "0"], capfd)
+    assert outcome.status == 2 and outcome.errors == [
+        "training.main: error: --train-num-samples 0: an epoch needs at least one sample; pass the number of samples "
+        "per epoch (e.g. the total of the shards' sizes)"] and no_run_folder(world, tmp_path)
+    edited = tmp_path / "edited"
+    shutil.copytree(world / "export", edited)
+    config = json.loads((edited / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["context_length"] = 20
+    (edited / "open_clip_config.json").write_text(json.dumps(config))
+    outcome = call(*evaluate(world, tmp_path, "--model", f"local-dir:{edited}", "--zeroshot-data", str(world / "zs")),
+                   capfd)
+    assert outcome.status == 2 and outcome.errors == [
+        f"python -m training.eval: error: --model: {edited}/open_clip_model.safetensors does not fit local-dir:{edited} "
+        f"(1 differ in shape (e.g. positional_embedding: file [32, 64], model [20, 64])): the folder's "
+        f"open_clip_config.json does not describe its weights (edited by hand?): restore it, or export the checkpoint "
+        f"again"]
+
+
+def test_shards_staged_under_another_folder_name_get_the_right_advice(world, tmp_path, capfd):
+    """Item 11: the cache names shards by folder and file name; shards copied to a folder of another name were told
+    to "finish the build"."""
+    staged = tmp_path / "scratch"
+    shutil.copytree(world / "data", staged)
+    hint = (f"the cache names a shard by its folder and file name, and holds data/00000.tar.safetensors, but "
+            f"--train-data's shards are in a folder named 'scratch': put them in (or symlink) a folder named 'data', "
+            f"or build a cache for these")
+    flags = [*cached(world)[:-1], str(staged / "{00000..00001}.tar")]
+    outcome = call(*train(world, tmp_path, *flags), capfd)
+    assert outcome.status == 2 and outcome.errors[0].endswith(f"): {hint}") and no_run_folder(world, tmp_path)
+    assert cache.verify(str(staged / "{00000..00001}.tar"), "3T-tiny", str(world / "cache"),
+                        str(world / "h.pth"))[-1] == f"missing: {hint}"
 
 
 # --- the real command lines, and the docs table ----------------------------------------------------------------------

@@ -8,7 +8,8 @@
     python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --third-tower-pair --third-tower-weights h.pth \
         --zeroshot-data data/pets_test --out results/3t+h
 
-Writes OUT/results.csv and OUT/results.md: one row for the model, or one row per alpha with --combine-with, where
+Writes OUT/tasks/TASK.json as each task ends (its rows and what they are over: images and classes, or pairs), then
+OUT/results.csv and OUT/results.md: one row for the model, or one row per alpha with --combine-with, where
 p = alpha * p_model + (1 - alpha) * p_combine_with, or with --third-tower-pair, where p_combine_with is the 3T
 model's own third-tower pair h_g(h(I)) . g_h(g(T)) (softmax probabilities; see training/metrics.py for the exact
 definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image_to_text_R@k, text_to_image_R@k,

@@ -164,9 +164,10 @@ def new_run_folder(args):
         args.name and os.path.exists(os.path.join(args.logs, args.name)))
 
 
-def forget_unstarted_run(args):
-    """Remove the run folder this run created if it stops before its first checkpoint: it holds nothing to keep,
-    and its out.log would make OpenCLIP refuse the same --name ("Experiment already exists")."""
+def set_aside_unstarted_run(args):
+    """The run folder this run created, when the run stops before its first checkpoint: its out.log (which says why)
+    becomes out.log.failed, so that the folder no longer looks like a run and OpenCLIP does not refuse the same --name
+    ("Experiment already exists"); a folder holding nothing else (no log yet) is removed."""
     run_dir = os.path.join(args.logs, args.name) if args.name else None
     if run_dir is None or not os.path.isdir(run_dir) or glob.glob(os.path.join(glob.escape(run_dir), "checkpoints",
                                                                                  "*.pt")):
@@ -175,7 +176,11 @@ def forget_unstarted_run(args):
         if os.path.abspath(getattr(handler, "baseFilename", "/")).startswith(os.path.abspath(run_dir) + os.sep):
             handler.close()
             logging.getLogger().removeHandler(handler)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    logs = [name for name in os.listdir(run_dir) if name.startswith("out") and name.endswith(".log")]
+    if not logs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for name in logs:
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".failed"))
 
 
 def main(argv=None):
@@ -192,7 +197,7 @@ def main(argv=None):
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
             logging.error(one_line(e))
         if new_folder:
-            forget_unstarted_run(args)
+            set_aside_unstarted_run(args)
         if args.debug:
             raise
         fail(one_line(e))

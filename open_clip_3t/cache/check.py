@@ -50,15 +50,17 @@ def check_shards(cache_dir, urls, checksum=False, dim=None):
     return missing, mismatched, infos
 
 
-def staged_elsewhere(cache_dir, missing):
-    """Advice for shards without a sidecar whose file names the cache holds under another folder name (the data was
-    copied to a folder of another name): None if it holds none of them."""
+def staged_elsewhere(cache_dir, missing, urls):
+    """Advice for shards without a sidecar whose file names the cache holds under another folder name, for shards
+    of the same size that are not themselves in `urls` (the data was copied to a folder of another name): None if it
+    holds none of them."""
+    used = {shard_id(u) for u in urls}
     for url in missing:
         folder, name = shard_id(url).split("/")
         file = local_path(url)
         for other in sorted(os.listdir(cache_dir)):
             path = os.path.join(cache_dir, other, name + SUFFIX)
-            if other == folder or not os.path.isfile(path):
+            if other == folder or f"{other}/{name}" in used or not os.path.isfile(path):
                 continue
             try:
                 if file is not None and os.path.isfile(file) and sidecar_info(path)["shard_size"] != os.path.getsize(file):
@@ -81,7 +83,7 @@ def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=Fals
     problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
     missing, mismatched, infos = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
     problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
-    hint = staged_elsewhere(cache_dir, missing)
+    hint = staged_elsewhere(cache_dir, missing, urls)
     problems += [f"missing: {hint}"] if hint else []
     problems += ["mismatched: " + m for m in mismatched]
     problems += [f"damaged: {url}: the shard was cut short or damaged when the cache was built ({info['truncated']}): "
@@ -107,7 +109,7 @@ def validate(cache_dir, train_data, cfg, policy="error"):
     if mismatched:
         raise CacheError(f"third-tower cache {cache_dir} does not match --train-data: {len(mismatched)} shard(s) "
                          f"differ (first: {mismatched[0]}); {verify_hint}")
-    hint = staged_elsewhere(cache_dir, missing) if missing else None
+    hint = staged_elsewhere(cache_dir, missing, urls) if missing else None
     if missing and (policy == "error" or hint and len(missing) == len(urls)):
         raise CacheError(f"third-tower cache {cache_dir} lacks {len(missing)} of {len(urls)} shards (first: "
                          f"{missing[0]}, no {sidecar_path(cache_dir, missing[0])}): "

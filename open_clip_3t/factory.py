@@ -78,8 +78,9 @@ def create_model(model_name, pretrained=None, *args, **kwargs):
             held is None or k.split(".")[0] in tower_modules))]
         unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in unbuilt]
         if missing or unexpected:
-            raise WeightsError(f"checkpoint {checkpoint} does not fit {model_name} ({misfit_line(missing, unexpected)}): "
-                               f"pass a 3T checkpoint of this model or a plain checkpoint of its f and g")
+            raise WeightsError(f"checkpoint {checkpoint} does not fit {model_name} "
+                               f"({misfit_line(missing, unexpected)}): pass a 3T checkpoint of this model or a plain "
+                               f"checkpoint of its f and g")
     if opts["precision"] in ("fp16", "bf16"):
         # OpenCLIP's fp16/bf16 casts f and g to half (every Linear; the whole model for a timm image tower) and keeps
         # its logit_scale fp32 where it can: the heads keep logit_scale's dtype, as the temperatures do (the forward

@@ -46,8 +46,9 @@ class _HashingReader:
     def read(self, n=-1):
         data = self.f.read(n)
         self.sha256.update(data)
-        if data.rstrip(b"\0"):
-            self.data_end = self.size + len(data.rstrip(b"\0"))
+        nonzero = len(data.rstrip(b"\0"))
+        if nonzero:
+            self.data_end = self.size + nonzero
         self.size += len(data)
         return data
 

@@ -98,7 +98,8 @@ def misfit_line(missing, unexpected, shapes=(), total=None):
     if unexpected:
         parts.append(f"{len(unexpected)} tensors of the file are not in the model (e.g. {list(unexpected)[:3]})")
     if shapes:
-        parts.append(f"{len(shapes)} differ in shape (e.g. {'; '.join(f'{k}: file {a}, model {b}' for k, a, b in shapes[:2])})")
+        examples = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in shapes[:2])
+        parts.append(f"{len(shapes)} differ in shape (e.g. {examples})")
     return "; ".join(parts)
 
 

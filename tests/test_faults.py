@@ -232,6 +232,15 @@ UNREADABLE = {"empty": "does not load (empty file)",
 JSON_SEE = {"empty": "is not valid JSON (JSONDecodeError: ", "cut short": "is not valid JSON (JSONDecodeError: ",
             "random bytes": "is not valid JSON (UnicodeDecodeError: "}
 SHARD_DAMAGED = "1 shard(s) of --train-data are cut short or damaged, or hold no sample (first: "
+CLASSNAMES_SEE = {"missing": "classnames.txt not found", "empty": "lists 0 class names but … has 7 class sub-folders",
+                  "cut short": "does not end with a newline, so its last line",
+                  "random bytes": "is not a UTF-8 text file of class names",
+                  "wrong kind": "holds prompt templates ('a picture of a {}.'), not class names"}
+CLASSNAMES_DO = {"missing": "write the class names there, one per line in the sorted order of the class sub-folders",
+                 "empty": "write one name per sub-folder, in sorted sub-folder order",
+                 "cut short": "check it, and end the file with a newline",
+                 "random bytes": "write class names there, one per line",
+                 "*": "one class name per line, in sorted sub-folder order"}
 
 
 @dataclass
@@ -391,14 +400,12 @@ KINDS = [
     Kind("zero-shot class names (`DIR/classnames.txt`)", "python -m training.eval --zeroshot-data DIR",
          lambda w: w / "zs" / "classnames.txt", lambda w: w / "zs" / "templates.txt",
          lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
-         see={"missing": "classnames.txt not found", "empty": "lists 0 class names but … has 7 class sub-folders",
-              "cut short": "does not end with a newline, so its last line", "random bytes": "is not a UTF-8 text file "
-              "of class names", "wrong kind": "holds prompt templates ('a picture of a {}.'), not class names"},
-         do={"missing": "write the class names there, one per line in the sorted order of the class sub-folders",
-             "empty": "write one name per sub-folder, in sorted sub-folder order",
-             "cut short": "check it, and end the file with a newline",
-             "random bytes": "write class names there, one per line",
-             "*": "one class name per line, in sorted sub-folder order"}),
+         see=CLASSNAMES_SEE, do=CLASSNAMES_DO),
+    Kind("zero-shot class names (`DIR/classnames.txt`)", "python -m training.main --zeroshot-data DIR",
+         lambda w: w / "zs" / "classnames.txt", lambda w: w / "zs" / "templates.txt",
+         lambda w, o: train(w, o, "--model", "3T-baseline-CLIP-tiny", "--train-data", str(w / "data" / "00000.tar"),
+                            "--zeroshot-data", str(w / "zs")), no_run_folder,
+         see=CLASSNAMES_SEE, do=CLASSNAMES_DO),
     Kind("zero-shot templates (`DIR/templates.txt`)", "python -m training.eval --zeroshot-data DIR",
          lambda w: w / "zs" / "templates.txt", lambda w: w / "zs" / "classnames.txt",
          lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
@@ -519,6 +526,8 @@ FOLDERS = [
            "kept and only the rest is built"),
     Folder("export (`--out`)", "python -m open_clip_3t.export FILE --out DIR", "read-only",
            "cannot write --out … (Read-only file system)", "choose a folder on a writable file system with free space"),
+    Folder("export (`--out`)", "python -m open_clip_3t.export FILE --out DIR", "full",
+           "cannot write --out … (No space left on device)", "choose a folder on a writable file system with free space"),
     Folder("export (`--out`)", "python -m open_clip_3t.export FILE --out DIR --overwrite", "full while writing",
            "cannot write --out … (No space left on device)",
            "choose a folder on a writable file system with free space (an earlier export there is kept)"),
@@ -601,10 +610,11 @@ def test_a_disk_that_fills_during_a_build_keeps_the_finished_sidecars(world, tmp
 def test_an_export_folder_that_cannot_be_written_keeps_the_earlier_export(world, tmp_path, capfd):
     def earlier(fs):
         shutil.copytree(world / "export", fs / "export")
-    with small_fs(tmp_path / "ro", read_only=True) as fs:
-        main, argv = export(world, fs, ckpt(world))
-        line = one_error(call(main, argv, capfd), folder_case("export", "python -m open_clip_3t.export", "read-only"), 1)
-        assert f"--out {fs}/export (" in line and files_in(fs) == []
+    for fault in ("read-only", "full"):
+        with small_fs(tmp_path / fault, read_only=fault == "read-only", free_pages=0 if fault == "full" else None) as fs:
+            main, argv = export(world, fs, ckpt(world))
+            line = one_error(call(main, argv, capfd), folder_case("export", "python -m open_clip_3t.export", fault), 1)
+            assert f"--out {fs}/export (" in line and files_in(fs) == []
     with small_fs(tmp_path / "full", free_pages=4, setup=earlier) as fs:  # room for the probe, not for the weights
         main, argv = export(world, fs, ckpt(world), "--overwrite")
         line = one_error(call(main, argv, capfd), folder_case("export", "python -m open_clip_3t.export", "full while "

@@ -16,6 +16,7 @@ definitions). Columns: model, [alpha,] NAME-zeroshot-top1/top5 per folder, image
 mean and median ranks.
 """
 import argparse
+import errno
 import json
 import logging
 import os
@@ -37,8 +38,8 @@ from open_clip_3t.model import checkpoint_layout, tower_keys
 from open_clip_3t.plan import resolve_plan
 from open_clip_3t.weights import checkpoint_keys, checkpoint_unreadable
 
-from .eval_sets import (ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader, pair_batches,
-                        val_shards)
+from .eval_sets import (ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader, one_line,
+                        pair_batches, val_shards)
 from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
                       retrieval_metrics, topk_correct, zero_shot_batches)
 
@@ -129,7 +130,8 @@ def check_fits(spec: ModelSpec, plan, flag):
         weights, kwargs = spec.checkpoint, plan.model_kwargs()
         fix = "pass the --model it was trained with (its run's params.txt names it)"
         if plan.built or plan.family != "3t":  # loaded by create_model(pretrained=...): h's weights are not read here
-            kwargs.update({"third_tower": {n: b and "random" for n, b in kwargs["third_tower"].items()}} if kwargs else {})
+            if "third_tower" in kwargs:
+                kwargs["third_tower"] = {name: build and "random" for name, build in kwargs["third_tower"].items()}
             misfit = checkpoint_misfit(spec.name, weights, **kwargs)
         else:  # f and g, strictly (see load_model)
             towers = {tower_keys(name).tower for name in plan.tower_names}
@@ -364,13 +366,6 @@ def check_args(args):
     return spec, plan, combine_spec, tasks, shards
 
 
-def one_line(error):
-    """An error's message on one line, also when a DataLoader worker raised it (torch then puts the worker's
-    traceback in the message, whose last line is 'module.Class: message')."""
-    lines = str(error).strip().splitlines() or [""]
-    return lines[-1].split(": ", 1)[1] if len(lines) > 1 and ": " in lines[-1] else lines[0]
-
-
 def main(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
@@ -381,10 +376,11 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         if args.debug:
             raise
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a file system full or read-only
-            done = os.path.join(args.out, "tasks")
-            e = f"cannot write {e.filename or args.out} ({e.strerror or e}): free space on that file system, or pass " \
-                f"an --out folder on a writable one (the tasks finished before are in {done})"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):  # a full disk, ...
+            e = f"cannot write {e.filename or args.out} ({e.strerror}): free space on that file system, or pass an " \
+                f"--out folder on a writable one (the tasks finished before are in {os.path.join(args.out, 'tasks')})"
+        elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            e = f"cannot read or write {e.filename} ({e.strerror or e}): check that file and its file system"
         parser.exit(2, f"{parser.prog}: error: {one_line(e)}\n")
     print(markdown_table(df), end="")
     print(f"wrote {' and '.join(paths)}")

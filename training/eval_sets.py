@@ -72,6 +72,13 @@ class EvalDataError(ValueError):
     """Evaluation data that cannot be read: the message is one line naming the file (or shard and sample) and the fix."""
 
 
+def one_line(error):
+    """An error's message on one line, also when a DataLoader worker raised it (torch then puts the worker's
+    traceback in the message, whose last line is 'module.Class: message')."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[-1].split(": ", 1)[1] if len(lines) > 1 and ": " in lines[-1] else lines[0]
+
+
 def _image_error(e):
     text = "not an image file PIL can read" if type(e).__name__ == "UnidentifiedImageError" else \
         (str(e).strip().splitlines() or [""])[0][:120]
@@ -235,13 +242,15 @@ def read_pairs(shards):
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             if ext is None or "txt" not in sample:
                 continue
+            member = ext
             try:
                 image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+                member = "txt"
                 text = sample["txt"].decode("utf-8")
             except Exception as e:
-                raise EvalDataError(f"--val-data shard {shard}, sample {sample['__key__']}: its .{ext if ext else 'txt'} "
-                                    f"does not decode ({_image_error(e)}): replace the shard, or leave it out of "
-                                    f"--val-data") from None
+                raise EvalDataError(f"--val-data shard {shard}, sample {sample['__key__']}: its .{member} does not "
+                                    f"decode ({_image_error(e)}): replace the shard, or leave it out of --val-data") \
+                    from None
             pairs += 1
             yield image, text
         if stats["truncated"]:  # changed since val_shards checked it

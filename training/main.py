@@ -33,6 +33,7 @@ from open_clip_3t.weights import WeightsError, create_timm_model
 
 from ._open_clip_train import launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
+from .eval_sets import EvalDataError
 from .params import fail, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import evaluate, train_one_epoch
@@ -130,8 +131,9 @@ def model_factory(args):
 
 
 # Our one-line errors: after the arguments are checked they can still come from the model build (weights), the
-# data loader (the cache join, an endless epoch) or the run folder (lock, resume).
-STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError)
+# data loader (the cache join, an endless epoch), an evaluation set (an image that does not decode) or the run folder
+# (lock, resume).
+STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, EvalDataError)
 
 
 def one_line(error):

@@ -23,7 +23,7 @@ from open_clip_3t.weights import (WeightsError, checkpoint_keys, checkpoint_unre
                                   on_meta_device)
 
 from ._open_clip_train import launch_rank, openclip_is_webdataset, openclip_parse_args
-from .eval_sets import add_eval_args
+from .eval_sets import add_eval_args, check_eval_args
 
 
 def add_three_towers_args(parser):
@@ -109,6 +109,7 @@ def check_train_data(args):
         return
     # OpenCLIP reads a damaged shard up to the damage (a cut between two members: silently): two small reads per
     # shard (its first tar header, its end-of-archive marker) find the empty, cut and foreign ones up front.
+    absent = set(absent)
     present = [u for u in urls if local_path(u) is not None and u not in absent]
     damaged = [(u, why) for u, why in ((u, tar_damage(local_path(u))) for u in present) if why]
     if damaged and len(damaged) == len(present):
@@ -197,7 +198,6 @@ def plan_run(args):
              f"with an AssertionError otherwise): add --lock-text-freeze-layer-norm")
     if three_towers:
         check_three_towers(args, plan)
-        check_random_towers(args, plan)
     if args.resume not in (None, "latest") and "://" not in args.resume:
         reason = checkpoint_unreadable(args.resume) if os.path.isfile(args.resume) else "no such file"
         if reason:
@@ -205,6 +205,10 @@ def plan_run(args):
                  f"--resume latest")
     if args.train_data:
         check_train_data(args)
+    try:  # the zero-shot folders, their class names and templates (cheap: no image is read)
+        check_eval_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     if plan.cached:
         plan = check_caches(args, plan)
     elif args.cache_missing != "error":
@@ -215,6 +219,8 @@ def plan_run(args):
                  f"whose vision_cfg has timm_model_name (e.g. 3T-baseline-LiT-ViT-B-16)")
         if args.pretrained_image:
             fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")
+    if three_towers:
+        check_random_towers(args, plan)
     if launch_rank() == 0:
         check_weights(plan)
         check_checkpoint_files(args, plan)

@@ -63,9 +63,10 @@ def staged_elsewhere(cache_dir, missing, urls):
             if other == folder or f"{other}/{name}" in used or not os.path.isfile(path):
                 continue
             try:
-                if file is not None and os.path.isfile(file) and sidecar_info(path)["shard_size"] != os.path.getsize(file):
-                    continue
+                size = sidecar_info(path)["shard_size"]
             except Exception:
+                continue
+            if file is not None and os.path.isfile(file) and size != os.path.getsize(file):
                 continue
             return (f"the cache names a shard by its folder and file name, and holds {other}/{name}{SUFFIX}, but "
                     f"--train-data's shards are in a folder named {folder!r}: put them in (or symlink) a folder named "

@@ -1,5 +1,6 @@
 """`python -m open_clip_3t.cache build|verify|info` (see the package docstring)."""
 import argparse
+import errno
 import sys
 
 import torch
@@ -73,11 +74,15 @@ def main(argv=None):
             raise
         print(f"{error} {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a read-only or full file system while the build writes
+    except OSError as e:  # e.g. a file system that fills while the build writes
         if args.debug:
             raise
-        print(f"{error} cannot write {e.filename or args.cache} ({e.strerror or e}): free space on that file system "
-              f"(or make it writable), then run the same command again: the finished sidecars are kept and only the "
-              f"rest is built", file=sys.stderr)
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            print(f"{error} cannot write {e.filename or args.cache} ({e.strerror}): free space on that file system "
+                  f"(or make it writable), then run the same command again: the finished sidecars are kept and only "
+                  f"the rest is built", file=sys.stderr)
+        else:
+            print(f"{error} cannot read or write {e.filename} ({e.strerror or e}): check that file and its file system",
+                  file=sys.stderr)
         return 2
     return 0

@@ -4,11 +4,31 @@ a half-written file under the real name; `unwritable` tells, before any work, wh
 import errno
 import os
 import socket
+import time
 
 
 def tmp_name(path):
     """A temporary name beside `path`, unique across the processes and nodes sharing the file system."""
     return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def abandoned(tmp, after_s=3600):
+    """Whether the temporary file `tmp` (a `tmp_name`) was left by a writer that is gone: a process of this host that
+    no longer runs, or, for another host's, one untouched for `after_s` seconds. Removing a live writer's temporary
+    file would make its rename fail."""
+    host, _, pid = tmp.rpartition(".tmp.")[2].rpartition(".")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # a live process of another user
+            return False
+        return False
+    try:
+        return time.time() - os.path.getmtime(tmp) > after_s
+    except FileNotFoundError:
+        return False
 
 
 def write_atomic(path, data, exclusive=False):

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ..files import write_atomic
+from ..files import abandoned, write_atomic
 from ..shards import expand_shards as list_shards
 from ..shards import local_path
 
@@ -209,11 +209,12 @@ def ensure_manifest(cache_dir, manifest):
               for k in ("dtype", "precision") if found.get(k) != manifest[k]]
     if diffs:
         raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank; nobody needs them now
-        try:
-            os.remove(stale)
-        except FileNotFoundError:
-            pass
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank (not one still writing its own)
+        if abandoned(stale):
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
     return found
 
 

@@ -136,9 +136,12 @@ def checkpoint_misfit(model_name, checkpoint, strict=False, ignore=(), **create_
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
-            if strict:
+            try:
                 model = open_clip.create_model(model_name, load_weights=False, device="meta", pretrained_text=False,
                                                **create_kwargs)
+            except Exception:  # a model that cannot be built here (e.g. a Hugging Face tower offline): the real
+                return None    # build and load will say why
+            if strict:
                 ours = {k: list(v.shape) for k, v in model.state_dict().items()}
                 file = {k: list(v.shape) for k, v in meta_state_dict(checkpoint).items()
                         if k.split(".")[0] not in ignore}

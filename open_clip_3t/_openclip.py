@@ -42,12 +42,34 @@ def check_openclip_version(version=None):
 
 # --- reading configs and checkpoints ------------------------------------------------------------------------
 
+class ModelConfigError(ValueError):
+    """A local-dir: model config that cannot be read: the message is one line naming the file and the fix."""
+
+
+def _check_local_config(path):
+    """Refuse (ModelConfigError) a local-dir: folder's open_clip_config.json that OpenCLIP could not read, or would
+    read as a config of nothing (json.load and config['model_cfg'] fail with lines that name no file)."""
+    fix = "copy it again from where it came from (for an exported model: export it again)"
+    try:
+        config = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelConfigError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:100]}): it is cut short or "
+                               f"damaged; {fix}") from None
+    cfg = config.get("model_cfg", config) if isinstance(config, dict) else None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("vision_cfg", "text_cfg")):
+        raise ModelConfigError(f"{path} is not an OpenCLIP model config (no model_cfg with vision_cfg and text_cfg): "
+                               f"{fix}")
+
+
 def read_model_config(model_name):
     """The full model config (OpenCLIP schema + three_towers section) of a registered name or local-dir:, or None
-    (hf-hub: names are not fetched: a released 3T model is a plain CLIP)."""
+    (hf-hub: names are not fetched: a released 3T model is a plain CLIP). A local-dir: config that cannot be read
+    raises ModelConfigError."""
     schema, identifier = oc_factory.parse_model_name(model_name)
     if schema == "hf-hub" or schema == "local-dir" and not (Path(identifier) / "open_clip_config.json").is_file():
         return None
+    if schema == "local-dir":
+        _check_local_config(Path(identifier) / "open_clip_config.json")
     return oc_factory.get_model_config(model_name if schema else model_name.replace("/", "-"))
 
 
@@ -132,6 +154,20 @@ def load_state_dict(path):
     """OpenCLIP's state-dict reader: handles safetensors, {'state_dict': ...} and 'module.' prefixes. Never
     unpickles code (weights_only=True)."""
     return oc_factory.load_state_dict(path, weights_only=True)
+
+
+@contextlib.contextmanager
+def reading_shapes_only(meta_state_dict):
+    """Within the block, OpenCLIP's checkpoint reader (`open_clip.factory.load_state_dict`, which its
+    `load_checkpoint` calls) returns `meta_state_dict(path)` (meta tensors): a model built on the meta device then
+    goes through OpenCLIP's whole loading path (format conversions, position-embedding resizing, the final
+    `load_state_dict`) and fails where a real load would, without reading tensor data."""
+    original = oc_factory.load_state_dict
+    oc_factory.load_state_dict = lambda path, *args, **kwargs: meta_state_dict(path)
+    try:
+        yield
+    finally:
+        oc_factory.load_state_dict = original
 
 
 def openclip_model_class(cfg, force_custom_text=False):

@@ -25,22 +25,28 @@ from safetensors.torch import save as save_safetensors
 
 from ._openclip import (RemoteCodeError, check_remote_code, hf_text_tower_trust, load_state_dict, model_exists,
                         openclip_model_class, remote_code_trusted, trusting_remote_code)
-from .files import write_atomic
+from .files import unwritable, write_atomic
 from .model import clip_state_dict, towers_in
 from .plan import resolve_plan
-from .weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite
+from .weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite, load_error_line
 
 
 def _run_params(checkpoint):
     """OpenCLIP writes logs/RUN/params.txt beside logs/RUN/checkpoints/ (`name: value` lines); '' if absent."""
     params = Path(checkpoint).resolve().parent.parent / "params.txt"
-    return params.read_text() if params.is_file() else ""
+    return params.read_text(errors="replace") if params.is_file() else ""
 
 
 def _model_name_from_run(checkpoint):
     """`model: NAME` from the run's params.txt."""
     match = re.search(r"^model: (\S+)$", _run_params(checkpoint), flags=re.M)
     return match.group(1) if match else None
+
+
+def no_model_name(checkpoint):
+    """Why the run's params.txt names no model (for an error line)."""
+    params = Path(checkpoint).resolve().parent.parent / "params.txt"
+    return f"{params} has no 'model: NAME' line" if params.is_file() else f"no params.txt beside its run ({params})"
 
 
 def image_normalisation_of_run(checkpoint):
@@ -153,16 +159,24 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
         raise ValueError(f"checkpoint {checkpoint} does not load ({reason}): pass a training checkpoint (epoch_N.pt) "
                          f"or a saved state dict")
     _check_out(out_dir, overwrite)
+    reason = unwritable(out_dir)
+    if reason:
+        raise ValueError(f"cannot write --out {out_dir} ({reason}): choose a folder on a writable file system with "
+                         f"free space")
     given = model_name is not None
     model_name = model_name or _model_name_from_run(checkpoint)
     if model_name is None:
-        raise ValueError(f"cannot tell which model {checkpoint} holds (no params.txt beside its run): "
+        raise ValueError(f"cannot tell which model {checkpoint} holds ({no_model_name(checkpoint)}): "
                          f"pass --model 3T-NAME (model_name=...)")
     source = "--model" if given else "its run's params.txt"
     if not model_exists(model_name):
         raise ValueError(f"model {model_name} (from {source}) does not exist: pass the 3T --model the checkpoint was "
                          f"trained with")
-    if not towers_in(checkpoint_keys(checkpoint)):
+    keys = checkpoint_keys(checkpoint)
+    if not towers_in(keys) and "logit_scale" not in keys:
+        raise ValueError(f"{checkpoint} holds no 3T heads and is no CLIP checkpoint either ({len(keys)} tensors, e.g. "
+                         f"{keys[:3]}): pass a 3T training checkpoint (epoch_N.pt)")
+    if not towers_in(keys):
         raise ValueError(f"{checkpoint} holds no 3T heads: it is not a 3T checkpoint, and a plain CLIP checkpoint "
                          f"needs no export (load it with open_clip.create_model_and_transforms('{model_name}', "
                          f"pretrained='{checkpoint}'))")
@@ -184,8 +198,12 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
     build_cfg = {k: v for k, v in clip_cfg.items() if k != "custom_text"}
     if "hf_model_name" in build_cfg["text_cfg"]:
         build_cfg["text_cfg"] = {**build_cfg["text_cfg"], "hf_model_pretrained": False}
-    with hf_text_tower_trust(trusted):
-        openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
+    try:
+        with hf_text_tower_trust(trusted):
+            openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (from {source}): {load_error_line(e)}; "
+                         f"pass the 3T --model it was trained with") from None
 
     preprocess_cfg = asdict(PreprocessCfg())
     preprocess_cfg["size"] = clip_cfg["vision_cfg"].get("image_size", preprocess_cfg["size"])
@@ -199,7 +217,7 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
         _write_export(out_dir, files)
     except OSError as e:
         raise ValueError(f"cannot write --out {out_dir} ({e.strerror or e}): choose a folder on a writable file "
-                         f"system") from None
+                         f"system with free space (an earlier export there is kept)") from None
     return out_dir
 
 
@@ -213,11 +231,14 @@ def main(argv=None):
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
                              "a config's trust_remote_code), refused by default: only for models you trust")
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
     try:
         out = export_clip(args.checkpoint, args.out, model_name=args.model, overwrite=args.overwrite,
                           trust_remote_code=args.trust_remote_code)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if args.debug:
+            raise
         sys.exit(f"error: {e}")
     print(f"exported plain OpenCLIP model to {out} (load with create_model_and_transforms('local-dir:{out}'))")
 

@@ -2,15 +2,19 @@
 `three_towers` section (installed under OpenCLIP's names by open_clip_3t/_openclip.py; every other model takes
 OpenCLIP's own path, untouched)."""
 import inspect
+import logging
+import warnings
 
+import open_clip
 import torch
 
 from ._openclip import (ORIGINAL, SECTION, checkpoint_path_for, factory_builds, hide_no_weights_warning,
-                        load_openclip_checkpoint, openclip_model_class, read_model_config, read_three_towers_section)
+                        load_openclip_checkpoint, openclip_model_class, read_model_config, read_three_towers_section,
+                        reading_shapes_only)
 from .loss import ThreeTowersLoss, ThreeTowersSigLipLoss
 from .model import ThreeTowersCLIP, ThreeTowersCustomTextCLIP, checkpoint_layout, is_three_towers_key, tower_keys
 from .plan import resolve_plan
-from .weights import checkpoint_keys
+from .weights import WeightsError, checkpoint_keys, load_error_line, meta_state_dict, misfit_line
 
 # OpenCLIP's class -> ours. OpenCLIP picks the class from the config (`custom_text`, an `hf_model_name` text tower,
 # `multimodal_cfg` for CoCa); we swap the class it picks, so that choice stays OpenCLIP's.
@@ -74,9 +78,9 @@ def create_model(model_name, pretrained=None, *args, **kwargs):
             held is None or k.split(".")[0] in tower_modules))]
         unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in unbuilt]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}): pass a 3T checkpoint of this model or a plain checkpoint of its f "
-                             f"and g")
+            raise WeightsError(f"checkpoint {checkpoint} does not fit {model_name} "
+                               f"({misfit_line(missing, unexpected)}): pass a 3T checkpoint of this model or a plain "
+                               f"checkpoint of its f and g")
     if opts["precision"] in ("fp16", "bf16"):
         # OpenCLIP's fp16/bf16 casts f and g to half (every Linear; the whole model for a timm image tower) and keeps
         # its logit_scale fp32 where it can: the heads keep logit_scale's dtype, as the temperatures do (the forward
@@ -116,3 +120,42 @@ def create_loss(args):
     if plan.family != "3t":
         return ORIGINAL["create_loss"](args)
     return three_towers_loss(plan, args)
+
+
+# --- does a checkpoint fit a model? (checked before any real model is built) ------------------------------------
+
+def checkpoint_misfit(model_name, checkpoint, strict=False, ignore=(), **create_kwargs):
+    """Why the weights in `checkpoint` would not load into `model_name` (built with `create_kwargs`), as one short
+    line; None if they would. Builds the model on the meta device and reads no tensor data (a safetensors header, a
+    memory-mapped torch file). strict=False: as `create_model(model_name, pretrained=checkpoint)` loads them
+    (OpenCLIP's conversions and position-embedding resizing, 3T's rules for plain and cached checkpoints);
+    strict=True: as `load_state_dict(strict=True)` does, every weight by name and shape (--resume, a 3T evaluation, an
+    export folder), except the file's tensors under the modules named in `ignore` (towers the model does not build)."""
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the meta build's "creation process complete" and "no pretrained weights" lines
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
+            try:
+                model = open_clip.create_model(model_name, load_weights=False, device="meta", pretrained_text=False,
+                                               **create_kwargs)
+            except Exception:  # a model that cannot be built here (e.g. a Hugging Face tower offline): the real
+                return None    # build and load will say why
+            if strict:
+                ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+                file = {k: list(v.shape) for k, v in meta_state_dict(checkpoint).items()
+                        if k.split(".")[0] not in ignore}
+                shapes = [(k, file[k], ours[k]) for k in ours if k in file and file[k] != ours[k]]
+                missing, unexpected = [k for k in ours if k not in file], [k for k in file if k not in ours]
+                return misfit_line(missing, unexpected, shapes, len(ours)) or None
+            try:
+                with reading_shapes_only(meta_state_dict):
+                    open_clip.create_model(model_name, pretrained=checkpoint, device="meta", **create_kwargs)
+            except Exception as e:  # whatever the loading path raises is the reason a real load would fail
+                described = isinstance(e, WeightsError) or str(e).startswith("Error(s) in loading state_dict")
+                # another error (e.g. OpenCLIP's AssertionError on a position embedding): name what differs instead
+                return load_error_line(e) if described else (
+                    checkpoint_misfit(model_name, checkpoint, strict=True, **create_kwargs) or load_error_line(e))
+            return None
+    finally:
+        root.setLevel(level)

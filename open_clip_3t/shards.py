@@ -3,6 +3,7 @@
 import functools
 import gzip
 import hashlib
+import os
 import re
 import tarfile
 import zlib
@@ -49,10 +50,14 @@ class _HashingReader:
 
     def __init__(self, f):
         self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self.data_end = 0  # the offset just after the last non-zero byte read
 
     def read(self, n=-1):
         data = self.f.read(n)
         self.sha256.update(data)
+        nonzero = len(data.rstrip(b"\0"))
+        if nonzero:
+            self.data_end = self.size + nonzero
         self.size += len(data)
         return data
 
@@ -63,21 +68,87 @@ class _HashingReader:
 
 def _tar_members(fileobj, stats):
     """(name, bytes) of the regular members webdataset reads; a truncated/corrupt tar ends the shard early.
-    Other errors (an I/O error of the file system) propagate: a shard must not look read."""
+    Other errors (an I/O error of the file system) propagate: a shard must not look read. For an uncompressed tar,
+    stats["end"] is where its end-of-archive marker must start (checked once the whole file is read)."""
     try:
         stream = tarfile.open(fileobj=fileobj, mode="r|*")
         for member in stream:
             if member.isreg() and not _SKIP_META.match(member.name):
                 yield member.name, stream.extractfile(member).read()
+        if stream.fileobj.comptype == "tar":
+            stats["end"] = stream.offset
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        stats["truncated"] = f"{type(e).__name__}: {e}"
+        stats["truncated"] = _error_line(e)
+
+
+def _end_damage(end, size, data_end):
+    """Why an uncompressed tar whose members stop at byte `end` is not whole (None if it is): tarfile (and webdataset)
+    stop silently where a file was cut between two members, or at bytes that are no tar header; only the
+    end-of-archive marker (zero blocks) after the last member tells a whole tar from a cut or damaged one."""
+    if data_end > end:
+        return f"ReadError: bytes at offset {end} are neither a tar header nor the end-of-archive marker (cut short " \
+               f"inside a header, or damaged)"
+    if size < end + 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return f"ReadError: no whole end-of-archive marker after the last member (the file ends at byte {size}): " \
+               f"cut short"
+    return None
+
+
+def _error_line(e):
+    """'Type: message' of a tar reading error, on one line."""
+    text = (str(e).strip().splitlines() or [""])[0].rstrip(":")
+    if text.startswith("file could not be opened successfully"):  # tarfile tried every compression
+        text = "not a tar file"
+    return f"{type(e).__name__}: {text}"
+
+
+def tar_damage(path, walk=False):
+    """Why the local tar file `path` is not a whole tar, as one short line; None if it looks whole. Cheap (two small
+    reads): not empty, a tar header at the start and, for an uncompressed tar, the end-of-archive marker at the end.
+    With `walk`, every member header is read too (no member data), and each member must end within the file."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty file"
+    with open(path, "rb") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+        compressed = head[:2] == b"\x1f\x8b"  # gzip: only reading it whole finds damage
+        if not compressed and not walk:
+            try:
+                tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+            except tarfile.EOFHeaderError:
+                return "ReadError: a tar without members"
+            except tarfile.HeaderError:
+                return "ReadError: no tar header at its start: not a tar file"
+            if size % tarfile.BLOCKSIZE:
+                return f"ReadError: its size ({size} bytes) is not a whole number of 512-byte tar blocks: cut short"
+            f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+            if f.read().strip(b"\0"):
+                return "ReadError: no end-of-archive marker at its end: cut short"
+            return None
+    if not walk:
+        return None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not compressed and member.offset_data + member.size > size:
+                    return f"ReadError: member {member.name} ends after the end of the file"
+            end = tar.offset
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        return _error_line(e)
+    if compressed:
+        return None
+    with open(path, "rb") as f:
+        f.seek(end)
+        rest = f.read()
+    return _end_damage(end, size, end + len(rest.rstrip(b"\0")))
 
 
 def iter_samples(url, stats=None):
     """Samples {__key__, ext: bytes, ...} of a shard grouped as OpenCLIP's training pipeline groups them
     (open_clip_train.data.group_by_keys_nothrow: a new sample starts when the key changes or an extension repeats;
-    extensions lower-cased). Fills `stats` with the shard's size and sha256 and, for a truncated or corrupt tar, the
-    reason in stats["truncated"] (the samples before it are yielded, as OpenCLIP's pipeline yields them)."""
+    extensions lower-cased). Fills `stats` with the shard's size and sha256 and, for a truncated or corrupt tar (also
+    one cut between two members, or without its end-of-archive marker), the reason in stats["truncated"] (the samples
+    before it are yielded, as OpenCLIP's pipeline yields them)."""
     from webdataset.gopen import gopen
     stats = {} if stats is None else stats
     stats["truncated"] = None
@@ -99,5 +170,8 @@ def iter_samples(url, stats=None):
             yield current
         reader.drain()
         stats["size"], stats["sha256"] = reader.size, reader.sha256.hexdigest()
+        end = stats.pop("end", None)
+        if end is not None and not stats["truncated"]:
+            stats["truncated"] = _end_damage(end, reader.size, reader.data_end)
     finally:
         raw.close()

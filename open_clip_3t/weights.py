@@ -2,6 +2,7 @@
 file, or a one-line WeightsError), checkpoint files described without reading their tensors."""
 import contextlib
 import logging
+import os
 import re
 import warnings
 
@@ -67,6 +68,10 @@ def create_timm_model(name, weights=None, pretrained=True, what="weights", **kwa
     timm's `pretrained_cfg_overlay` door, else timm's hub), loaded strictly: every parameter and buffer of the model
     comes from the weights, or WeightsError (one line). timm itself would keep random weights with a log line."""
     source = weights if weights else f"(timm's hub weights of {name})"
+    unreadable = checkpoint_unreadable(weights) if pretrained and weights and os.path.isfile(weights) else None
+    if unreadable:
+        raise WeightsError(f"{what} {source} cannot be read ({unreadable}): pass a state dict saved with "
+                           f"torch.save(model.state_dict(), FILE) or a .safetensors file")
     records = []
     overlay = dict(file=weights) if weights else None
     with _recording_timm_loads(records, what, source, name):
@@ -83,6 +88,37 @@ def create_timm_model(name, weights=None, pretrained=True, what="weights", **kwa
     return model
 
 
+def misfit_line(missing, unexpected, shapes=(), total=None):
+    """'N of the model's weights are not in the file (e.g. [...]); ...' for the keys and shapes that do not fit."""
+    parts = []
+    if missing:
+        whose = f"of the model's {total} weights" if total else "weights of the model"
+        parts.append(f"{len(missing)} {whose} are not in the file (e.g. {list(missing)[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors of the file are not in the model (e.g. {list(unexpected)[:3]})")
+    if shapes:
+        examples = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in shapes[:2])
+        parts.append(f"{len(shapes)} differ in shape (e.g. {examples})")
+    return "; ".join(parts)
+
+
+def load_error_line(error):
+    """One line from an exception of OpenCLIP's or torch's checkpoint loading (load_state_dict's lists of keys and
+    shapes are summarised)."""
+    if isinstance(error, WeightsError) and " does not fit " in str(error):
+        return str(error).split(" (", 1)[1].rsplit("): ", 1)[0]
+    text = str(error)
+    if text.startswith("Error(s) in loading state_dict"):
+        def keys(kind):
+            found = re.search(rf"{kind} key\(s\) in state_dict: (.*?)\.\s*$", text, flags=re.M)
+            return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        shapes = [(k, list(map(int, re.findall(r"\d+", a))), list(map(int, re.findall(r"\d+", b)))) for k, a, b in
+                  re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                             r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", text)]
+        return misfit_line(keys("Missing"), keys("Unexpected"), shapes)
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
+
+
 def on_meta_device(build):
     """Run `build()` (which reads weights files) with the model on the meta device: the checks of a strict load,
     without memory or compute for the model. A failure there is confirmed on the CPU, since a timm checkpoint
@@ -95,17 +131,40 @@ def on_meta_device(build):
         build()
 
 
-def checkpoint_keys(path):
-    """Parameter names in a checkpoint file without reading its tensors (safetensors header / torch mmap)."""
+def _zipped(path):
+    """Whether `path` is in torch.save's zip format (which torch can memory-map), not its legacy one."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+TORCH_LEGACY_START = b"\x80\x02\x8a\x0a"  # torch.save's legacy format: a protocol-2 pickle of its magic number
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def meta_state_dict(path):
+    """The state dict of a checkpoint or weights file as meta tensors (names, shapes, dtypes; no tensor data read:
+    a safetensors header, or a torch checkpoint memory-mapped), unwrapped from {'state_dict': ...} and without
+    DDP's 'module.' prefix, as OpenCLIP's reader unwraps it."""
     if str(path).endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            sd = {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
+                                 device="meta") for k, s in slices.items()}
     else:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", mmap=_zipped(path), weights_only=True)
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-        keys = list(sd.keys())
-    return [k[len("module."):] if k.startswith("module.") else k for k in keys]
+        sd = {k: torch.empty_like(v, device="meta") for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def checkpoint_keys(path):
+    """Parameter names in a checkpoint file without reading their tensors (safetensors header / torch mmap)."""
+    return list(meta_state_dict(path))
 
 
 def checkpoint_unreadable(path):
@@ -113,14 +172,18 @@ def checkpoint_unreadable(path):
     not a checkpoint at all), as one short line; None if it reads. Cheap: a zip checkpoint (torch.save's format) is
     memory-mapped, so its directory and pickle are read, not its tensors; a .safetensors file's header is read."""
     try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
         if str(path).endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(str(path), framework="pt"):
                 pass
         else:
             with open(path, "rb") as f:
-                zipped = f.read(4) == b"PK\x03\x04"
-            torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
+                start = f.read(4)
+            if start != b"PK\x03\x04" and start != TORCH_LEGACY_START:
+                return "not a file torch.save wrote (neither its zip nor its legacy format), nor a .safetensors file"
+            torch.load(path, map_location="cpu", mmap=start == b"PK\x03\x04", weights_only=True)
     except Exception as e:
         return error_line(e)
     return None

@@ -378,7 +378,7 @@ def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
     cfg["three_towers"] = k2
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     args = parse_args(["--model", f"local-dir:{tmp_path}", "--third-tower-weights", f"vit={h_weights}",
-                       "--init-image-from-third-tower", "vit"])
+                       "--init-image-from-third-tower", "vit", "--third-tower-random"])  # resnet: random, by name
     assert args.run_plan.init_image_from == "vit" and args.run_plan.tower("vit").cfg.weights == h_weights
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     f, vit = model.visual.trunk.state_dict(), model.vit_tower.model.state_dict()

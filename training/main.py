@@ -16,8 +16,10 @@ TensorBoard/W&B) with seven of its helpers replaced (see training/_open_clip_tra
 - setup_logging: OpenCLIP's, without forcing INFO onto torch's loggers (their dynamo statistics at exit); TORCH_LOGS works.
 Before OpenCLIP starts, global rank 0 locks the run folder: one live job per LOGS/NAME (training/run_folder.py).
 """
+import glob
 import logging
 import os
+import shutil
 import sys
 
 import open_clip
@@ -32,6 +34,7 @@ from open_clip_3t.weights import WeightsError, create_timm_model
 
 from ._open_clip_train import RendezvousError, launch_rank, openclip_setup_logging, openclip_trainer
 from .data import TrainingDataError, get_data
+from .eval_sets import EvalDataError
 from .long_run import CheckpointError, Diverged, Preempted, install_signal_handlers, save_checkpoint
 from .params import fail, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
@@ -130,10 +133,10 @@ def model_factory(args):
 
 
 # Our one-line errors: after the arguments are checked they can still come from the rendezvous, the model build
-# (weights, a model's own code), the data loader (the cache join, an endless epoch), the run folder (lock, resume)
-# or a long run (divergence, a checkpoint that cannot be written).
+# (weights, a model's own code), the data loader (the cache join, an endless epoch), an evaluation set (an image that
+# does not decode), the run folder (lock, resume) or a long run (divergence, a checkpoint that cannot be written).
 STOPS = (CacheError, WeightsError, TrainingDataError, RunFolderError, Diverged, CheckpointError,
-         RemoteCodeError, RendezvousError)
+         RemoteCodeError, RendezvousError, EvalDataError)
 
 
 def one_line(error):
@@ -160,11 +163,36 @@ def claim_run_folder(args):
     return lock
 
 
+def new_run_folder(args):
+    """Global rank 0: whether this run creates its folder LOGS/NAME (without --name, OpenCLIP names a new one)."""
+    return launch_rank() == 0 and bool(args.logs) and args.logs.lower() != "none" and not (
+        args.name and os.path.exists(os.path.join(args.logs, args.name)))
+
+
+def set_aside_unstarted_run(args):
+    """The run folder this run created, when the run stops before its first checkpoint: its out.log (which says why)
+    becomes out.log.failed, so that the folder no longer looks like a run and OpenCLIP does not refuse the same --name
+    ("Experiment already exists"); a folder holding nothing else (no log yet) is removed."""
+    run_dir = os.path.join(args.logs, args.name) if args.name else None
+    if run_dir is None or not os.path.isdir(run_dir) or glob.glob(os.path.join(glob.escape(run_dir), "checkpoints",
+                                                                                 "*.pt")):
+        return
+    for handler in list(logging.getLogger().handlers):  # OpenCLIP's out.log handler
+        if os.path.abspath(getattr(handler, "baseFilename", "/")).startswith(os.path.abspath(run_dir) + os.sep):
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    logs = [name for name in os.listdir(run_dir) if name.startswith("out") and name.endswith(".log")]
+    if not logs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for name in logs:
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".failed"))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)  # our checks run here, before any process group, model or data
     install_signal_handlers()  # SIGUSR1 / SIGTERM: save and stop at the next step boundary (training/long_run.py)
-    lock = None
+    lock, new_folder = None, new_run_folder(args)
     try:
         lock = claim_run_folder(args)
         with openclip_trainer(rendezvous_timeout=args.rendezvous_timeout,
@@ -181,6 +209,10 @@ def main(argv=None):
     except STOPS as e:
         if logging.getLogger().handlers:  # OpenCLIP's log is set up: keep the reason in out.log too
             logging.error(one_line(e))
+        if new_folder:
+            set_aside_unstarted_run(args)
+        if args.debug:
+            raise
         fail(one_line(e), code=1 if isinstance(e, (Diverged, CheckpointError)) else 2)
     finally:
         if lock is not None:

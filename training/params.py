@@ -13,16 +13,17 @@ import sys
 from open_clip_3t._openclip import CONFIG_DIR, RemoteCodeError, check_remote_code, model_exists
 from open_clip_3t.cache import CacheError, expand_shards, validate_plan
 from open_clip_3t.config import DEFAULT_TOWER, parse_named
-from open_clip_3t.factory import check_supported
+from open_clip_3t.factory import check_supported, checkpoint_misfit
+from open_clip_3t.files import unwritable
 from open_clip_3t.model import checkpoint_layout
 from open_clip_3t.plan import resolve_plan
-from open_clip_3t.shards import local_path
+from open_clip_3t.shards import local_path, tar_damage
 from open_clip_3t.third_tower import ThirdTower
 from open_clip_3t.weights import (WeightsError, check_model_weights, checkpoint_keys, checkpoint_unreadable,
                                   create_timm_model, on_meta_device)
 
 from ._open_clip_train import launch_rank, openclip_is_webdataset, openclip_parse_args
-from .eval_sets import add_eval_args
+from .eval_sets import add_eval_args, check_eval_args
 
 
 def add_three_towers_args(parser):
@@ -49,6 +50,10 @@ def add_three_towers_args(parser):
                        help="Read a third tower's embeddings from its precomputed cache (python -m open_clip_3t.cache "
                             "build) instead of running it: that tower is not built at all. DIR for a model with one "
                             "tower, NAME=DIR per cached tower for several; a tower without a cache runs online.")
+    group.add_argument("--third-tower-random", action="store_true",
+                       help="Train against a third tower with random frozen weights, when its config names no "
+                            "pretrained weights (timm_model_pretrained false) and no --third-tower-weights, cache or 3T "
+                            "--pretrained checkpoint gives them (tests, ablations). Without it such a run stops.")
     group.add_argument("--cache-missing", choices=["error", "skip", "online"], default="error",
                        help="With --third-tower-cache: what to do with a sample missing from a cache "
                             "(online builds that tower and computes it).")
@@ -122,6 +127,21 @@ def check_train_data(args):
     if absent:  # OpenCLIP skips them (a warning each time one is read): kept, but said once up front
         print(f"training.main: warning: {len(absent)} of the {len(urls)} shards of --train-data do not exist (first: "
               f"{absent[0]}); training on the others", file=sys.stderr)
+    if launch_rank() != 0:
+        return
+    # OpenCLIP reads a damaged shard up to the damage (a cut between two members: silently): two small reads per
+    # shard (its first tar header, its end-of-archive marker) find the empty, cut and foreign ones up front.
+    absent = set(absent)
+    present = [u for u in urls if local_path(u) is not None and u not in absent]
+    damaged = [(u, why) for u, why in ((u, tar_damage(local_path(u))) for u in present) if why]
+    if damaged and len(damaged) == len(present):
+        fail(f"--train-data: shard {damaged[0][0]} is not a whole tar file ({damaged[0][1]})"
+             f"{f', nor are the other {len(damaged) - 1}' if len(damaged) > 1 else ''}: replace it (copy it again, or "
+             f"rewrite it), or leave it out of --train-data")
+    if damaged:
+        print(f"training.main: warning: {len(damaged)} of the {len(urls)} shards of --train-data are not whole tar "
+              f"files (first: {damaged[0][0]}: {damaged[0][1]}); OpenCLIP reads each up to the damage: replace them, "
+              f"or leave them out of --train-data", file=sys.stderr)
 
 
 def check_weights(plan):
@@ -166,7 +186,14 @@ def pretrained_towers(args):
 def plan_run(args):
     """The run's plan, from the flags and the model config; every inconsistent flag is refused here (one line, exit
     2), before any model, data or process group is created."""
-    if not model_exists(args.model):
+    if args.train_num_samples is not None and args.train_num_samples < 1:
+        fail(f"--train-num-samples {args.train_num_samples}: an epoch needs at least one sample; pass the number of "
+             f"samples per epoch (e.g. the total of the shards' sizes)")
+    try:
+        exists = model_exists(args.model)
+    except ValueError as e:  # a local-dir: config that cannot be read
+        fail(f"--model {args.model}: {e}")
+    if not exists:
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         fail(f"--model {args.model} does not exist (no OpenCLIP or 3T config of that name): pick one of "
              f"open_clip.list_models(), e.g. {', '.join(ours)}")
@@ -188,7 +215,8 @@ def plan_run(args):
             ("--three-towers-transfer", args.three_towers_transfer),
             ("--three-towers-head", args.three_towers_head),
             ("--init-image-from-third-tower", args.init_image_from_third_tower),
-            ("--third-tower-cache", args.third_tower_cache)) if value]
+            ("--third-tower-cache", args.third_tower_cache),
+            ("--third-tower-random", args.third_tower_random)) if value]
         if used:
             fail(f"{', '.join(used)} apply to 3T models only, but --model {args.model} has no three_towers section: "
                  f"use a 3T model (e.g. --model 3T-ViT-B-16) or drop these flags")
@@ -224,6 +252,10 @@ def plan_run(args):
     check_model_files(args)
     if args.train_data:
         check_train_data(args)
+    try:  # the zero-shot folders, their class names and templates (cheap: no image is read)
+        check_eval_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     if plan.cached:
         plan = check_caches(args, plan)
     elif args.cache_missing != "error":
@@ -234,9 +266,72 @@ def plan_run(args):
                  f"whose vision_cfg has timm_model_name (e.g. 3T-baseline-LiT-ViT-B-16)")
         if args.pretrained_image:
             fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")
+    if three_towers:
+        check_random_towers(args, plan)
     if launch_rank() == 0:
         check_weights(plan)
+        check_checkpoint_files(args, plan)
+        check_logs(args)
     return plan
+
+
+def check_random_towers(args, plan):
+    """A frozen tower whose weights nothing gives would train 3T against noise: only when asked for by name."""
+    random = [t for t in plan.towers if t.source == "random"]
+    if random and not args.third_tower_random:
+        t = random[0]
+        which = "its third tower" if len(plan.towers) == 1 else f"its third tower {t.name}"
+        fail(f"--model {args.model}: {which} ({t.cfg.timm_model_name}) would train with random weights: its config "
+             f"has timm_model_pretrained false and no weights file, and no --third-tower-weights, --third-tower-cache "
+             f"or 3T --pretrained checkpoint gives them; pass --third-tower-weights "
+             f"{'' if len(plan.towers) == 1 else t.name + '='}FILE, or --third-tower-random to train against a random "
+             f"frozen tower on purpose")
+    if args.third_tower_random and not random:
+        fail(f"--third-tower-random: every third tower of {args.model} has weights ({'; '.join(map(str, plan.towers))})"
+             f": drop the flag")
+
+
+def meta_build_kwargs(args, plan):
+    """create_model keywords that build the run's model with the same weight names and shapes, reading no weights."""
+    kwargs = {"force_custom_text": args.force_custom_text, "force_image_size": args.force_image_size}
+    if plan.family == "3t":
+        kwargs.update(three_towers=plan.section,
+                      third_tower={t.name: "random" if t.build else False for t in plan.towers})
+    return kwargs
+
+
+def check_checkpoint_files(args, plan):
+    """--pretrained FILE and --resume FILE: readable, and of this model (checked on the meta device: no tensor read),
+    so that a wrong file stops the run before its folder, model or process group exist."""
+    path = args.pretrained
+    if path and not os.path.isfile(path):
+        if os.sep in path or path.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz")):
+            fail(f"--pretrained {path}: no such file; pass an existing checkpoint file, or one of OpenCLIP's "
+                 f"pretrained tags (open_clip.list_pretrained())")
+    elif path and not path.endswith((".npz", ".npy")):
+        reason = checkpoint_unreadable(path)
+        if reason:
+            fail(f"--pretrained {path} does not load ({reason}): pass a checkpoint saved with torch.save (e.g. a "
+                 f"training run's epoch_N.pt) or a .safetensors file")
+        misfit = checkpoint_misfit(args.model, path, **meta_build_kwargs(args, plan))
+        if misfit:
+            fail(f"--pretrained {path} does not fit --model {args.model} ({misfit}): pass a checkpoint of that model "
+                 f"(for 3T: a 3T checkpoint of it, or a plain one of its f and g), or the --model it was trained with")
+    if args.resume not in (None, "latest") and "://" not in args.resume:
+        misfit = checkpoint_misfit(args.model, args.resume, strict=True, **meta_build_kwargs(args, plan))
+        if misfit:
+            fail(f"--resume {args.resume} does not fit --model {args.model} ({misfit}): resume with the --model and "
+                 f"third-tower flags it was trained with, or pass a checkpoint of this run")
+
+
+def check_logs(args):
+    """The run folder's file system takes files: a read-only or full one stops the run before anything is created."""
+    if not args.logs or args.logs.lower() == "none":
+        return
+    reason = unwritable(args.logs)
+    if reason:
+        fail(f"--logs {args.logs}: cannot write there ({reason}): free space on that file system, or pass a --logs "
+             f"folder on a writable one")
 
 
 def check_three_towers(args, plan):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..files import write_atomic
+from ..files import unwritable, write_atomic
 from ..shards import IMAGE_EXTS, iter_samples, local_path
 from .format import (DTYPES, PRECISIONS, CacheError, cached_tower, check_shard_ids, encode_sidecar, ensure_manifest,
                      expand_shards, file_sha256, image_crc32, log, make_manifest, shard_id, sidecar_info, sidecar_path)
@@ -176,11 +176,15 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     indexed = {shard_id(url): entry(_check_sidecar_is_for(sidecar_path(out, url), url))
                for url in sorted(set(mine) - {u for _, u in todo})}
     label = f"cache build{'' if tower is None else ' ' + tower} [{index + 1}/{count}]"
+    reason = unwritable(out) if todo else None
+    if reason:
+        raise CacheError(f"--out {out}: cannot write there ({reason}): free space on that file system, or pass an "
+                         f"--out folder on a writable one")
     from ..third_tower import ThirdTower
     h = ThirdTower(cfg) if todo else None  # h's weights load strictly before the manifest binds them to `out`
     ensure_manifest(out, make_manifest(model, cfg, dtype, precision))
     summary = {"shards": len(mine), "already_done": len(mine) - len(todo), "built": 0, "samples": 0,
-               "skipped": 0, "truncated": 0, "seconds": 0.0, "steady_samples_per_s": None}
+               "skipped": 0, "truncated": 0, "seconds": 0.0, "steady_samples_per_s": None, "damaged": []}
     say(f"{label}: {len(mine)} of {len(urls)} shards are ours, {summary['already_done']} already done, "
         f"{len(todo)} to build into {out}")
     if not todo:
@@ -210,47 +214,51 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
 
     start, first, embedded = time.monotonic(), None, 0
     progress = progress_bar(label, len(todo), quiet)
-    with torch.inference_mode():
-        for batches, item in enumerate(loader, 1):
-            shard = item["shard"]
-            if item["pixels"] is not None:
-                emb = h(h.normalize(item["pixels"].to(device, non_blocking=True)))
-                rows.setdefault(shard, []).append(emb.to(store))
-                keys.setdefault(shard, []).extend(item["keys"])
-                crcs.setdefault(shard, []).extend(item["crc32"])
-                embedded += len(item["keys"])
-                progress.update(len(item["keys"]))
-                if first is None and batches >= loader.num_workers:
-                    # steady state: every decode worker has delivered a batch (the loader takes them in turn)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    first = (time.monotonic(), embedded)
-            if item["done"] is not None:
-                stats, url = item["done"], mine[shard]
-                info = {"shard": url, "shard_id": shard_id(url), "shard_size": stats["size"],
-                        "shard_sha256": stats["sha256"], "samples": stats["samples"], "skipped": stats["skipped"],
-                        "truncated": stats["truncated"]}
-                emb = torch.cat(rows.pop(shard)) if shard in rows else None
-                written.append(writer.submit(write, url, emb, keys.pop(shard, []), crcs.pop(shard, []), info))
-                for f in written:
-                    if f.done():
-                        f.result()  # surface a failed write now
-                summary["built"] += 1
-                summary["samples"] += stats["samples"]
-                summary["skipped"] += len(stats["skipped"])
-                summary["truncated"] += stats["truncated"] is not None
-                if (stats["skipped"] or stats["truncated"]) and not quiet:
-                    reasons = "; ".join(f"{k}: {r}" for k, r in stats["skipped"][:3])
-                    progress.write(f"{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
-                                   + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
-                                   + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples "
-                                      f"before it" if stats["truncated"] else ""), file=sys.stderr)
-                progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}",
-                                         refresh=False)
-    indexed.update(f.result() for f in written)
-    writer.shutdown()
-    write_part(out, index, count, indexed)
-    progress.close()
+    try:
+        with torch.inference_mode():
+            for batches, item in enumerate(loader, 1):
+                shard = item["shard"]
+                if item["pixels"] is not None:
+                    emb = h(h.normalize(item["pixels"].to(device, non_blocking=True)))
+                    rows.setdefault(shard, []).append(emb.to(store))
+                    keys.setdefault(shard, []).extend(item["keys"])
+                    crcs.setdefault(shard, []).extend(item["crc32"])
+                    embedded += len(item["keys"])
+                    progress.update(len(item["keys"]))
+                    if first is None and batches >= loader.num_workers:
+                        # steady state: every decode worker has delivered a batch (the loader takes them in turn)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        first = (time.monotonic(), embedded)
+                if item["done"] is not None:
+                    stats, url = item["done"], mine[shard]
+                    info = {"shard": url, "shard_id": shard_id(url), "shard_size": stats["size"],
+                            "shard_sha256": stats["sha256"], "samples": stats["samples"], "skipped": stats["skipped"],
+                            "truncated": stats["truncated"]}
+                    emb = torch.cat(rows.pop(shard)) if shard in rows else None
+                    written.append(writer.submit(write, url, emb, keys.pop(shard, []), crcs.pop(shard, []), info))
+                    for f in written:
+                        if f.done():
+                            f.result()  # surface a failed write now
+                    summary["built"] += 1
+                    summary["samples"] += stats["samples"]
+                    summary["skipped"] += len(stats["skipped"])
+                    summary["truncated"] += stats["truncated"] is not None
+                    if stats["truncated"] or not stats["samples"]:
+                        summary["damaged"].append((url, stats["truncated"] or "no sample with an image and a caption"))
+                    if (stats["skipped"] or stats["truncated"]) and not quiet:
+                        reasons = "; ".join(f"{k}: {r}" for k, r in stats["skipped"][:3])
+                        progress.write(f"{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
+                                       + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
+                                       + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples "
+                                          f"before it" if stats["truncated"] else ""), file=sys.stderr)
+                    progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}",
+                                             refresh=False)
+        indexed.update(f.result() for f in written)
+        writer.shutdown()
+        write_part(out, index, count, indexed)
+    finally:
+        progress.close()  # its line ends before any error is printed
     end = time.monotonic()
     summary["seconds"] = end - start
     if first is not None and summary["samples"] > first[1]:

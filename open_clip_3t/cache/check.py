@@ -5,8 +5,8 @@ import os
 
 from ..shards import local_path
 from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, cached_tower, check_shard_ids, expand_shards, file_sha256,
-                     fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_ids,
-                     sidecar_info, sidecar_path)
+                     fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_id,
+                     shard_ids, sidecar_info, sidecar_path)
 from .index import FIELDS, entry, fold_parts, index_files, read_index
 
 
@@ -25,6 +25,10 @@ def check_shards(cache_dir, urls, checksum=False, dim=None):
             mismatched.append(f"{url}: unreadable sidecar {path} ({type(e).__name__}: {e}); delete it and rebuild")
             continue
         infos[url] = info
+        if info.get("shard_id", shard_id(url)) != shard_id(url):
+            mismatched.append(f"{url}: sidecar {path} was built for the shard {info['shard_id']}, not this one: "
+                              f"{rebuild_hint(path)}")
+            continue
         if checksum:
             try:
                 load_sidecar(path)
@@ -47,9 +51,33 @@ def check_shards(cache_dir, urls, checksum=False, dim=None):
     return missing, mismatched, infos
 
 
+def staged_elsewhere(cache_dir, missing, urls):
+    """Advice for shards without a sidecar whose file names the cache holds under another folder name, for shards
+    of the same size that are not themselves in `urls` (the data was copied to a folder of another name): None if it
+    holds none of them."""
+    used = {shard_id(u) for u in urls}
+    for url in missing:
+        folder, name = shard_id(url).split("/")
+        file = local_path(url)
+        for other in sorted(os.listdir(cache_dir)):
+            path = os.path.join(cache_dir, other, name + SUFFIX)
+            if other == folder or f"{other}/{name}" in used or not os.path.isfile(path):
+                continue
+            try:
+                size = sidecar_info(path)["shard_size"]
+            except Exception:
+                continue
+            if file is not None and os.path.isfile(file) and size != os.path.getsize(file):
+                continue
+            return (f"the cache names a shard by its folder and file name, and holds {other}/{name}{SUFFIX}, but "
+                    f"--train-data's shards are in a folder named {folder!r}: put them in (or symlink) a folder named "
+                    f"{other!r}, or build a cache for these")
+    return None
+
+
 def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=False, three_towers=None, tower=None):
     """Problems (one line each) that keep `cache_dir` from serving `train_data` for `model`'s tower `tower` (default:
-    the only one); [] if none."""
+    the only one); [] if none. A sidecar of a shard that was cut short or damaged when it was built is one."""
     urls = expand_shards(train_data)
     check_shard_ids(urls)
     manifest = read_manifest(cache_dir)
@@ -57,7 +85,13 @@ def verify(train_data, model, cache_dir, third_tower_weights=None, checksum=Fals
     problems = ["mismatched fingerprint: " + d for d in fingerprint_diffs(manifest["fingerprint"], expected)]
     missing, mismatched, infos = check_shards(cache_dir, urls, checksum, dim=expected["embed_dim"])
     problems += [f"missing: {u} (no {sidecar_path(cache_dir, u)})" for u in missing]
+    hint = staged_elsewhere(cache_dir, missing, urls)
+    problems += [f"missing: {hint}"] if hint else []
     problems += ["mismatched: " + m for m in mismatched]
+    problems += [f"damaged: {url}: the shard was cut short or damaged when the cache was built ({info['truncated']}): "
+                 f"the cache holds only the {info['rows']} samples before the damage; replace the shard, delete "
+                 f"{sidecar_path(cache_dir, url)} and build again, or leave the shard out of --train-data"
+                 for url, info in infos.items() if info.get("truncated")]
     update_index(cache_dir, urls, infos)
     return problems
 
@@ -130,9 +164,11 @@ def validate(cache_dir, train_data, cfg, policy="error", primary=True, warn=log)
     if mismatched:
         raise CacheError(f"third-tower cache {cache_dir} does not match --train-data: {len(mismatched)} shard(s) "
                          f"differ (first: {mismatched[0]}); {verify_hint}")
-    if missing and policy == "error":
+    hint = staged_elsewhere(cache_dir, missing, urls) if missing else None
+    if missing and (policy == "error" or hint and len(missing) == len(urls)):
         raise CacheError(f"third-tower cache {cache_dir} lacks {len(missing)} of {len(urls)} shards (first: "
-                         f"{missing[0]}): finish the build, or pass --cache-missing skip|online")
+                         f"{missing[0]}, no {sidecar_path(cache_dir, missing[0])}): "
+                         f"{hint or 'finish the build, or pass --cache-missing skip|online'}")
     if len(missing) == len(urls) and policy == "skip":
         raise CacheError(f"third-tower cache {cache_dir} covers none of the {len(urls)} shards of --train-data (first: "
                          f"{missing[0]}): --cache-missing skip would drop every sample; build the cache for these "
@@ -173,7 +209,13 @@ def info(cache_dir):
     """Summary of a cache: the manifest and totals over every sidecar in it."""
     manifest = read_manifest(cache_dir)
     paths = sorted(glob.glob(os.path.join(glob.escape(cache_dir), "*", "*" + SUFFIX)))
-    infos = [sidecar_info(p) for p in paths]
+    infos = []
+    for p in paths:
+        try:
+            infos.append(sidecar_info(p))
+        except Exception as e:
+            raise CacheError(f"sidecar {p} is unreadable ({type(e).__name__}: {str(e)[:100]}): {rebuild_hint(p)}") \
+                from None
     size = (sum(os.path.getsize(p) for p in paths) + os.path.getsize(os.path.join(cache_dir, MANIFEST))
             + sum(stat.st_size for _, stat in index_files(cache_dir)))
     samples = sum(i["rows"] for i in infos)

@@ -1,5 +1,6 @@
 """`python -m open_clip_3t.cache build|verify|merge|info` (see the package docstring)."""
 import argparse
+import errno
 import sys
 
 import torch
@@ -43,12 +44,22 @@ def main(argv=None):
     p.add_argument("--out", required=True, metavar="DIR", help="the merged cache: a new (or empty) folder")
     p = sub.add_parser("info", help="print the manifest summary")
     p.add_argument("--cache", required=True, metavar="DIR")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
     args = parser.parse_args(argv)
 
+    error = f"python -m open_clip_3t.cache {args.command}: error:"
     try:
         if args.command == "build":
-            build(args.train_data, args.model, args.cache, args.third_tower_weights, args.batch_size, args.workers,
-                  args.device, args.precision, args.dtype, tower=args.tower)
+            summary = build(args.train_data, args.model, args.cache, args.third_tower_weights, args.batch_size,
+                            args.workers, args.device, args.precision, args.dtype, tower=args.tower)
+            if summary["damaged"]:
+                (url, why), n = summary["damaged"][0], len(summary["damaged"])
+                print(f"{error} {n} shard(s) of --train-data are cut short or damaged, or hold no sample (first: "
+                      f"{url}: {why}): their sidecars hold only the samples before the damage (`verify` lists them); "
+                      f"replace the shards, delete their sidecars and build again, or leave them out of --train-data",
+                      file=sys.stderr)
+                return 1
         elif args.command == "verify":
             problems = verify(args.train_data, args.model, args.cache, args.third_tower_weights, args.checksum,
                               tower=args.tower)
@@ -66,7 +77,20 @@ def main(argv=None):
         else:
             for k, v in info(args.cache).items():
                 print(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}")
-    except (CacheError, WeightsError, FileNotFoundError) as e:
-        print(f"python -m open_clip_3t.cache {args.command}: error: {e}", file=sys.stderr)
+    except (CacheError, WeightsError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"{error} {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a file system that fills while the build writes
+        if args.debug:
+            raise
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            print(f"{error} cannot write {e.filename or args.cache} ({e.strerror}): free space on that file system "
+                  f"(or make it writable), then run the same command again: the finished sidecars are kept and only "
+                  f"the rest is built", file=sys.stderr)
+        else:
+            print(f"{error} cannot read or write {e.filename} ({e.strerror or e}): check that file and its file system",
+                  file=sys.stderr)
         return 2
     return 0

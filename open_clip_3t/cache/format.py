@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import sys
 import zlib
 
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ..files import write_atomic
+from ..files import abandoned, write_atomic
 from ..shards import expand_shards as list_shards
 from ..shards import local_path
 
@@ -199,15 +198,25 @@ def make_manifest(model, cfg, dtype, precision):
 
 def read_manifest(cache_dir):
     path = os.path.join(cache_dir, MANIFEST)
+    again = (f"copy it again from where the cache came from, or build the cache again into a new folder "
+             f"(`python -m open_clip_3t.cache build --out NEW_DIR ...`)")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
     except FileNotFoundError:
         raise CacheError(f"{cache_dir} is not a third-tower cache (no {MANIFEST}): build one with "
                          f"`python -m open_clip_3t.cache build --out {cache_dir} ...`") from None
-    if manifest.get("format") != FORMAT:
+    except ValueError as e:  # not JSON, not UTF-8
+        raise CacheError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}): it is cut short or "
+                         f"damaged; {again}") from None
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise CacheError(f"{path} is not a third-tower cache manifest (it has no \"format\" field): another file is "
+                         f"in its place; {again}")
+    if manifest["format"] != FORMAT:
         raise CacheError(f"{path} has format {manifest.get('format')!r}, this open_clip_3t reads {FORMAT!r}: rebuild "
                          f"the cache with this version")
+    if not isinstance(manifest.get("fingerprint"), dict) or "dtype" not in manifest:
+        raise CacheError(f"{path} lacks its fingerprint or dtype: it is damaged; {again}")
     return manifest
 
 
@@ -223,28 +232,13 @@ def ensure_manifest(cache_dir, manifest):
               for k in ("dtype", "precision") if found.get(k) != manifest[k]]
     if diffs:
         raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
-    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a killed rank (not one still writing it)
-        if _dead_writer(tmp[len(path) + len(".tmp."):]):
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank (not one still writing its own)
+        if abandoned(stale):
             try:
-                os.remove(tmp)
+                os.remove(stale)
             except FileNotFoundError:
                 pass
     return found
-
-
-def _dead_writer(host_pid):
-    """Whether the writer of a temporary file named by files.tmp_name ('<host>.<pid>') is a process of this host
-    that no longer runs (another host's writer cannot be asked: its file is left alone)."""
-    host, _, pid = host_pid.rpartition(".")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
 
 
 # --- sidecars -------------------------------------------------------------------------------------------------

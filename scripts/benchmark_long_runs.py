@@ -95,19 +95,19 @@ def resume_costs(args):
     until_line(train_command(args, logs, "reference", "--save-every-n-steps", str(early),
                              "--keep-step-checkpoints", "100"), os.path.join(logs, "reference", "out.log"),
                lambda text: f"epoch_0_step_{late}.pt" in text, env)
-    rows = []
-    for label, step in (("10%", early), ("90%", late)):
-        times, opened = [], []
-        for r in range(args.rounds):
+    points = (("10%", early), ("90%", late))
+    times, opened = {label: [] for label, _ in points}, {label: [] for label, _ in points}
+    for r in range(args.rounds):  # alternate the two points, so that drift in the machine's load hits both alike
+        for label, step in points if r % 2 == 0 else points[::-1]:
             name = f"resume-{label[:-1]}-{r}"
             os.makedirs(os.path.join(logs, name, "checkpoints"))
             shutil.copy(os.path.join(folder, f"epoch_0_step_{step}.pt"), os.path.join(logs, name, "checkpoints"))
             record = os.path.join(args.out, f"{name}.opened")
-            times.append(until_line(train_command(args, logs, name, "--resume", "latest"),
-                                    os.path.join(logs, name, "out.log"),
-                                    lambda text: "Train Epoch: 0 [" in text, {**env, "OPENED_LOG": record}))
-            opened.append(len(open(record).read().split()) if os.path.exists(record) else 0)
-        rows.append((label, step, statistics.median(times), statistics.median(opened)))
+            times[label].append(until_line(train_command(args, logs, name, "--resume", "latest"),
+                                           os.path.join(logs, name, "out.log"),
+                                           lambda text: "Train Epoch: 0 [" in text, {**env, "OPENED_LOG": record}))
+            opened[label].append(len(open(record).read().split()) if os.path.exists(record) else 0)
+    rows = [(label, step, statistics.median(times[label]), statistics.median(opened[label])) for label, step in points]
     print(f"\nresume of a 3T-tiny run, {args.shards} shards x {args.samples_per_shard} samples, {args.workers} data "
           f"workers, batch {args.batch_size}, {steps} steps per epoch; median of {args.rounds} rounds")
     print("| resumed at | step | launch -> first step after the resume (s) | shards opened by the data workers |")

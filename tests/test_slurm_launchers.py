@@ -387,7 +387,7 @@ def test_eval_sbatch_evaluates_the_trained_checkpoint(slurm_cluster, trained, da
     assert f"eval.sbatch: job {job_id}, python -m training.eval" in log
     assert (tmp_path / "out" / "results.md").exists()
     table = pd.read_csv(tmp_path / "out" / "results.csv")
-    expected = standalone.main(["--checkpoint", ckpt, "--zeroshot-data", data.folder, "--val-data", data.val,
+    expected = standalone.main(["--pretrained", ckpt, "--zeroshot-data", data.folder, "--val-data", data.val,
                                 "--retrieval-k", "1", "5", "--out", str(tmp_path / "ref"), "--device", "cpu",
                                 "--precision", "fp32", "--workers", "0", "--batch-size", "8"])
     assert list(table.columns) == list(expected.columns), table.columns

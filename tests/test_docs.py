@@ -176,6 +176,11 @@ NOT_RUN = {
     ("docs/untrusted_models.md", "python -m training.eval --model hf-hub:ORG/REPO --zeroshot-data data/pets_test "
                                  "--out results/hub --trust-remote-code"):
         NotRun("a model from the hub: tests/test_hostile.py runs --trust-remote-code on a tokenizer that brings code"),
+    ("docs/release.md", "python -m open_clip_3t.publish released/ my-lab/3t-vit-b16-laion400m [--private]"):
+        NotRun("the hub and a login: tests/test_release.py runs publish with huggingface_hub's network calls "
+               "replaced and checks the upload"),
+    ("docs/release.md", "import open_clip"):
+        NotRun("the hub: tests/test_release.py loads a published export through hf-hub: from an offline cache"),
     ("docs/untrusted_models.md", "from huggingface_hub import snapshot_download"):
         NotRun("the network (a hub repo at one commit): tests/test_hostile.py loads hf-hub: ids from an offline cache"),
 }

@@ -229,9 +229,8 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted, hub_id=None):
     return out_dir
 
 
-def main(argv=None):
-    from .publish import check_repo_id, publish
-
+def make_parser():
+    """The command line of `python -m open_clip_3t.export`."""
     parser = argparse.ArgumentParser(prog="python -m open_clip_3t.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="training checkpoint (epoch_N.pt) or a bare 3T state dict")
@@ -247,6 +246,13 @@ def main(argv=None):
                              "log in first: hf auth login), as `python -m open_clip_3t.publish FOLDER ORG/NAME` does")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    return parser
+
+
+def main(argv=None):
+    from .publish import check_repo_id, publish
+
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
         if args.push_to_hub is not None:

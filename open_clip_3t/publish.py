@@ -76,13 +76,19 @@ def publish(folder, repo_id, private=False, api=None, revision=None):
                            f"(and that HF_HUB_OFFLINE is not set), then run the same command again") from None
 
 
-def main(argv=None):
+def make_parser():
+    """The command line of `python -m open_clip_3t.publish`."""
     parser = argparse.ArgumentParser(prog="python -m open_clip_3t.publish", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("folder", help="an export (python -m open_clip_3t.export ... --out FOLDER)")
     parser.add_argument("repo_id", metavar="ORG/NAME", help="the hub model repository (created if it does not exist)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
         info = publish(args.folder, args.repo_id, private=args.private)

@@ -80,6 +80,12 @@ def add_three_towers_args(parser):
 
 def print_help():
     """One help text: OpenCLIP's flags and ours in one parser (one usage block), every default shown."""
+    make_parser().print_help()
+
+
+def make_parser():
+    """The whole command line of `python -m training.main` in one parser: OpenCLIP's flags and ours (for --help and
+    the tests; training.params parses ours first, then hands the rest to OpenCLIP's own parse_args)."""
     parser = openclip_parser()
     parser.prog, parser.formatter_class = "python -m training.main", HelpFormatter
     parser.usage = "%(prog)s --model NAME --train-data SHARDS [FLAGS]"
@@ -87,4 +93,4 @@ def print_help():
                           "baseline, with the 3T flags below. See docs/training.md.")
     add_three_towers_args(parser)
     add_eval_args(parser)
-    parser.print_help()
+    return parser

@@ -17,7 +17,8 @@ from ..flags import HelpFormatter, add_renamed
 CACHE_HELP = "the cache folder (the same --third-tower-cache DIR that training reads)"
 
 
-def main(argv=None):
+def make_parser():
+    """The command line of `python -m open_clip_3t.cache` (its subcommands: `parser._subparsers`)."""
     parser = argparse.ArgumentParser(prog="python -m open_clip_3t.cache", description=PACKAGE_DOC.split("\n")[0],
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +65,11 @@ def main(argv=None):
     cache_flag(p, "info")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    return parser, sub
+
+
+def main(argv=None):
+    parser, sub = make_parser()
     args = parser.parse_args(argv)
     if args.cache is None:
         sub.choices[args.command].error("the following arguments are required: --third-tower-cache")

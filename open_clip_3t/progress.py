@@ -11,6 +11,7 @@ import time
 from tqdm import tqdm
 
 LINE = "{desc}: {percentage:3.0f}% ({n_fmt}/{total_fmt}{unit}) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+UNKNOWN = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}{postfix}]"  # no total (yet)
 EVERY = 10  # percent between two lines
 
 
@@ -19,8 +20,8 @@ def _stderr(line):
 
 
 class PercentLines:
-    """tqdm's counters written as one line each time another EVERY percent is done (and at the end); `total` may be
-    set again while running (an estimate that improves)."""
+    """tqdm's counters written as one line each time another EVERY percent is done, and one at the end (close);
+    `total` may be set again while running (an estimate that improves)."""
 
     def __init__(self, total, desc, unit, emit):
         self.total, self.desc, self.unit, self.emit = total, desc, unit, emit
@@ -28,13 +29,14 @@ class PercentLines:
 
     def line(self):
         return tqdm.format_meter(self.n, self.total or None, time.monotonic() - self.start, prefix=self.desc,
-                                 unit=self.unit, postfix=self.postfix or None, bar_format=LINE)
+                                 unit=self.unit, postfix=self.postfix or None,
+                                 bar_format=LINE if self.total else UNKNOWN)
 
     def update(self, n=1):
         self.n += n
         if self.total:
-            step = min(100, int(100 * self.n / self.total)) // EVERY
-            if step > self.shown:
+            step = int(100 * self.n / self.total) // EVERY
+            if self.shown < step < 100 // EVERY:  # 100%: at close, with the last postfix
                 self.shown = step
                 self.emit(self.line())
 
@@ -45,9 +47,9 @@ class PercentLines:
         self.emit(text)
 
     def close(self):
-        if not self.total or int(100 * self.n / self.total) // EVERY < 100 // EVERY:  # not yet said: 100%
+        if self.total is not None or self.n:  # the last line: where it ended (not said twice)
             self.emit(self.line())
-        self.total = self.n = 0
+        self.total, self.n = None, 0
 
 
 def progress(total, desc, unit=" it", quiet=False, emit=None):

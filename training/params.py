@@ -331,8 +331,9 @@ def check_caches(args, plan):
     built) and its totals attached. Every rank reads a few files whatever the number of shards."""
     for tower in plan.towers:
         if tower.source == "cache" and not os.path.isdir(tower.cache):
+            named = "" if tower.name == DEFAULT_TOWER else " --third-tower " + tower.name
             fail(f"--third-tower-cache {tower.cache}: no such directory; build it with "
-                 f"`python -m open_clip_3t.cache build`{'' if tower.name == DEFAULT_TOWER else ' --third-tower ' + tower.name}")
+                 f"`python -m open_clip_3t.cache build`{named}")
     if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
         fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
              "(and --dataset-type webdataset or auto)")

@@ -359,8 +359,8 @@ def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None) -> dict:
             logging.info(f"Starting zero-shot {name}.")
             entry = data[key]
             classifier = build_classifier(model, tokenizer, entry.classnames, entry.templates, device, precision)
-            top1, top5 = zero_shot_accuracy(model, classifier, with_progress(entry.dataloader, f"{name}-zeroshot", args),
-                                            device, precision)
+            batches = with_progress(entry.dataloader, f"{name}-zeroshot", args)
+            top1, top5 = zero_shot_accuracy(model, classifier, batches, device, precision)
             metrics[f"{name}-zeroshot-top1"], metrics[f"{name}-zeroshot-top5"] = top1, top5
 
     if "val" in data and _due(epoch, getattr(args, "val_frequency", 1), epochs):

@@ -1,7 +1,9 @@
 """Precomputed third-tower embeddings: h is frozen, so its embedding of each training image is computed once.
 
-    python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR [--third-tower-weights FILE]
-    python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR [--third-tower-weights FILE]
+    python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR \
+        [--third-tower-weights FILE]
+    python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR \
+        [--third-tower-weights FILE]
     python -m open_clip_3t.cache merge  PART... --third-tower-cache DIR
     python -m open_clip_3t.cache info   --third-tower-cache DIR
 

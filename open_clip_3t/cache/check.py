@@ -173,8 +173,8 @@ def validate(cache_dir, train_data, cfg, policy="error", primary=True, warn=log)
                          f"{hint or 'finish the build, or pass --third-tower-cache-missing skip|online'}")
     if len(missing) == len(urls) and policy == "skip":
         raise CacheError(f"third-tower cache {cache_dir} covers none of the {len(urls)} shards of --train-data (first: "
-                         f"{missing[0]}): --third-tower-cache-missing skip would drop every sample; build the cache for these "
-                         f"shards, or pass --third-tower-cache-missing online")
+                         f"{missing[0]}): --third-tower-cache-missing skip would drop every sample; build the cache "
+                         f"for these shards, or pass --third-tower-cache-missing online")
     return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"], "samples": samples,
             "skipped": skipped}
 
@@ -184,8 +184,8 @@ POLICIES = ("error", "skip", "online")
 
 def validate_plan(plan, train_data, primary=True):
     """Check the cache of each cached tower of a run's plan against `train_data` and that tower, under the plan's
-    --third-tower-cache-missing policy (see `validate`; `primary`: this process checks for the whole job). Raises CacheError
-    (one line) on a mismatch, naming the tower a cache holds when it was given for another; reads the manifest and the
+    --third-tower-cache-missing policy (see `validate`; `primary`: this process checks for the whole job). Raises
+    CacheError (one line) on a mismatch, naming the tower a cache holds when it was given for another; reads the manifest and the
     index of each cache, and on the primary the weights files' bytes (sha256); builds nothing. Returns
     {tower name: the cache's totals (shards, samples, missing shards, skipped samples, dtype, embed_dim)}."""
     if plan.cache_missing not in POLICIES:

@@ -1,5 +1,6 @@
-"""`python -m open_clip_3t.cache merge PART... --third-tower-cache DIR`: one cache from caches built in separate folders (one per
-node or array task, e.g. on node-local scratch), each a complete cache (manifest and sidecars) of some shards.
+"""`python -m open_clip_3t.cache merge PART... --third-tower-cache DIR`: one cache from caches built in separate
+folders (one per node or array task, e.g. on node-local scratch), each a complete cache (manifest and sidecars) of
+some shards.
 
 Refused, one line each, before anything is written: parts built differently (fingerprint, dtype, precision), and a
 shard present in two parts. The merged cache is assembled in a temporary folder beside DIR (sidecars hard-linked

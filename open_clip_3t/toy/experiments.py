@@ -194,8 +194,8 @@ def build_cache(root, data, weights, name):
     if log.exists() and out.exists() and "build complete" in log.read_text():
         return str(out), None
     seconds = run([sys.executable, "-m", "open_clip_3t.cache", "build", "--train-data", data["train_spec"],
-                   "--model", MODELS["3T"], "--third-tower-cache", out, "--third-tower-weights", weights, "--workers", "1",
-                   "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})",
+                   "--model", MODELS["3T"], "--third-tower-cache", out, "--third-tower-weights", weights,
+                   "--workers", "1", "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})",
                   on_line=lambda line: say(f"    {line.strip()}") if "samples/s" in line else None)
     with open(log, "a") as f:
         f.write("build complete\n")

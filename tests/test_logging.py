@@ -2,13 +2,14 @@
 CLIP run uses for the same term, and the weighted total as `loss`; a missing logging back-end stops the run before
 its folder exists."""
 import logging
+import re
 import sys
 
 import open_clip
 import pytest
 
 from open_clip_3t import ThreeTowersLoss
-from open_clip_3t.toy.synthetic import write_shards
+from open_clip_3t.toy.synthetic import write_classification_folder, write_shards
 from training.main import main
 
 pytest.importorskip("tensorboard", reason="pip install 'open_clip_3t[tensorboard]'")
@@ -43,12 +44,17 @@ def test_tensorboard_holds_each_term_unweighted_and_the_weighted_total(tmp_path,
     handlers = list(logging.root.handlers)
     try:
         main(argv(tmp_path, shards, "--third-tower-weights", h_weights, "--report-to", "tensorboard",
-                  "--third-tower-loss-weights", *map(str, WEIGHTS)))
+                  "--third-tower-loss-weights", *map(str, WEIGHTS), "--zeroshot-frequency", "1", "--zeroshot-data",
+                  write_classification_folder(str(tmp_path / "shape"), "shape", 2, seed=0, image_size=32)))
     finally:  # OpenCLIP's setup_logging adds handlers on every call: drop this run's
         for handler in logging.root.handlers[len(handlers):]:
             handler.close()
             logging.root.removeHandler(handler)
 
+    # in-training evaluation shows its progress (not a tty: one line per 10%, into the run's log)
+    progress = re.findall(r"Eval shape-zeroshot: +(\d+)% \((\d+)/(\d+) batches\)",
+                          (tmp_path / "logs" / "run" / "out.log").read_text())
+    assert progress and progress[-1][0] == "100" and progress[-1][1] == progress[-1][2]
     events = EventAccumulator(str(tmp_path / "logs" / "run" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

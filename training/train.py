@@ -320,7 +320,7 @@ def _due(epoch, frequency, epochs):
 def with_progress(dataloader, task, args):
     """The batches of one evaluation task, counted (done/total, rate, ETA): a bar on a terminal, else (and with
     --quiet) one log line per 10%."""
-    total = getattr(dataloader, "num_batches", None) or len(dataloader)
+    total = getattr(dataloader, "num_batches", None) or (len(dataloader) if hasattr(dataloader, "__len__") else None)
     return tracked(dataloader, total, f"Eval {task}", quiet="lines" if getattr(args, "quiet", False) else False,
                    emit=logging.info)
 

@@ -291,7 +291,7 @@ KINDS = [
          lambda w, o: train(w, o, *cached(w)), no_run_folder,
          see={"missing": "is not a third-tower cache (no manifest.json)",
               "wrong kind": "is not a third-tower cache manifest (it has no \"format\" field)", **JSON_SEE},
-         do={"missing": "build one with `python -m open_clip_3t.cache build --out",
+         do={"missing": "build one with `python -m open_clip_3t.cache build --third-tower-cache",
              "*": "copy it again from where the cache came from, or build the cache again into a new folder"},
          named={"missing": lambda w: w / "cache"}),
     Kind("training checkpoint", "python -m training.main --resume FILE",
@@ -621,7 +621,8 @@ def test_an_export_folder_that_cannot_be_written_keeps_the_earlier_export(world,
         line = one_error(call(main, argv, capfd), folder_case("export", "python -m open_clip_3t.export", "full while "
                                                                                                           "writing"), 1)
         assert f"--out {fs}/export (" in line
-        assert files_in(fs) == ["export/open_clip_config.json", "export/open_clip_model.safetensors"]
+        assert files_in(fs) == ["export/README.md", "export/open_clip_3t_provenance.json",
+                                "export/open_clip_config.json", "export/open_clip_model.safetensors"]
         for name in files_in(fs):
             assert (fs / name).read_bytes() == (world / name).read_bytes(), name
 

@@ -358,8 +358,8 @@ def test_a_pickle_is_refused_as_every_weights_argument(tmp_path, marker, data, r
         assert eval_stops([*flags, *zeroshot], capsys, tmp_path).startswith(message), flags
     assert export_stops([evil, "--out", str(tmp_path / "out"), "--model", "3T-tiny"]).startswith(
         f"checkpoint {evil} does not load {unreadable}")
-    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--out", str(tmp_path / "cache"),
-                        "--third-tower-weights", evil], capsys).startswith(
+    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--third-tower-cache",
+                        str(tmp_path / "cache"), "--third-tower-weights", evil], capsys).startswith(
         f"third-tower weights {evil} cannot be read {by_timm}")
     # a config's own weights key, and OpenCLIP's doors in Python
     cfg = tiny_config("3T-tiny")
@@ -401,8 +401,8 @@ def test_a_lying_safetensors_header_is_one_line_everywhere(tmp_path, marker, dat
         f"--model local-dir:{folder}: weights file {folder}/open_clip_model.safetensors does not load {bad}")
     assert export_stops([lying, "--out", str(tmp_path / "out"), "--model", "3T-tiny"]).startswith(
         f"checkpoint {lying} does not load {bad}")
-    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--out", str(tmp_path / "cache"),
-                        "--third-tower-weights", lying], capsys).startswith(
+    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--third-tower-cache",
+                        str(tmp_path / "cache"), "--third-tower-weights", lying], capsys).startswith(
         f"third-tower weights {lying} cannot be read {bad}")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
@@ -426,8 +426,8 @@ def test_timm_kwargs_that_name_a_weights_file_are_refused(key, value, tmp_path, 
     assert eval_stops(["--pretrained", str(run_3t), "--model", model, "--zeroshot-data", str(data[0])], capsys,
                       tmp_path) == expected
     assert export_stops([str(run_3t), "--out", str(tmp_path / "out"), "--model", model]) == expected
-    assert cache_stops(["build", "--train-data", data[1], "--model", model, "--out", str(tmp_path / "cache")],
-                       capsys) == f"model {model!r}: {expected}"
+    assert cache_stops(["build", "--train-data", data[1], "--model", model, "--third-tower-cache",
+                        str(tmp_path / "cache")], capsys) == f"model {model!r}: {expected}"
     with pytest.raises(ValueError) as e:
         open_clip.create_model(model)
     assert str(e.value) == expected

@@ -12,17 +12,17 @@ tower's files) is refused in one line unless the caller trusts it (`trust_remote
 --trust-remote-code, which sets `trusting_remote_code` for the run).
 """
 import contextlib
-import contextvars
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import open_clip
 import open_clip.factory as oc_factory
 from open_clip.model import CLIP, CustomTextCLIP
+
+from .trust import TRUST_FIX, RemoteCodeError, refused, remote_code_trusted, trusting_remote_code  # noqa: F401
 
 SUPPORTED_OPENCLIP = ((3, 3), (3, 4))  # [min, max) as (major, minor)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -207,48 +207,7 @@ def hide_no_weights_warning(active):
         root.removeFilter(keep)
 
 
-# --- code that comes with a model ----------------------------------------------------------------------------
-
-class RemoteCodeError(ValueError):
-    """Code that comes with a model, refused: one line naming the file, the key and the fix."""
-
-
-RemoteCodeError = globals().get("_REMOTE_CODE_ERROR", RemoteCodeError)  # one class across importlib.reload
-_REMOTE_CODE_ERROR = RemoteCodeError
-
-
-TRUST_FIX = "pass --trust-remote-code (in Python: trust_remote_code=True) only if you trust its authors"
-_TRUSTED = contextvars.ContextVar("open_clip_3t_trust_remote_code", default=False)
-
-
-@contextlib.contextmanager
-def trusting_remote_code(trusted=True):
-    """Within the block, OpenCLIP's doors trust code that comes with a model as if each call passed
-    trust_remote_code=`trusted` (what our commands' --trust-remote-code means for the run)."""
-    token = _TRUSTED.set(bool(trusted))
-    try:
-        yield
-    finally:
-        _TRUSTED.reset(token)
-
-
-def remote_code_trusted(explicit=None):
-    """A caller's trust_remote_code=..., else the run's (`trusting_remote_code`; default False)."""
-    return bool(explicit) if explicit is not None else _TRUSTED.get()
-
-
-def _hf_file(name, filename):
-    name = str(name)
-    return os.path.join(name, filename) if os.path.isdir(name) else f"{filename} of the Hugging Face repo {name}"
-
-
-def _refused(error, what, name, filename):
-    """transformers' refusal of remote code (asked with trust_remote_code=False) as our one line; None for others."""
-    if "trust_remote_code" not in str(error):
-        return None
-    return RemoteCodeError(f"{_hf_file(name, filename)}: its auto_map names code that comes with {what} {name}: "
-                           f"refused; {TRUST_FIX}")
-
+# --- code that comes with a model (the rule is in trust.py) --------------------------------------------------
 
 class _AutoWithTrust:
     """transformers' AutoConfig / AutoModel as open_clip.hf_model calls them, with trust_remote_code decided here
@@ -265,11 +224,11 @@ class _AutoWithTrust:
         try:
             return getattr(self.auto, method)(source, *args, **kwargs)
         except ValueError as e:
-            refused = None if self.trusted else _refused(e, "the Hugging Face text tower (text_cfg.hf_model_name)",
-                                                          getattr(source, "_name_or_path", source), "config.json")
-            if refused is None:
+            refusal = None if self.trusted else refused(e, "the Hugging Face text tower (text_cfg.hf_model_name)",
+                                                        getattr(source, "_name_or_path", source), "config.json")
+            if refusal is None:
                 raise
-            raise refused from None
+            raise refusal from None
 
     def from_pretrained(self, source, *args, **kwargs):
         return self._load("from_pretrained", source, *args, **kwargs)
@@ -349,10 +308,10 @@ def get_tokenizer(model_name="", context_length=None, cache_dir=None, **kwargs):
     try:
         return ORIGINAL["get_tokenizer"](model_name, context_length, cache_dir, **kwargs)
     except ValueError as e:
-        refused = None if trusted else _refused(e, "the tokenizer", tokenizer, "tokenizer_config.json")
-        if refused is None:
+        refusal = None if trusted else refused(e, "the tokenizer", tokenizer, "tokenizer_config.json")
+        if refusal is None:
             raise
-        raise refused from None
+        raise refusal from None
 
 
 def _create_model_with_trust(create_model):

@@ -20,7 +20,7 @@ class WeightsError(ValueError):
 def error_line(error):
     """'Type: first sentence' of an exception raised while reading a weights or checkpoint file."""
     text = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
-    unsafe = re.search(r"Unsupported globals?: (?:GLOBAL )?([\w.]*\w)", str(error))  # torch's words, or timm's
+    unsafe = re.search(r"unsupported (?:globals?: )?(?:GLOBAL )?([\w.]*\w)", str(error), re.I)  # torch's, timm's
     if unsafe:  # a pickle that would build other objects than tensors, e.g. call builtins.exec: never unpickled
         text = f"it pickles {unsafe.group(1)}, which is never unpickled (only tensors are)"
     elif "weights_only" in text or "Weights only load failed" in text:  # torch's advice to unpickle unsafely is never

@@ -103,7 +103,7 @@ def test_verify_folds_the_parts_and_a_shard_the_index_lacks_is_read_from_its_sid
     assert [p.split(":")[0] for p in cache.verify(spec, MODEL, str(out), h_weights)] == ["missing", "mismatched"]
     assert "data/00002.tar" not in cache.read_index(str(out))[0]
     os.truncate(f"{tmp_path}/data/00003.tar", size)
-    with pytest.raises(cache.CacheError, match=r"lacks 1 of 4 shards \(first: .*00002.tar\)"):
+    with pytest.raises(cache.CacheError, match=r"lacks 1 of 4 shards \(first: .*00002.tar, no .*00002.tar.safetensors\)"):
         cache.validate(str(out), spec, cfg)
 
 

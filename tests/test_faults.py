@@ -195,6 +195,13 @@ def no_run_folder(world, out):
     return not (out / "logs" / "run").exists()
 
 
+def no_checkpoint(world, out):
+    """A fault seen when the data reaches it (start-up reads the cache's index, not each sidecar): the run stops with
+    no checkpoint, its log set aside (out.log.failed), so its --name can be used again."""
+    run = out / "logs" / "run"
+    return not (run / "out.log").exists() and not list(run.glob("checkpoints/*.pt"))
+
+
 def nothing_at(name):
     return lambda world, out: not (out / name).exists()
 
@@ -281,11 +288,12 @@ KINDS = [
          status={"*": 1, "missing": 2}),
     Kind("cache sidecar (`DIR/FOLDER/SHARD.safetensors`)", "python -m training.main --third-tower-cache DIR",
          lambda w: w / "cache" / "data" / "00000.tar.safetensors", lambda w: w / "cache" / "data" / "00001.tar.safetensors",
-         lambda w, o: train(w, o, *cached(w)), no_run_folder,
-         see={"missing": "lacks 1 of 2 shards", "wrong kind": "was built for the shard data/00001.tar, not this one",
-              "*": "does not match --train-data: 1 shard(s) differ (first: … unreadable sidecar … (SafetensorError: "},
-         do={"missing": "finish the build, or pass --third-tower-cache-missing skip|online",
-             "wrong kind": "rerun `python -m open_clip_3t.cache build` with the same options", "*": "delete it and rebuild"}),
+         lambda w, o: train(w, o, *cached(w)), no_checkpoint,
+         see={"missing": "has no sidecar", "wrong kind": "was built for the shard data/00001.tar, not this one",
+              "*": "sidecar … is unreadable (SafetensorError: "},
+         do={"missing": "finish the build (`python -m open_clip_3t.cache build` with the same options), or pass "
+                         "--third-tower-cache-missing skip|online", "*": "rerun `python -m open_clip_3t.cache build` with the "
+             "same options"}),
     Kind("cache manifest (`DIR/manifest.json`)", "python -m training.main --third-tower-cache DIR",
          lambda w: w / "cache" / "manifest.json", lambda w: w / "export" / "open_clip_config.json",
          lambda w, o: train(w, o, *cached(w)), no_run_folder,

@@ -187,7 +187,7 @@ def test_train_sbatch_meets_at_the_first_nodes_address(node_addr, expected, tmp_
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", "train.sbatch")], capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=60)
     asked = (tmp_path / "scontrol_args.txt").read_text().splitlines()
-    assert asked == ["show hostnames oc3t-gpu[001-004]", "show node -o oc3t-gpu001"]
+    assert asked == ["show hostnames oc3t-gpu[001-004]", "show node -o oc3t-gpu001"], proc.stderr + proc.stdout
     if expected:
         assert proc.returncode == 0, proc.stderr
         assert f"{expected}20007, run 3t-3T-ViT-B-16-7" in proc.stdout

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from open_clip_3t import cache
+from open_clip_3t.cache.format import rebuild_hint
 from open_clip_3t.plan import resolve_plan
 from open_clip_3t.shards import image_bytes
 
@@ -71,10 +72,19 @@ class CacheJoin:
         path = cache.sidecar_path(cache_dir, url)
         try:
             embeddings, keys, crc32, meta = cache.load_sidecar(path)
-        except FileNotFoundError:  # validated before training: only reachable under skip/online
+        except FileNotFoundError:  # missing at start-up (skip/online), or removed since its index entry was written
+            if self.policy == "error":
+                raise cache.CacheError(f"third-tower cache {cache_dir} has no sidecar {path} for shard {url} (the "
+                                       f"cache's index lists it: removed after the build?): finish the build "
+                                       f"(`python -m open_clip_3t.cache build` with the same options), or pass "
+                                       f"--third-tower-cache-missing skip|online") from None
             logging.warning(f"third-tower cache {cache_dir}: no sidecar for shard {url} ({path}): its samples are "
                             f"{'dropped' if self.policy == 'skip' else 'computed online'}")
             return None, {}, None, set()
+        built_for = meta.get("shard_id", cache.shard_id(url))
+        if built_for != cache.shard_id(url):  # start-up read the index, not this header
+            raise cache.CacheError(f"sidecar {path} was built for the shard {built_for}, not this one: "
+                                   f"{rebuild_hint(path)}")
         rows = {key: i for i, key in enumerate(keys)}
         return torch.from_numpy(np.array(embeddings)), rows, crc32.tolist(), {key for key, _ in meta["skipped"]}
 
@@ -164,7 +174,8 @@ def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False,
         facts = tower.cache_facts
         logging.info(f"third-tower cache {tower.cache} (tower {tower.name}): {facts['samples']} embeddings for "
                      f"{facts['shards']} shards ({len(facts['missing_shards'])} shards missing, "
-                     f"--third-tower-cache-missing {plan.cache_missing}; {facts['skipped']} corrupt samples skipped at build)")
+                     f"--third-tower-cache-missing {plan.cache_missing}; {facts['skipped']} corrupt samples skipped "
+                     f"at build)")
 
     stats = JoinStats()
     join = CacheJoin({tower.name: (tower.cache, tower.cfg.embed_dim,

@@ -118,6 +118,9 @@ def check_weights(plan):
         fail(str(e))
 
 
+CHECKPOINT_FIX = "pass a checkpoint saved with torch.save (e.g. a training run's epoch_N.pt) or a .safetensors file"
+
+
 def check_model_files(args):
     """Weights files OpenCLIP will load (--pretrained, --distill-pretrained, a local-dir: model's) must load without
     unpickling code; the model's tokenizer and text tower must not need code that comes with them, unless
@@ -125,8 +128,7 @@ def check_model_files(args):
     for flag, path in (("--pretrained", args.pretrained), ("--distill-pretrained", args.distill_pretrained)):
         reason = checkpoint_unreadable(path) if path and os.path.isfile(path) else None
         if reason:
-            fail(f"{flag} {path} does not load ({reason}): pass a checkpoint saved by OpenCLIP or a .safetensors "
-                 f"file")
+            fail(f"{flag} {path} does not load ({reason}): {CHECKPOINT_FIX}")
     try:
         if args.model.startswith("local-dir:"):
             check_model_weights(args.model)
@@ -268,11 +270,7 @@ def check_checkpoint_files(args, plan):
         if os.sep in path or path.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz")):
             fail(f"--pretrained {path}: no such file; pass an existing checkpoint file, or one of OpenCLIP's "
                  f"pretrained tags (open_clip.list_pretrained())")
-    elif path and not path.endswith((".npz", ".npy")):
-        reason = checkpoint_unreadable(path)
-        if reason:
-            fail(f"--pretrained {path} does not load ({reason}): pass a checkpoint saved with torch.save (e.g. a "
-                 f"training run's epoch_N.pt) or a .safetensors file")
+    elif path and not path.endswith((".npz", ".npy")):  # readable: check_model_files
         misfit = checkpoint_misfit(args.model, path, **meta_build_kwargs(args, plan))
         if misfit:
             fail(f"--pretrained {path} does not fit --model {args.model} ({misfit}): pass a checkpoint of that model "

@@ -42,7 +42,7 @@ def test_every_run_is_a_valid_training_command(tmp_path):
     finetuning = parse_args(ex.train_command(tmp_path, "ft", "3T", data, ex.SCALES["default"], 0, str(weights),
                                              extra=replicate.RUNS["3T (broad h) finetuning"].flags,
                                              model="3T-mini-timm")[3:])
-    assert finetuning.init_image_from_third_tower
+    assert finetuning.third_tower_init_image
 
 
 def test_the_two_tower_row_reads_each_towers_own_cache(tmp_path):

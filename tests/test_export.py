@@ -15,8 +15,8 @@ from open_clip_3t import (ThreeTowersCLIP, ThreeTowersCustomTextCLIP, ThreeTower
 from open_clip_3t._openclip import read_model_config as model_config
 from tests.conftest import REPO, run_python
 
-K2 = "3T-tiny-K2"
-RELEASE = ["README.md", "open_clip_3t_provenance.json"]  # the model card and the provenance record  # two frozen towers, "vit" (test_vit) and "resnet" (test_resnet)
+K2 = "3T-tiny-K2"  # two frozen towers, "vit" (test_vit) and "resnet" (test_resnet)
+RELEASE = ["README.md", "open_clip_3t_provenance.json"]  # the model card and the provenance record
 
 
 def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True, model_name="3T-tiny"):

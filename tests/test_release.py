@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -53,7 +54,7 @@ def test_the_export_carries_a_model_card_and_its_provenance(released, h_weights)
     assert record["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size}
     assert (record["model"], record["exported_class"], record["run"]["name"]) == ("3T-tiny", "CLIP", "shapes-3t")
     assert record["third_towers"] == [{"name": "third", "timm_model": "test_vit", "weights": h_weights,
-                                       "weights_sha256": sha256(__import__("pathlib").Path(h_weights))}]
+                                       "weights_sha256": sha256(Path(h_weights))}]
     assert record["training"]["epochs_completed"] == 1 and record["training"]["epochs_planned"] == 2
     assert (record["training"]["samples_seen"], record["training"]["samples_seen_from"]) == (
         16 + 32, "out.log (every rank's epoch ends)")
@@ -65,7 +66,8 @@ def test_the_export_carries_a_model_card_and_its_provenance(released, h_weights)
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: open_clip\n") and "\n---\n\n# NAME\n" in card
     assert f"open_clip.create_model_and_transforms('hf-hub:{PLACEHOLDER}')" in card
-    for row in ("| samples seen | 48 |", "| epochs completed (of planned) | 1 (of 2) |", "| shape-zeroshot-top1 | 0.6250 |",
+    for row in ("| samples seen | 48 |", "| epochs completed (of planned) | 1 (of 2) |",
+                "| shape-zeroshot-top1 | 0.6250 |",
                 "| acc1 | 0.7500 |", f"| source checkpoint | epoch_1.pt ({sha256(ckpt)}) |",
                 "| training data | /data/shapes/{00000..00003}.tar |", "| batch size x ranks | 8 x 2 |"):
         assert row in card, row

@@ -141,7 +141,8 @@ printf '%s\\n' "$@" > "$STUB_DIR/srun_args.txt"
      ["--third-tower-weights", "/w/resnet.pth", "--third-tower", "resnet"]),
 ])
 def test_launchers_pass_one_cache_and_weights_file_per_tower(script, variables, expected, tmp_path):
-    """The launchers' command lines for several towers (NAME=DIR words, `--third-tower NAME` for a build) and for one."""
+    """The launchers' command lines for several towers (NAME=DIR words, `--third-tower NAME` for a build) and for
+    one."""
     stub = tmp_path / "bin"
     stub.mkdir()
     for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):

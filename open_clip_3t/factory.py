@@ -133,6 +133,9 @@ def checkpoint_misfit(model_name, checkpoint, strict=False, ignore=(), **create_
     export folder), except the file's tensors under the modules named in `ignore` (towers the model does not build)."""
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # the meta build's "creation process complete" and "no pretrained weights" lines
+    # ... and a handler, so that they do not make logging.basicConfig() install one for good (every later line twice)
+    quiet = logging.NullHandler()
+    root.addHandler(quiet)
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
@@ -158,4 +161,5 @@ def checkpoint_misfit(model_name, checkpoint, strict=False, ignore=(), **create_
                     checkpoint_misfit(model_name, checkpoint, strict=True, **create_kwargs) or load_error_line(e))
             return None
     finally:
+        root.removeHandler(quiet)
         root.setLevel(level)

@@ -203,5 +203,6 @@ def check_model_weights(model_name, what="--model"):
     path = model_weights_file(model_name)
     reason = checkpoint_unreadable(path) if path else None
     if reason:
-        raise WeightsError(f"{what} {model_name}: weights file {path} does not load ({reason}): pass a folder written "
-                           f"by `python -m open_clip_3t.export` (open_clip_model.safetensors)")
+        raise WeightsError(f"{what} {model_name}: weights file {path} does not load ({reason}): it is cut short, "
+                           f"damaged or not what an export writes; export the checkpoint again (`python -m "
+                           f"open_clip_3t.export` writes open_clip_model.safetensors)")

@@ -386,7 +386,8 @@ KINDS = [
               "*": "open_clip_model.safetensors does not load (SafetensorError: "},
          do={"missing": "pass a folder written by `python -m open_clip_3t.export`",
              "wrong kind": "the folder's open_clip_config.json does not describe its weights (edited by hand?): restore "
-             "it, or export the checkpoint again", "*": "it is cut short or damaged; export the checkpoint again"},
+             "it, or export the checkpoint again", "*": "it is cut short, damaged or not what an export writes; export the "
+             "checkpoint again"},
          named={"missing": lambda w: w / "export"}),
     Kind("run's `params.txt` (names the model)", "python -m open_clip_3t.export FILE --out DIR",
          lambda w: w / "run" / "params.txt", lambda w: w / "cache" / "manifest.json",
@@ -475,6 +476,24 @@ def test_a_bad_file_stops_its_command_with_one_line(case, world, tmp_path, capfd
     assert has_fragments(line, kind.expect(kind.see, fault)), line
     assert kind.expect(kind.do, fault) in line, line
     assert left_clean, f"{kind.command} left output that looks complete after: {line}"
+
+
+def test_resume_latest_in_a_folder_of_another_models_run_stops_before_any_model(world, tmp_path, capfd):
+    """The same --name reused with another --model: `--resume latest` would hand OpenCLIP a checkpoint that does not
+    fit (a load_state_dict traceback after the model and process group exist): one line first, naming the file."""
+    checkpoints = tmp_path / "logs" / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(world / "other" / "checkpoints" / "epoch_1.pt", checkpoints / "epoch_1.pt")
+    main, argv = train(world, tmp_path, *H, str(world / "h.pth"), "--train-data", str(world / "data" / "00000.tar"),
+                       "--resume", "latest")
+    outcome = call(main, argv, capfd)
+    assert outcome.status == 2 and "Traceback" not in outcome.output, outcome.output[-3000:]
+    assert len(outcome.errors) == 1 and outcome.errors[0].startswith(
+        f"training.main: error: --resume latest: {checkpoints / 'epoch_1.pt'} does not fit this run's model ("), \
+        outcome.errors
+    assert outcome.errors[0].endswith("the run folder holds another model's run; pass another --name, or the --model "
+                                      "and third-tower flags it was trained with")
+    assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == [".lock", "checkpoints"]  # no log: untouched
 
 
 # --- folders the project writes: read-only, full -------------------------------------------------------------------

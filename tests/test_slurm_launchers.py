@@ -284,16 +284,17 @@ INSIDE_RE = re.compile(r"Train Epoch: (\d+) resumes at batch (\d+) of 20")
 
 def test_train_sbatch_requeued_job_resumes_inside_the_epoch_with_the_uninterrupted_weights(slurm_cluster, data,
                                                                                           h_weights, tmp_path):
-    """Run 1 is preempted (`scontrol requeue`, as the scheduler does: SIGTERM to every task) in the middle of epoch
-    0; run 2 resumes inside that epoch and gets USR1 in the batch shell (what --signal=B:USR1@180 sends before the
-    time limit) in the middle of epoch 1, whose trap passes it to the tasks and requeues the job once they saved;
-    run 3 resumes inside epoch 1 and finishes with the weights of the same job run without interruption."""
+    """A two-node job (one task per node): run 1 is preempted (`scontrol requeue`, as the scheduler does: SIGTERM to
+    every task) in the middle of epoch 0; run 2 resumes inside that epoch and gets USR1 in the batch shell (what
+    --signal=B:USR1@180 sends before the time limit) in the middle of epoch 1, whose trap passes it to the tasks on
+    both nodes and requeues the job once they saved; run 3 resumes inside epoch 1 and finishes with the weights of the
+    same 2-rank job run on one node without interruption."""
     epochs = 2
     # 320 samples / (2 ranks x 8) = 20 steps per rank per epoch (a few seconds on 2 shared cores)
     env = train_env(data, h_weights, tmp_path, EPOCHS=str(epochs), TRAIN_NUM_SAMPLES="320")
     t0 = time.monotonic()
-    job_id = slurm_cluster.sbatch(os.path.join(SLURM_DIR, "train.sbatch"), "--ntasks-per-node=2", *CPU_FLAGS,
-                                  f"--output={tmp_path}/slurm-%j.out", env_extra=env, cwd=REPO)
+    job_id = slurm_cluster.sbatch(os.path.join(SLURM_DIR, "train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+                                  *CPU_FLAGS, f"--output={tmp_path}/slurm-%j.out", env_extra=env, cwd=REPO)
     out = tmp_path / f"slurm-{job_id}.out"
     ckpts = tmp_path / "logs" / f"3t-3T-tiny-{job_id}" / "checkpoints"
 
@@ -343,7 +344,7 @@ def test_train_sbatch_requeued_job_resumes_inside_the_epoch_with_the_uninterrupt
     final = torch.load(ckpts / f"epoch_{epochs}.pt", map_location="cpu", weights_only=False)
     assert final["epoch"] == epochs
 
-    # the same job, never interrupted: the same weights
+    # the same 2 ranks on one node, never interrupted: the same weights
     job2, rc = slurm_cluster.sbatch_wait(os.path.join(SLURM_DIR, "train.sbatch"), "--ntasks-per-node=2", *CPU_FLAGS,
                                          f"--output={tmp_path}/slurm-%j.out", env_extra=env, cwd=REPO, timeout=240)
     assert rc == 0, tail(read(tmp_path / f"slurm-{job2}.out"))

@@ -29,6 +29,7 @@ import torch
 import open_clip_3t  # noqa: F401  (registers the 3T model family)
 from open_clip_3t._openclip import RemoteCodeError, trusting_remote_code
 from open_clip_3t.cache import CacheError
+from open_clip_3t.factory import checkpoint_misfit
 from open_clip_3t.model import tower_keys, transfer_heads
 from open_clip_3t.weights import WeightsError, create_timm_model
 
@@ -36,7 +37,7 @@ from ._open_clip_train import RendezvousError, launch_rank, openclip_setup_loggi
 from .data import TrainingDataError, get_data
 from .eval_sets import EvalDataError
 from .long_run import CheckpointError, Diverged, Preempted, install_signal_handlers, save_checkpoint
-from .params import fail, parse_args
+from .params import fail, meta_build_kwargs, parse_args
 from .run_folder import RunFolderError, check_resume, checkpoint_loader, lock_run_folder
 from .train import evaluate, train_one_epoch
 
@@ -155,7 +156,8 @@ def claim_run_folder(args):
     lock = lock_run_folder(run_dir)
     if args.resume == "latest" and args.remote_sync is None:
         try:
-            check_resume(os.path.join(run_dir, "checkpoints"), args.save_most_recent)
+            check_resume(os.path.join(run_dir, "checkpoints"), args.save_most_recent, lambda path: checkpoint_misfit(
+                args.model, path, strict=True, **meta_build_kwargs(args, args.run_plan)))
         except RunFolderError:
             if lock is not None:
                 lock.close()

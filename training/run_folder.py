@@ -99,8 +99,9 @@ def _none_loads(where, skipped):
                           f"over, or pass --resume FILE")
 
 
-def check_resume(checkpoint_dir, save_most_recent):
-    """Before any model: stop a `--resume latest` that could only fail, or would silently start the run over."""
+def check_resume(checkpoint_dir, save_most_recent, misfit=lambda path: None):
+    """Before any model: stop a `--resume latest` that could only fail, or would silently start the run over, or
+    would load a checkpoint of another model (`misfit(path)`: why it does not fit the run's model, else None)."""
     found, latest_name = openclip_run_checkpoints(checkpoint_dir)
     if not found:
         return
@@ -113,6 +114,11 @@ def check_resume(checkpoint_dir, save_most_recent):
     chosen, skipped = _loadable(found)
     if chosen is None:
         raise _none_loads(checkpoint_dir, skipped)
+    why = misfit(chosen)
+    if why:
+        raise RunFolderError(f"--resume latest: {chosen} does not fit this run's model ({why}): the run folder holds "
+                             f"another model's run; pass another --name, or the --model and third-tower flags it was "
+                             f"trained with")
 
 
 def checkpoint_loader(args):

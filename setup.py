@@ -24,7 +24,8 @@ setup(
         "pandas",
         "tabulate",  # pandas' DataFrame.to_markdown (the results tables)
         "safetensors",
-        "tqdm",  # the cache build's progress line
+        "tqdm",  # progress: the cache build, evaluation
+        "huggingface_hub",  # python -m open_clip_3t.publish (HfApi); open_clip_torch needs it too
         "numpy<2.4",  # open_clip_torch 3.3's zero-shot accuracy() breaks on numpy >= 2.4
         "matplotlib",  # the quickstart's and the replication's curves
     ],
@@ -32,7 +33,12 @@ setup(
         "eval": EVAL,
         # Hugging Face text towers (text_cfg.hf_model_name, e.g. 3T-roberta-ViT-B-32); checked with transformers 5.24
         "hf": ["transformers"],
-        "test": ["pytest", "transformers", *EVAL],  # the tests run CLIP_benchmark on an exported model
+        # --report-to tensorboard / wandb (checked before a run starts: a missing one stops it with this extra's name)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "logging": ["tensorboard", "wandb"],
+        # the tests run CLIP_benchmark on an exported model and read a run's TensorBoard event file
+        "test": ["pytest", "transformers", "tensorboard", *EVAL],
         "plot": ["matplotlib"],
     },
 )

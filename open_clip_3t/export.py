@@ -6,7 +6,9 @@ third tower h, its heads and its transfer terms' temperatures and biases dropped
 The folder holds `open_clip_config.json` + `open_clip_model.safetensors` (+ the tokenizer's files when the text
 tower uses a Hugging Face tokenizer, `text_cfg.hf_tokenizer_name`), which vanilla OpenCLIP (and CLIP_benchmark) load
 with `create_model_and_transforms('local-dir:FOLDER')`, no plugin installed, as the class the 3T model was built on
-(`CLIP`, or `CustomTextCLIP` for custom and Hugging Face text towers and SigLIP).
+(`CLIP`, or `CustomTextCLIP` for custom and Hugging Face text towers and SigLIP); and a model card (README.md, the
+hub's format) with its machine-readable provenance record (open_clip_3t/release.py). `--push-to-hub ORG/NAME` then
+uploads it (open_clip_3t/publish.py). docs/release.md.
 """
 import argparse
 import ast
@@ -26,8 +28,10 @@ from safetensors.torch import save as save_safetensors
 from ._openclip import (RemoteCodeError, check_remote_code, hf_text_tower_trust, load_state_dict, model_exists,
                         openclip_model_class, remote_code_trusted, trusting_remote_code)
 from .files import unwritable, write_atomic
+from .flags import HelpFormatter
 from .model import clip_state_dict, towers_in
 from .plan import resolve_plan
+from .release import CARD_FILE, PROVENANCE_FILE, release_files
 from .weights import checkpoint_keys, checkpoint_unreadable, first_nonfinite, load_error_line
 
 
@@ -73,7 +77,7 @@ def _not_exported(out_dir, names):
         text_cfg = json.loads((out_dir / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError):
         text_cfg = {}
-    return [name for name in names if name not in (CONFIG_FILE, WEIGHTS_FILE)
+    return [name for name in names if name not in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, PROVENANCE_FILE)
             and not (text_cfg.get("hf_tokenizer_name") and TOKENIZER_FILE.fullmatch(name))]
 
 
@@ -141,16 +145,18 @@ def _tokenizer_files(model_name, tokenizer_name):
         return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def export_clip(checkpoint, out_dir, model_name=None, overwrite=False, trust_remote_code=None):
-    """Write the plain-OpenCLIP part of a 3T checkpoint to `out_dir`; returns the folder's path. `overwrite` replaces
-    an earlier export, never a folder that holds anything else. Code that comes with the model's tokenizer or
-    Hugging Face text tower runs only with trust_remote_code=True (docs/untrusted_models.md)."""
+def export_clip(checkpoint, out_dir, model_name=None, overwrite=False, trust_remote_code=None, hub_id=None):
+    """Write the plain-OpenCLIP part of a 3T checkpoint to `out_dir`, with its model card and provenance record;
+    returns the folder's path. `overwrite` replaces an earlier export, never a folder that holds anything else. Code
+    that comes with the model's tokenizer or Hugging Face text tower runs only with trust_remote_code=True
+    (docs/untrusted_models.md). hub_id: the ORG/NAME the card says to load (default: a placeholder, which
+    `publish` replaces)."""
     trusted = remote_code_trusted(trust_remote_code)
     with trusting_remote_code(trusted):
-        return _export(checkpoint, Path(out_dir), model_name, overwrite, trusted)
+        return _export(checkpoint, Path(out_dir), model_name, overwrite, trusted, hub_id)
 
 
-def _export(checkpoint, out_dir, model_name, overwrite, trusted):
+def _export(checkpoint, out_dir, model_name, overwrite, trusted, hub_id=None):
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: pass a training checkpoint "
                                 f"(epoch_N.pt) or a saved state dict")
@@ -200,7 +206,8 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
         build_cfg["text_cfg"] = {**build_cfg["text_cfg"], "hf_model_pretrained": False}
     try:
         with hf_text_tower_trust(trusted):
-            openclip_model_class(clip_cfg)(**build_cfg).load_state_dict(clip_weights, strict=True)
+            exported_class = openclip_model_class(clip_cfg)
+            exported_class(**build_cfg).load_state_dict(clip_weights, strict=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {checkpoint} does not fit {model_name} (from {source}): {load_error_line(e)}; "
                          f"pass the 3T --model it was trained with") from None
@@ -213,6 +220,7 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
     files = {WEIGHTS_FILE: save_safetensors(clip_weights), CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode()}
     if clip_cfg["text_cfg"].get("hf_tokenizer_name"):
         files.update(_tokenizer_files(model_name, clip_cfg["text_cfg"]["hf_tokenizer_name"]))
+    files.update(release_files(checkpoint, model_name, plan, exported_class.__name__, hub_id))
     try:
         _write_export(out_dir, files)
     except OSError as e:
@@ -221,8 +229,10 @@ def _export(checkpoint, out_dir, model_name, overwrite, trusted):
     return out_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m open_clip_3t.export", description=__doc__.split("\n")[0])
+def make_parser():
+    """The command line of `python -m open_clip_3t.export`."""
+    parser = argparse.ArgumentParser(prog="python -m open_clip_3t.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="training checkpoint (epoch_N.pt) or a bare 3T state dict")
     parser.add_argument("--out", required=True, help="folder to write (loadable as local-dir:FOLDER)")
     parser.add_argument("--model", default=None, help="3T model name; default: read from the run's params.txt")
@@ -231,16 +241,33 @@ def main(argv=None):
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
                              "a config's trust_remote_code), refused by default: only for models you trust")
+    parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                        help="then upload the folder to this Hugging Face hub model repository (created if needed; "
+                             "log in first: hf auth login), as `python -m open_clip_3t.publish FOLDER ORG/NAME` does")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    return parser
+
+
+def main(argv=None):
+    from .publish import check_repo_id, publish
+
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        if args.push_to_hub is not None:
+            check_repo_id(args.push_to_hub)  # before any work
         out = export_clip(args.checkpoint, args.out, model_name=args.model, overwrite=args.overwrite,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, hub_id=args.push_to_hub)
+        print(f"exported plain OpenCLIP model to {out} (load with create_model_and_transforms('local-dir:{out}'))")
+        if args.push_to_hub is not None:
+            info = publish(out, args.push_to_hub, private=args.private)
+            print(f"published {out} as {getattr(info, 'commit_url', None) or args.push_to_hub} (load with "
+                  f"create_model_and_transforms('hf-hub:{args.push_to_hub}'))")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         if args.debug:
             raise
         sys.exit(f"error: {e}")
-    print(f"exported plain OpenCLIP model to {out} (load with create_model_and_transforms('local-dir:{out}'))")
 
 
 if __name__ == "__main__":

@@ -111,11 +111,11 @@ def three_towers_loss(plan, args):
 
 def create_loss(args):
     """`open_clip.create_loss`, returning the 3T loss for 3T models: the run's plan (`args.run_plan`, set by
-    `python -m training.main`), or one resolved from args.model, --three-towers-loss-weights, --three-towers-transfer
+    `python -m training.main`), or one resolved from args.model, --third-tower-loss-weights, --third-tower-transfer
     and --siglip."""
     plan = getattr(args, "run_plan", None) or resolve_plan(
-        args.model, loss_weights=getattr(args, "three_towers_loss_weights", None),
-        transfer=getattr(args, "three_towers_transfer", None), siglip=getattr(args, "siglip", False),
+        args.model, loss_weights=getattr(args, "third_tower_loss_weights", None),
+        transfer=getattr(args, "third_tower_transfer", None), siglip=getattr(args, "siglip", False),
         build_by_default=False)
     if plan.family != "3t":
         return ORIGINAL["create_loss"](args)

@@ -98,6 +98,13 @@ class _WeightedTerms(nn.Module):
                   for term, w in terms}
         return losses if output_dict else sum(losses.values())
 
+    @property
+    def term_factors(self):
+        """{term name: w / (1 + 2K)}: each term's share of the loss, so that `losses[name] / factor` is the term's own
+        value L (what the trainer logs, so that a term means the same in every run and family). Terms of weight 0
+        are not computed, and not listed."""
+        return {term.name: w / len(self.terms) for term, w in zip(self.terms, self.weights) if w}
+
 
 def gather_packed(features, local_loss=False, gather_with_grad=False, rank=0, world_size=1):
     """All-gather a list of [B, d_i] tensors in one collective, with OpenCLIP's gather_features semantics:

@@ -111,7 +111,7 @@ class RunPlan:
             text += (f"; towers: {'; '.join(map(str, self.towers))}; loss weights {list(self.loss_weights)}, "
                      f"transfer {self.transfer}, heads {self.section.head_type}")
             if self.cached:
-                text += f", --cache-missing {self.cache_missing}"
+                text += f", --third-tower-cache-missing {self.cache_missing}"
             if self.init_image_from:
                 text += f"; f starts from {self.init_image_from}"
         if self.image_tower_weights:
@@ -122,8 +122,8 @@ class RunPlan:
 def _kwarg_names(cli):
     """How errors name each choice: create_model's keywords, or the command line's flags."""
     names = {"third_tower": "third-tower", "third_tower_weights": "third-tower-weights",
-             "third_tower_cache": "third-tower-cache", "init_image_from_third_tower": "init-image-from-third-tower",
-             "loss_weights": "three-towers-loss-weights"}
+             "third_tower_cache": "third-tower-cache", "init_image_from_third_tower": "third-tower-init-image",
+             "loss_weights": "third-tower-loss-weights"}
     return {k: "--" + v if cli else k for k, v in names.items()}
 
 

@@ -143,6 +143,23 @@ def tar_damage(path, walk=False):
     return _end_damage(end, size, end + len(rest.rstrip(b"\0")))
 
 
+def sample_extensions(path):
+    """The member extensions of each sample of the local tar `path`, grouped as `iter_samples` groups them, read
+    from its headers only (no member data): a list of sets, one per sample."""
+    samples, key = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            match = _KEY_AND_EXT.match(member.name)
+            if not member.isreg() or _SKIP_META.match(member.name) or match is None:
+                continue
+            ext = match.group(2).lower()
+            if key != match.group(1) or ext in samples[-1]:
+                key = match.group(1)
+                samples.append(set())
+            samples[-1].add(ext)
+    return samples
+
+
 def iter_samples(url, stats=None):
     """Samples {__key__, ext: bytes, ...} of a shard grouped as OpenCLIP's training pipeline groups them
     (open_clip_train.data.group_by_keys_nothrow: a new sample starts when the key changes or an extension repeats;

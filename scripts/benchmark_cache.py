@@ -183,7 +183,7 @@ def main(argv=None):
             train_data=spec, val_data=None, dataset_resampled=False, train_num_samples=num_samples,
             train_data_upsampling_factors=None, seed=0, workers=args.workers, world_size=1,
             batch_size=args.batch_size, model=args.model, third_tower_weights=weights, third_tower_cache=out,
-            cache_missing="error")
+            third_tower_cache_missing="error")
         max_batches = max(2, num_samples // args.batch_size)
         plain, joined = [], []
         for _ in range(args.loader_repeats):  # interleaved, best of n: the machine may be shared

@@ -49,10 +49,10 @@ class Run:
     lock_image: bool = True        # LiT: locked tower (False: LiT finetune)
 
 
-DROP_FG, DROP_FH, DROP_GH = (("--three-towers-loss-weights", *w) for w in (("0", "1", "1"), ("1", "0", "1"),
+DROP_FG, DROP_FH, DROP_GH = (("--third-tower-loss-weights", *w) for w in (("0", "1", "1"), ("1", "0", "1"),
                                                                             ("1", "1", "0")))
-L2 = ("--three-towers-transfer", "l2")
-FG_AS_CLIP = ("--three-towers-loss-weights", "3", "1", "1")  # L(f,g) weighted as in CLIP, the transfer terms 1/3
+L2 = ("--third-tower-transfer", "l2")
+FG_AS_CLIP = ("--third-tower-loss-weights", "3", "1", "1")  # L(f,g) weighted as in CLIP, the transfer terms 1/3
 
 RUNS = {
     "CLIP": Run("CLIP"),
@@ -81,8 +81,8 @@ RUNS = {
     "3T (broad h) without L(g_h,h_g)": Run("3T", "broad", DROP_GH),
     "3T (broad h) L2 transfer": Run("3T", "broad", L2),
     "3T (broad h) L(f,g) weight 3": Run("3T", "broad", FG_AS_CLIP),
-    "3T (broad h) MLP heads": Run("3T", "broad", ("--three-towers-head", "mlp")),
-    "3T (broad h) finetuning": Run("3T", "broad", ("--init-image-from-third-tower",), model="3T-mini-timm"),
+    "3T (broad h) MLP heads": Run("3T", "broad", ("--third-tower-head", "mlp")),
+    "3T (broad h) finetuning": Run("3T", "broad", ("--third-tower-init-image",), model="3T-mini-timm"),
     "LiT (broad h) finetune": Run("LiT", "broad", lock_image=False),
     "3T (broad h) h online": Run("3T", "broad", online=True),
     # the sigmoid loss (OpenCLIP's --siglip) on the CLIP rows' towers, with the strong matched tower
@@ -250,7 +250,7 @@ class Replication:
         from training.eval_sets import folder_dataloader
         logging.disable(logging.WARNING)  # "no pretrained weights loaded": the checkpoint is loaded just after
         try:
-            spec = resolve_spec(str(self.checkpoint(seed, name)), None, "--checkpoint", "--model")
+            spec = resolve_spec(str(self.checkpoint(seed, name)), None, "--pretrained", "--model")
             model, preprocess, _ = load_model(spec, "cpu", "fp32")
         finally:
             logging.disable(logging.NOTSET)

@@ -53,8 +53,8 @@ def test_plan_of_3t_online(h_weights):
 
 def test_plan_of_sigmoid_3t_with_every_loss_choice(h_weights):
     plan = plan_of("3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights, "--precision", "fp32",
-                   "--three-towers-loss-weights", "1", "0", "1", "--three-towers-transfer", "l2",
-                   "--three-towers-head", "mlp")
+                   "--third-tower-loss-weights", "1", "0", "1", "--third-tower-transfer", "l2",
+                   "--third-tower-head", "mlp")
     assert (plan.family, plan.loss, plan.precision) == ("3t", "sigmoid", "fp32")
     assert (plan.loss_weights, plan.transfer, plan.section.head_type) == ((1.0, 0.0, 1.0), "l2", "mlp")
     assert plan.model_cfg["init_logit_bias"] == -10
@@ -79,7 +79,7 @@ def test_plan_of_cached_and_online_fallback(tmp_path, h_weights):
                                                                       str(tmp_path / "cache"))
     assert (h.cache_facts["samples"], h.cache_facts["shards"], h.cache_facts["dtype"]) == (4, 1, "float16")
     assert plan.model_kwargs()["third_tower"] == {"third": False}  # h is not built: its cache replaces it
-    online = plan_of(*common, "--cache-missing", "online")
+    online = plan_of(*common, "--third-tower-cache-missing", "online")
     assert (online.cache_missing, online.built, online.tower().source) == ("online", ("third",), "cache")
 
 

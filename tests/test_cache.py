@@ -85,7 +85,7 @@ def train_args(spec, cache_dir, weights, **kw):
     return argparse.Namespace(**{
         "train_data": spec, "val_data": None, "dataset_resampled": False, "train_num_samples": None,
         "train_data_upsampling_factors": None, "seed": 0, "workers": 0, "world_size": 1, "batch_size": 1,
-        "model": MODEL, "third_tower_weights": weights, "third_tower_cache": str(cache_dir), "cache_missing": "error",
+        "model": MODEL, "third_tower_weights": weights, "third_tower_cache": str(cache_dir), "third_tower_cache_missing": "error",
         **kw})
 
 
@@ -132,7 +132,7 @@ def counting(self, pixels):
     out = forward(self, pixels)
     calls.append(1)
     if len(calls) == 3:
-        while not os.path.exists(sys.argv[sys.argv.index("--out") + 1] + "/data/00001.tar.safetensors"):
+        while not os.path.exists(sys.argv[sys.argv.index("--third-tower-cache") + 1] + "/data/00001.tar.safetensors"):
             time.sleep(0.01)  # the writer thread finishes the sidecar of the shard before
         os.kill(os.getpid(), signal.SIGKILL)
     return out
@@ -227,7 +227,7 @@ def test_killed_build_resumes_byte_identical(tmp_path, h_weights):
     spec = make_shards(tmp_path / "data", 4)
     build(spec, tmp_path / "ref", h_weights, workers=1)
     run = tmp_path / "run"
-    argv = ["build", "--train-data", spec, "--model", MODEL, "--out", str(run), "--third-tower-weights", h_weights,
+    argv = ["build", "--train-data", spec, "--model", MODEL, "--third-tower-cache", str(run), "--third-tower-weights", h_weights,
             "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 
     # 1: SIGKILL while writing the second sidecar (half a temporary file on disk).
@@ -287,16 +287,20 @@ def test_cache_for_another_third_tower_or_other_shards_is_refused(tmp_path, h_we
     assert cache.verify(spec, MODEL, cache_dir, h_weights) == []
 
     # Another third tower: verify exits 1 naming the weights; training refuses with one line.
-    proc = cli("verify", "--train-data", spec, "--model", MODEL, "--cache", cache_dir, "--third-tower-weights",
+    proc = cli("verify", "--train-data", spec, "--model", MODEL, "--third-tower-cache", cache_dir, "--third-tower-weights",
                other_weights)
     assert proc.returncode == 1 and proc.stdout.startswith("mismatched fingerprint: weights: cache has 'sha256:")
-    with pytest.raises(cache.CacheError, match="built for another third tower") as e:
+    with pytest.raises(cache.CacheError) as e:
         cached_batches(train_args(spec, cache_dir, other_weights))
+    assert str(e.value).startswith(f"third-tower cache {cache_dir} was built with a different third tower than this "
+                                   f"run's third tower (weights: cache has 'sha256:") and "this run has 'sha256:" in \
+        str(e.value) and str(e.value).endswith(": pass the --model and --third-tower-weights the cache was built with, "
+                                               "or build a cache for this tower")
     assert "\n" not in str(e.value)
     with pytest.raises(cache.CacheError, match="built differently"):  # nor may a build mix the two
         build(spec, tmp_path / "cache", other_weights)
 
-    # Other shards: one the cache lacks; refused by verify and, under --cache-missing error, before training.
+    # Other shards: one the cache lacks; refused by verify and, under --third-tower-cache-missing error, before training.
     make_shards(tmp_path / "more", 1)
     more = f"{spec}::{tmp_path}/more/00000.tar"
     assert cache.verify(more, MODEL, cache_dir, h_weights) == [
@@ -316,14 +320,14 @@ def test_cache_for_another_third_tower_or_other_shards_is_refused(tmp_path, h_we
 
 def verify_lines(spec, cache_dir, weights, capsys, *flags):
     """(exit status, stdout lines) of `python -m open_clip_3t.cache verify ...`, in this process."""
-    status = cache.main(["verify", "--train-data", spec, "--model", MODEL, "--cache", str(cache_dir),
+    status = cache.main(["verify", "--train-data", spec, "--model", MODEL, "--third-tower-cache", str(cache_dir),
                          "--third-tower-weights", weights, *flags])
     return status, capsys.readouterr().out.strip().splitlines()
 
 
 def test_sidecars_carry_their_own_sha256(tmp_path, h_weights, capsys):
     """Issue 10, item 4: 200 overwritten embedding bytes passed `verify --checksum` and were trained on (values of
-    203); NaN rows stopped mid-epoch advising --cache-missing online. Now verify --checksum and the training join
+    203); NaN rows stopped mid-epoch advising --third-tower-cache-missing online. Now verify --checksum and the training join
     both refuse the sidecar, and the advice (rebuild that shard's sidecar) is the fix."""
     spec = make_shards(tmp_path / "data", 2)
     build(spec, tmp_path / "cache", h_weights)
@@ -346,8 +350,8 @@ def test_sidecars_carry_their_own_sha256(tmp_path, h_weights, capsys):
                                      f"exist)"]
     for policy in ("error", "skip", "online"):  # corrupt is not missing: no policy trains on it
         with pytest.raises(cache.CacheError, match="is corrupt") as e:
-            cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing=policy, train_num_samples=12))
-        assert hint in str(e.value) and "--cache-missing" not in str(e.value)
+            cached_batches(train_args(spec, tmp_path / "cache", h_weights, third_tower_cache_missing=policy, train_num_samples=12))
+        assert hint in str(e.value) and "--third-tower-cache-missing" not in str(e.value)
 
     embeddings, keys, crc32, meta = cache.load_sidecar(cache.sidecar_path(str(tmp_path / "cache"), shard.replace(
         "00000", "00001")))  # an intact sidecar, re-encoded with a NaN row: its checksum holds, its values do not
@@ -362,8 +366,8 @@ def test_sidecars_carry_their_own_sha256(tmp_path, h_weights, capsys):
                                         f"sidecar: delete {nan_path} and rerun `python -m open_clip_3t.cache build` "
                                         f"with the same options (it builds only the sidecars that do not exist)")
     with pytest.raises(cache.CacheError, match="holds non-finite embeddings") as e:
-        cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing="online", train_num_samples=12))
-    assert "--cache-missing online" not in str(e.value)
+        cached_batches(train_args(spec, tmp_path / "cache", h_weights, third_tower_cache_missing="online", train_num_samples=12))
+    assert "--third-tower-cache-missing online" not in str(e.value)
 
     os.remove(path)  # the advice, followed
     os.remove(nan_path)
@@ -398,12 +402,12 @@ def test_missing_samples_follow_the_policy(tmp_path, h_weights):
     spec = make_shards(tmp_path / "data", 3)
     build("{}/data/{{00000..00001}}.tar".format(tmp_path), tmp_path / "cache", h_weights)  # shard 2 not cached
 
-    batches, info = cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing="skip",
+    batches, info = cached_batches(train_args(spec, tmp_path / "cache", h_weights, third_tower_cache_missing="skip",
                                               train_num_samples=12))
     assert sum(len(b[0]) for b in batches) == 12 and not any(torch.isnan(b[2]).any() for b in batches)
     assert (info.cache_stats.joined, info.cache_stats.missing) == (12, 6)
 
-    batches, info = cached_batches(train_args(spec, tmp_path / "cache", h_weights, cache_missing="online",
+    batches, info = cached_batches(train_args(spec, tmp_path / "cache", h_weights, third_tower_cache_missing="online",
                                               batch_size=18, train_num_samples=18))
     (images, _, third), = batches
     assert torch.isnan(third).any(dim=1).sum() == 6 and info.cache_stats.missing == 6
@@ -418,7 +422,7 @@ def test_missing_samples_follow_the_policy(tmp_path, h_weights):
 
 def test_two_ranks_split_the_shards(tmp_path, h_weights):
     spec = make_shards(tmp_path / "data", 5)
-    argv = ["build", "--train-data", spec, "--model", MODEL, "--out", str(tmp_path / "cache"),
+    argv = ["build", "--train-data", spec, "--model", MODEL, "--third-tower-cache", str(tmp_path / "cache"),
             "--third-tower-weights", h_weights, "--batch-size", "4", "--workers", "0", "--device", "cpu"]
     procs = [subprocess.Popen([sys.executable, "-m", "open_clip_3t.cache", *argv], cwd=REPO, text=True,
                               stderr=subprocess.PIPE, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"})
@@ -458,7 +462,7 @@ def test_bad_input_fails_before_work(tmp_path, h_weights):
     with pytest.raises(cache.CacheError, match="map to the same sidecar data/00000.tar"):
         cache.build(f"{spec}::{tmp_path}/b/data/00000.tar", MODEL, str(tmp_path / "c"), h_weights)
     assert not os.path.exists(tmp_path / "c")  # nothing written
-    proc = cli("info", "--cache", str(tmp_path))
+    proc = cli("info", "--third-tower-cache", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is not a third-tower cache" in proc.stderr
 
 
@@ -508,11 +512,11 @@ def test_the_build_moves_uint8_pixels_and_normalises_them_bit_identically(tmp_pa
 
 
 def test_one_cache_per_tower_of_a_two_tower_model(tmp_path, h_weights, other_weights):
-    """3T-tiny-K2 (towers vit: test_vit, resnet: test_resnet): `build --tower` caches one tower; a one-tower model's
+    """3T-tiny-K2 (towers vit: test_vit, resnet: test_resnet): `build --third-tower` caches one tower; a one-tower model's
     cache serves the tower with the same fingerprint (the name is not part of it); the join attaches every cached
     tower's row to each sample in one stage; a cache named for the wrong tower is refused naming the tower it holds."""
     spec = make_shards(tmp_path / "data", 2)
-    with pytest.raises(cache.CacheError, match=r"has the third towers \['vit', 'resnet'\]: say which one with --tower"):
+    with pytest.raises(cache.CacheError, match=r"has the third towers \['vit', 'resnet'\]: say which one with --third-tower"):
         cache.build(spec, "3T-tiny-K2", str(tmp_path / "x"), h_weights, quiet=True)
     assert not (tmp_path / "x").exists()
     torch.manual_seed(3)
@@ -549,5 +553,5 @@ def test_one_cache_per_tower_of_a_two_tower_model(tmp_path, h_weights, other_wei
                             f"resnet, not vit: pass resnet={tmp_path / 'resnet'}")
     args.third_tower_cache, args.third_tower_weights = [f"vit={tmp_path / 'vit'}"], [f"vit={other_weights}",
                                                                                        f"resnet={resnet}"]
-    with pytest.raises(cache.CacheError, match="built for another third tower than vit"):  # not a swap: other weights
+    with pytest.raises(cache.CacheError, match="built with a different third tower than this run's third tower vit "):  # not a swap: other weights
         get_cached_wds_dataset(args, preprocess_val, is_train=True)

@@ -84,8 +84,8 @@ def test_verify_folds_the_parts_and_a_shard_the_index_lacks_is_read_from_its_sid
     assert facts["samples"] == 4 * PER_SHARD and len(warnings) == 1
     assert warnings[0] == (f"third-tower cache {out}: 4 of the 4 shards of --train-data are not in its index, so their "
                            f"sidecars' headers were read (one file each, at every start-up): run `python -m "
-                           f"open_clip_3t.cache verify --cache {out} ...` once to bring the index up to date")
-    assert cli("verify", "--train-data", spec, "--model", MODEL, "--cache", str(out), "--third-tower-weights",
+                           f"open_clip_3t.cache verify --third-tower-cache {out} ...` once to bring the index up to date")
+    assert cli("verify", "--train-data", spec, "--model", MODEL, "--third-tower-cache", str(out), "--third-tower-weights",
                h_weights).returncode == 0
     assert cache.read_index(str(out))[0] == before
     warnings.clear()
@@ -98,7 +98,7 @@ def test_verify_folds_the_parts_and_a_shard_the_index_lacks_is_read_from_its_sid
     with pytest.raises(cache.CacheError, match=r"does not match --train-data: 1 shard\(s\) differ \(first: .*00003.tar: "
                                                r"shard is \d+ bytes, the cache was built from \d+ bytes\)"):
         cache.validate(str(out), spec, cfg)
-    # A shard with no sidecar (deleted; verify brings the index up to date): refused under --cache-missing error.
+    # A shard with no sidecar (deleted; verify brings the index up to date): refused under --third-tower-cache-missing error.
     os.remove(cache.sidecar_path(str(out), f"{tmp_path}/data/00002.tar"))
     assert [p.split(":")[0] for p in cache.verify(spec, MODEL, str(out), h_weights)] == ["missing", "mismatched"]
     assert "data/00002.tar" not in cache.read_index(str(out))[0]
@@ -133,7 +133,7 @@ def test_merge_parts_built_in_separate_folders(tmp_path, h_weights, other_weight
     build(spec, a, h_weights, split=(0, 2))  # e.g. each node's builders writing to its local scratch
     build(spec, b, h_weights, split=(1, 2))
     out = tmp_path / "merged"
-    proc = cli("merge", str(a), str(b), "--out", str(out))
+    proc = cli("merge", str(a), str(b), "--third-tower-cache", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"ok: {out} holds 4 shards ({4 * PER_SHARD} samples) from 2 parts\n"
     assert cache.verify(spec, MODEL, str(out), h_weights, checksum=True) == []
@@ -150,17 +150,17 @@ def test_merge_parts_built_in_separate_folders(tmp_path, h_weights, other_weight
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         return proc.stderr.strip()
 
-    # a shard in two parts; parts built with other weights; an --out that holds something
+    # a shard in two parts; parts built with other weights; a --third-tower-cache that holds something
     build(f"{tmp_path}/data/00000.tar", tmp_path / "again", h_weights)
-    assert refused(a, tmp_path / "again", "--out", tmp_path / "m2") == (
+    assert refused(a, tmp_path / "again", "--third-tower-cache", tmp_path / "m2") == (
         f"python -m open_clip_3t.cache merge: error: cannot merge: shard data/00000.tar is in both {a} and "
         f"{tmp_path}/again; delete its sidecar from one of them ({tmp_path}/again/data/00000.tar.safetensors)")
     build(f"{tmp_path}/data/00003.tar", tmp_path / "other", other_weights)
-    line = refused(a, tmp_path / "other", "--out", tmp_path / "m3")
+    line = refused(a, tmp_path / "other", "--third-tower-cache", tmp_path / "m3")
     assert line.startswith(f"python -m open_clip_3t.cache merge: error: cannot merge {tmp_path}/other with {a}: they "
                            f"were built differently (weights: 'sha256:") and "' != 'sha256:" in line and line.endswith(
         "merge only the parts of one build (same model, weights, --dtype and --precision)")
-    assert refused(a, b, "--out", out) == (f"python -m open_clip_3t.cache merge: error: --out {out} exists and is not "
+    assert refused(a, b, "--third-tower-cache", out) == (f"python -m open_clip_3t.cache merge: error: --third-tower-cache {out} exists and is not "
                                            f"an empty folder: merge into a new folder")
     assert not any(os.path.exists(tmp_path / m) for m in ("m2", "m3"))
 
@@ -170,7 +170,7 @@ def test_merge_parts_built_in_separate_folders(tmp_path, h_weights, other_weight
     data[8 + int.from_bytes(data[:8], "little") + 2] ^= 0xFF  # a byte of the first tensor
     os.remove(sidecar)  # b's file was hard-linked into `out`: write a new one, as a corrupting disk would not
     open(sidecar, "wb").write(bytes(data))
-    assert refused(a, b, "--out", tmp_path / "m4").startswith(
+    assert refused(a, b, "--third-tower-cache", tmp_path / "m4").startswith(
         f"python -m open_clip_3t.cache merge: error: sidecar {sidecar} is corrupt (its bytes do not match its sha256): "
         f"rebuild that shard's sidecar: delete {sidecar} and rerun")
     assert not os.path.exists(tmp_path / "m4") and not glob.glob(f"{tmp_path}/m4.tmp*")

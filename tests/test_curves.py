@@ -8,7 +8,7 @@ from PIL import Image
 from open_clip_3t.toy import curves
 
 PREFIX = "2026-01-01,00:00:00 | INFO | "
-LINES_3T = [  # as training/train.py logs them: each 3T term is w/3 * L; temperatures are exp(logit scale)
+LINES_3T = [  # as training/train.py logs them: each term its own L, the total w/3-weighted; temperatures exp(scale)
     "Train Epoch: 0 [ 32/256 (12%)] Data (t): 1.6 Batch (t): 4.2, 7.5/s, 7.5/s/gpu LR: 0.000250 Logit Scale: 14.286 "
     "Logit Scale Image Third: 14.286 Logit Scale Text Third: 14.286 Contrastive_loss: 1.2500 (1.2500) "
     "Image_third_loss: 1.5000 (1.5000) Text_third_loss: 1.0000 (1.0000) Loss: 3.7500 (3.7500)",
@@ -32,14 +32,14 @@ def write_run(folder, lines, params="", results=()):
 def test_training_log_by_hand(tmp_path):
     frame = curves.read_training_log(write_run(tmp_path / "3t", LINES_3T))
     assert frame["samples seen"].tolist() == [32, 256 + 224]
-    assert frame["L(f,g)"].tolist() == pytest.approx([3.75, 1.5])       # 3 x the logged w/3 * L, w = 1
-    assert frame["L(f_h,h_f)"].tolist() == pytest.approx([4.5, 2.25])
-    assert frame["L(g_h,h_g)"].tolist() == pytest.approx([3.0, 0.75])
+    assert frame["L(f,g)"].tolist() == pytest.approx([1.25, 0.5])       # logged as L itself, unweighted
+    assert frame["L(f_h,h_f)"].tolist() == pytest.approx([1.5, 0.75])
+    assert frame["L(g_h,h_g)"].tolist() == pytest.approx([1.0, 0.25])
     assert frame["s of L(f_h,h_f)"].tolist() == [14.286, 9.75] and frame["s of L(g_h,h_g)"].tolist() == [14.286, 30.0]
 
     weighted = curves.read_training_log(write_run(tmp_path / "w", LINES_3T[:1],
-                                                  "three_towers_loss_weights: [2.0, 0.0, 1.0]\n"))
-    assert weighted["L(f,g)"].tolist() == pytest.approx([1.875])           # 3/2 x logged
+                                                  "third_tower_loss_weights: [2.0, 0.0, 1.0]\n"))
+    assert weighted["L(f,g)"].tolist() == pytest.approx([1.25])            # L, whatever its weight
     assert "L(f_h,h_f)" not in weighted                                     # weight 0: no such term
     clip = curves.read_training_log(write_run(tmp_path / "clip", [LINE_CLIP]))
     assert clip["L(f,g)"].tolist() == [3.7893] and list(clip.columns) == ["samples seen", "s of L(f,g)", "L(f,g)"]

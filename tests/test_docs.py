@@ -86,8 +86,9 @@ RUN_WITH = {
         ("--device cuda --precision fp16 --batch-size 256 --workers 12",
          "--device cpu --precision fp32 --batch-size 8 --workers 0"),
         ("[--checksum]", "--checksum"),
-        ("[--cache-missing error|skip|online] ...", "--cache-missing error --train-num-samples 32 --batch-size 16 "
-                                                    "--epochs 1 --workers 0 --device cpu --precision fp32")],
+        ("[--third-tower-cache-missing error|skip|online] ...",
+         "--third-tower-cache-missing error --train-num-samples 32 --batch-size 16 --epochs 1 --workers 0 --device cpu "
+         "--precision fp32")],
     ("docs/cache.md", "from safetensors.numpy import load_file"):
         [("DIR/laion400m/00012.tar", "cache/laion400m-vitb16/laion400m/00001.tar")],
     ("docs/evaluation.md", "# a training checkpoint (the model name is read from the run's params.txt; or pass "
@@ -123,8 +124,8 @@ NOT_RUN = {
     ("docs/local_slurm.md", "sudo LOCAL_SLURM_NODES=2 scripts/slurm/local_cluster.sh start   # nodes n1, n2: two "
                             "slurmd daemons"):
         NotRun("root, apt packages and SLURM daemons: tests/test_local_cluster.py starts one- and two-node clusters"),
-    ("docs/cache.md", "python -m open_clip_3t.cache merge /scratch/node1/cache /scratch/node2/cache --out "
-                      "/data/cache/laion400m-vitb16"):
+    ("docs/cache.md", "python -m open_clip_3t.cache merge /scratch/node1/cache /scratch/node2/cache "
+                      "--third-tower-cache /data/cache/laion400m-vitb16"):
         NotRun("two caches of LAION shards: tests/test_cache_index.py merges two parts and refuses what does not fit"),
     ("docs/training.md", "# on every node (c10d rendezvous: the agents agree on the ranks; node 0 hosts nothing "
                          "special)"):
@@ -175,6 +176,11 @@ NOT_RUN = {
     ("docs/untrusted_models.md", "python -m training.eval --model hf-hub:ORG/REPO --zeroshot-data data/pets_test "
                                  "--out results/hub --trust-remote-code"):
         NotRun("a model from the hub: tests/test_hostile.py runs --trust-remote-code on a tokenizer that brings code"),
+    ("docs/release.md", "python -m open_clip_3t.publish released/ my-lab/3t-vit-b16-laion400m [--private]"):
+        NotRun("the hub and a login: tests/test_release.py runs publish with huggingface_hub's network calls "
+               "replaced and checks the upload"),
+    ("docs/release.md", "import open_clip"):
+        NotRun("the hub: tests/test_release.py loads a published export through hf-hub: from an offline cache"),
     ("docs/untrusted_models.md", "from huggingface_hub import snapshot_download"):
         NotRun("the network (a hub repo at one commit): tests/test_hostile.py loads hf-hub: ids from an offline cache"),
 }
@@ -398,7 +404,7 @@ def test_names_paths_and_links_in_the_prose_exist(page):
 def test_the_checks_catch_wrong_flags_and_variables():
     """The cheap checks of NOT_RUN blocks can fail: a flag the command lacks, a variable the script never reads."""
     from tests.docs_blocks import Block
-    for text, message in (("python -m training.eval --checkpoint x --no-such-flag", "--no-such-flag"),
+    for text, message in (("python -m training.eval --pretrained x --no-such-flag", "--no-such-flag"),
                           ("python -m open_clip_3t.cache build --cache DIR", "--cache is not a flag"),
                           ("torchrun --nproc-per-gpu 2 -m training.main -- --device cpu", "--nproc-per-gpu"),
                           ("NO_SUCH_VAR=1 sbatch scripts/slurm/train.sbatch", "NO_SUCH_VAR"),

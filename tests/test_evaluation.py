@@ -390,7 +390,7 @@ def test_standalone_evaluator_and_convex_combination(eval_setup, training_metric
     s = eval_setup
     metrics = training_metrics[0]
     # The 3T checkpoint alone (model name read from the run's params.txt): the training-time numbers, exactly.
-    alone = standalone.main(cli_argv(s, tmp_path / "3t", "--checkpoint", s.ckpt))
+    alone = standalone.main(cli_argv(s, tmp_path / "3t", "--pretrained", s.ckpt))
     assert len(alone) == 1
     row = alone.iloc[0]
     for key, value in metrics.items():
@@ -400,7 +400,7 @@ def test_standalone_evaluator_and_convex_combination(eval_setup, training_metric
 
     # The convex combination, through the real command line.
     out = tmp_path / "mix"
-    proc = subprocess.run([sys.executable, "-m", "training.eval", "--checkpoint", s.ckpt, "--combine-with", s.lit,
+    proc = subprocess.run([sys.executable, "-m", "training.eval", "--pretrained", s.ckpt, "--combine-with", s.lit,
                            "--alphas", "0", "0.5", "1", *cli_argv(s, out)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(out / "results.csv")
@@ -453,10 +453,10 @@ def test_third_tower_pair_against_hand_computation(eval_setup, h_weights, tmp_pa
     torch.save({"state_dict": state}, online)
     torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("third_tower.")}}, cached)
 
-    table = standalone.main(cli_argv(s, tmp_path / "pair", "--checkpoint", str(online), "--third-tower-pair",
+    table = standalone.main(cli_argv(s, tmp_path / "pair", "--pretrained", str(online), "--third-tower-pair",
                                      "--alphas", "0", "0.5", "1"))
     assert table["model"][0].endswith("+ third-tower pair") and table["alpha"].tolist() == [0.0, 0.5, 1.0]
-    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--checkpoint", str(online))).iloc[0]
+    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--pretrained", str(online))).iloc[0]
     for c in alone.index[1:]:
         assert table[c][2] == alone[c], c  # a = 1: the plain 3T scores, exactly
 
@@ -510,13 +510,13 @@ def test_third_tower_pair_against_hand_computation(eval_setup, h_weights, tmp_pa
                 assert table[f"{name}_R@{k}"][i] == np.mean(rr <= k), (name, k, alpha)
     assert not np.allclose(table["image_to_text_mean_rank"][0], table["image_to_text_mean_rank"][2])
 
-    from_cache = standalone.main(cli_argv(s, tmp_path / "cached", "--checkpoint", str(cached), "--third-tower-pair",
+    from_cache = standalone.main(cli_argv(s, tmp_path / "cached", "--pretrained", str(cached), "--third-tower-pair",
                                           "--third-tower-weights", h_weights, "--alphas", "0", "0.5", "1"))
     pd.testing.assert_frame_equal(from_cache.drop(columns="model"), table.drop(columns="model"))
 
 
 def test_checkpoint_with_mlp_heads(eval_setup, h_weights, tmp_path):
-    """A run trained with --three-towers-head mlp: its config says linear, its checkpoint holds MLP heads."""
+    """A run trained with --third-tower-head mlp: its config says linear, its checkpoint holds MLP heads."""
     s = eval_setup
     torch.manual_seed(3)
     model = open_clip.create_model("3T-tiny", third_tower=False, three_towers={
@@ -525,8 +525,8 @@ def test_checkpoint_with_mlp_heads(eval_setup, h_weights, tmp_path):
     ckpt.parent.mkdir(parents=True)
     (tmp_path / "run" / "params.txt").write_text("model: 3T-tiny\n")
     torch.save({"state_dict": model.state_dict()}, ckpt)
-    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--checkpoint", str(ckpt))).iloc[0]
-    pair = standalone.main(cli_argv(s, tmp_path / "pair", "--checkpoint", str(ckpt), "--third-tower-pair",
+    alone = standalone.main(cli_argv(s, tmp_path / "alone", "--pretrained", str(ckpt))).iloc[0]
+    pair = standalone.main(cli_argv(s, tmp_path / "pair", "--pretrained", str(ckpt), "--third-tower-pair",
                                     "--third-tower-weights", h_weights, "--alphas", "1"))
     assert (pair.iloc[0, 2:] == alone.iloc[1:]).all()
 
@@ -550,21 +550,21 @@ def test_standalone_errors_before_loading(eval_setup, tmp_path, capsys):
     (no_h.parent.parent / "params.txt").write_text("model: 3T-tiny\n")
     torch.save({k: v for k, v in s.three_t.state_dict().items() if not k.startswith("third_tower.")}, no_h)
     for argv, message in (
-        (["--checkpoint", str(truncated), "--model", "3T-tiny"],
-         f"--checkpoint {truncated} does not load (RuntimeError: PytorchStreamReader failed reading zip archive: "
+        (["--pretrained", str(truncated), "--model", "3T-tiny"],
+         f"--pretrained {truncated} does not load (RuntimeError: PytorchStreamReader failed reading zip archive: "
          f"failed finding central directory): it is truncated or not a checkpoint"),
-        (["--checkpoint", s.ckpt, "--val-data", str(cut)],
+        (["--pretrained", s.ckpt, "--val-data", str(cut)],
          f"--val-data shard {cut} is truncated or not a tar file (ReadError: member 000000003.jpg ends after the end "
          f"of the file): replace it, or leave it out of --val-data"),
-        (["--checkpoint", str(bare)], "pass --model NAME"),
-        (["--checkpoint", s.ckpt, "--combine-with", s.lit, "--alphas", "1.5"], "outside [0, 1]"),
+        (["--pretrained", str(bare)], "pass --model NAME"),
+        (["--pretrained", s.ckpt, "--combine-with", s.lit, "--alphas", "1.5"], "outside [0, 1]"),
         (["--model", "3T-tiny"], "nothing to evaluate"),
-        (["--checkpoint", s.ckpt, "--val-data", str(tmp_path / "{0..1}.tar")], "0.tar not found"),
-        (["--checkpoint", s.ckpt, "--zeroshot-data", str(tmp_path)], "classnames.txt not found"),
+        (["--pretrained", s.ckpt, "--val-data", str(tmp_path / "{0..1}.tar")], "0.tar not found"),
+        (["--pretrained", s.ckpt, "--zeroshot-data", str(tmp_path)], "classnames.txt not found"),
         (["--model", f"local-dir:{s.lit}", "--third-tower-pair"], "needs a 3T training checkpoint"),
-        (["--checkpoint", str(no_h), "--third-tower-pair"], "pass --third-tower-weights FILE"),
-        (["--checkpoint", s.ckpt, "--third-tower-weights", s.ckpt], "pass --third-tower-pair too"),
-        (["--checkpoint", s.ckpt, "--third-tower-pair", "--combine-with", s.lit], "pass one of them"),
+        (["--pretrained", str(no_h), "--third-tower-pair"], "pass --third-tower-weights FILE"),
+        (["--pretrained", s.ckpt, "--third-tower-weights", s.ckpt], "pass --third-tower-pair too"),
+        (["--pretrained", s.ckpt, "--third-tower-pair", "--combine-with", s.lit], "pass one of them"),
     ):
         with pytest.raises(SystemExit) as e:
             standalone.main([*cli_argv(s, tmp_path / "x"), *argv])
@@ -585,7 +585,7 @@ def test_eval_sbatch_runs_on_cpu(eval_setup, tmp_path):
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert table["alpha"].tolist() == [0.0, 1.0]
     assert "image_to_text_R@5" in table and "image_to_text_R@10" not in table
-    alone = standalone.main(cli_argv(s, tmp_path / "3t", "--checkpoint", s.ckpt, "--retrieval-k", "1", "5"))
+    alone = standalone.main(cli_argv(s, tmp_path / "3t", "--pretrained", s.ckpt, "--retrieval-k", "1", "5"))
     for c in alone.columns[1:]:
         assert table[c][1] == alone[c][0], c
 
@@ -601,7 +601,7 @@ def test_eval_sbatch_under_slurm(slurm_cluster, eval_setup, tmp_path):
     assert rc == 0, (slurm_cluster.job_info(job_id), log[-3000:])
     assert f"eval.sbatch: job {job_id}, python -m training.eval" in log
     table = pd.read_csv(tmp_path / "out" / "results.csv")
-    expected = standalone.main(["--zeroshot-data", s.folder, "--checkpoint", s.ckpt, "--out", str(tmp_path / "ref"),
+    expected = standalone.main(["--zeroshot-data", s.folder, "--pretrained", s.ckpt, "--out", str(tmp_path / "ref"),
                                 "--device", "cpu", "--workers", "0", "--batch-size", "8"])
     assert list(table.columns) == list(expected.columns) == ["model", "colour_test-zeroshot-top1",
                                                                "colour_test-zeroshot-top5"]

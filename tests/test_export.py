@@ -16,6 +16,7 @@ from open_clip_3t._openclip import read_model_config as model_config
 from tests.conftest import REPO, run_python
 
 K2 = "3T-tiny-K2"  # two frozen towers, "vit" (test_vit) and "resnet" (test_resnet)
+RELEASE = ["README.md", "open_clip_3t_provenance.json"]  # the model card and the provenance record
 
 
 def trained_checkpoint(tmp_path, h_weights, ddp_prefix=True, model_name="3T-tiny"):
@@ -71,8 +72,8 @@ def test_export_round_trip_in_vanilla_openclip(model_name, cls, tmp_path, h_weig
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files[:2] == ["open_clip_config.json", "open_clip_model.safetensors"]
-    assert (len(files) > 2) == ("hf_tokenizer_name" in model_config(model_name)["text_cfg"])  # + tokenizer files
+    assert files[:4] == [*RELEASE, "open_clip_config.json", "open_clip_model.safetensors"]  # + the card and record
+    assert (len(files) > 4) == ("hf_tokenizer_name" in model_config(model_name)["text_cfg"])  # + tokenizer files
     assert "three_towers" not in json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
 
     images = torch.randn(3, 3, 32, 32)
@@ -184,7 +185,7 @@ def test_exported_files_are_readable_by_others(tmp_path, h_weights):
     finally:
         os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
-    assert modes == {"open_clip_config.json": 0o644, "open_clip_model.safetensors": 0o644}
+    assert modes == {name: 0o644 for name in (*RELEASE, "open_clip_config.json", "open_clip_model.safetensors")}
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 
@@ -219,7 +220,8 @@ def test_export_errors_are_one_line_with_the_right_advice(tmp_path, h_weights, m
     with monkeypatch.context() as m:
         m.setattr(os.path, "ismount", lambda path: str(path) == str(mount))
         assert export_clip(ckpt, mount) == mount
-    assert sorted(p.name for p in mount.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert sorted(p.name for p in mount.iterdir()) == [*RELEASE, "open_clip_config.json",
+                                                         "open_clip_model.safetensors"]
     assert not list(tmp_path.glob(".*"))
     assert type(open_clip.create_model(f"local-dir:{mount}")) is open_clip.CLIP
 

@@ -163,7 +163,7 @@ def train(world, out, *flags):
 def build(world, out, *flags, weights=True):
     from open_clip_3t.cache import main
     return main, ["build", "--train-data", str(world / "data" / "{00000..00001}.tar"), "--model", "3T-tiny",
-                  "--out", str(out / "cache"), *(["--third-tower-weights", str(world / "h.pth")] if weights else []),
+                  "--third-tower-cache", str(out / "cache"), *(["--third-tower-weights", str(world / "h.pth")] if weights else []),
                   "--workers", "0", "--batch-size", "8", "--device", "cpu", *flags]
 
 
@@ -292,14 +292,14 @@ KINDS = [
          see={"missing": "has no sidecar", "wrong kind": "was built for the shard data/00001.tar, not this one",
               "*": "sidecar … is unreadable (SafetensorError: "},
          do={"missing": "finish the build (`python -m open_clip_3t.cache build` with the same options), or pass "
-                         "--cache-missing skip|online", "*": "rerun `python -m open_clip_3t.cache build` with the "
+                         "--third-tower-cache-missing skip|online", "*": "rerun `python -m open_clip_3t.cache build` with the "
              "same options"}),
     Kind("cache manifest (`DIR/manifest.json`)", "python -m training.main --third-tower-cache DIR",
          lambda w: w / "cache" / "manifest.json", lambda w: w / "export" / "open_clip_config.json",
          lambda w, o: train(w, o, *cached(w)), no_run_folder,
          see={"missing": "is not a third-tower cache (no manifest.json)",
               "wrong kind": "is not a third-tower cache manifest (it has no \"format\" field)", **JSON_SEE},
-         do={"missing": "build one with `python -m open_clip_3t.cache build --out",
+         do={"missing": "build one with `python -m open_clip_3t.cache build --third-tower-cache",
              "*": "copy it again from where the cache came from, or build the cache again into a new folder"},
          named={"missing": lambda w: w / "cache"}),
     Kind("training checkpoint", "python -m training.main --resume FILE",
@@ -334,8 +334,8 @@ KINDS = [
              "another model's": "pass the 3T --model it was trained with",
              "*": "pass a training checkpoint (epoch_N.pt) or a saved state dict"},
          faults=FAULTS + ("another model's",), status={"*": 1}),
-    Kind("training checkpoint", "python -m training.eval --checkpoint FILE",
-         ckpt, lambda w: w / "h.pth", lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data",
+    Kind("training checkpoint", "python -m training.eval --pretrained FILE",
+         ckpt, lambda w: w / "h.pth", lambda w, o: evaluate(w, o, "--pretrained", str(ckpt(w)), "--zeroshot-data",
                                                            str(w / "zs")), no_results,
          see={"missing": "no such checkpoint file or folder", **UNREADABLE,
               "wrong kind": "does not fit 3T-tiny (48 of the model's 48 weights are not in the file",
@@ -397,7 +397,7 @@ KINDS = [
          do={"*": "pass --model 3T-NAME"}, status={"*": 1}),
     Kind("evaluation shard", "python -m training.eval --val-data SHARDS",
          lambda w: w / "data" / "00000.tar", lambda w: w / "cache" / "data" / "00000.tar.safetensors",
-         lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--val-data", str(w / "data" / "00000.tar")),
+         lambda w, o: evaluate(w, o, "--pretrained", str(ckpt(w)), "--val-data", str(w / "data" / "00000.tar")),
          no_results,
          see={"missing": "not found (1 of 1 missing)", "empty": "is truncated or not a tar file (empty file)",
               "cut short": "is truncated or not a tar file (ReadError: ",
@@ -408,7 +408,7 @@ KINDS = [
          faults=FAULTS + ("an image that does not decode",)),
     Kind("zero-shot class names (`DIR/classnames.txt`)", "python -m training.eval --zeroshot-data DIR",
          lambda w: w / "zs" / "classnames.txt", lambda w: w / "zs" / "templates.txt",
-         lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
+         lambda w, o: evaluate(w, o, "--pretrained", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
          see=CLASSNAMES_SEE, do=CLASSNAMES_DO),
     Kind("zero-shot class names (`DIR/classnames.txt`)", "python -m training.main --zeroshot-data DIR",
          lambda w: w / "zs" / "classnames.txt", lambda w: w / "zs" / "templates.txt",
@@ -417,7 +417,7 @@ KINDS = [
          see=CLASSNAMES_SEE, do=CLASSNAMES_DO),
     Kind("zero-shot templates (`DIR/templates.txt`)", "python -m training.eval --zeroshot-data DIR",
          lambda w: w / "zs" / "templates.txt", lambda w: w / "zs" / "classnames.txt",
-         lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
+         lambda w, o: evaluate(w, o, "--pretrained", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
          see={"missing": "templates.txt not found", "empty": "every line must be a prompt template with {} where the "
               "class name goes (the file is empty)", "cut short": "does not end with a newline, so its last line",
               "random bytes": "is not a UTF-8 text file of prompt templates",
@@ -427,7 +427,7 @@ KINDS = [
              "random bytes": "write prompt templates there, one per line", "*": "fix the file"}),
     Kind("zero-shot image (`DIR/CLASS/IMAGE`)", "python -m training.eval --zeroshot-data DIR",
          first_image, lambda w: w / "zs" / "classnames.txt",
-         lambda w, o: evaluate(w, o, "--checkpoint", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
+         lambda w, o: evaluate(w, o, "--pretrained", str(ckpt(w)), "--zeroshot-data", str(w / "zs")), no_results,
          see={"missing": "zs-zeroshot: over 13 images, 7 classes",
               "cut short": "does not decode as an image (OSError: ",
               "*": "does not decode as an image (UnidentifiedImageError: not an image file PIL can read)"},
@@ -544,11 +544,12 @@ FOLDERS = [
            "free space on that file system, or pass a --logs folder on a writable one"),
     Folder("run folder (`--logs`)", "python -m training.main --logs DIR", "full", FULL,
            "free space on that file system, or pass a --logs folder on a writable one"),
-    Folder("cache (`--out`)", "python -m open_clip_3t.cache build --out DIR", "read-only", RO,
-           "free space on that file system, or pass an --out folder on a writable one"),
-    Folder("cache (`--out`)", "python -m open_clip_3t.cache build --out DIR", "full", FULL,
-           "free space on that file system, or pass an --out folder on a writable one"),
-    Folder("cache (`--out`)", "python -m open_clip_3t.cache build --out DIR", "full while writing",
+    Folder("cache (`--third-tower-cache`)", "python -m open_clip_3t.cache build --third-tower-cache DIR", "read-only",
+           RO, "free space on that file system, or pass a --third-tower-cache folder on a writable one"),
+    Folder("cache (`--third-tower-cache`)", "python -m open_clip_3t.cache build --third-tower-cache DIR", "full",
+           FULL, "free space on that file system, or pass a --third-tower-cache folder on a writable one"),
+    Folder("cache (`--third-tower-cache`)", "python -m open_clip_3t.cache build --third-tower-cache DIR",
+           "full while writing",
            "cannot write … (No space left on device)", "then run the same command again: the finished sidecars are "
            "kept and only the rest is built"),
     Folder("export (`--out`)", "python -m open_clip_3t.export FILE --out DIR", "read-only",
@@ -615,7 +616,7 @@ def test_a_cache_folder_that_cannot_be_written_stops_the_build_before_h_runs(fau
     with small_fs(tmp_path / "fs", read_only=fault == "read-only", free_pages=0 if fault == "full" else None) as fs:
         main, argv = build(world, fs)
         line = one_error(call(main, argv, capfd), folder_case("cache", "python -m open_clip_3t.cache", fault))
-        assert f"--out {fs}/cache: " in line and files_in(fs) == []
+        assert f"--third-tower-cache {fs}/cache: " in line and files_in(fs) == []
 
 
 def test_a_disk_that_fills_during_a_build_keeps_the_finished_sidecars(world, tmp_path, capfd):
@@ -647,7 +648,8 @@ def test_an_export_folder_that_cannot_be_written_keeps_the_earlier_export(world,
         line = one_error(call(main, argv, capfd), folder_case("export", "python -m open_clip_3t.export", "full while "
                                                                                                           "writing"), 1)
         assert f"--out {fs}/export (" in line
-        assert files_in(fs) == ["export/open_clip_config.json", "export/open_clip_model.safetensors"]
+        assert files_in(fs) == ["export/README.md", "export/open_clip_3t_provenance.json",
+                                "export/open_clip_config.json", "export/open_clip_model.safetensors"]
         for name in files_in(fs):
             assert (fs / name).read_bytes() == (world / name).read_bytes(), name
 
@@ -657,7 +659,7 @@ def test_an_eval_folder_that_cannot_be_written_stops_before_any_model(fault, wor
     import training.eval
     monkeypatch.setattr(training.eval, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with small_fs(tmp_path / "fs", read_only=fault == "read-only", free_pages=0 if fault == "full" else None) as fs:
-        main, argv = evaluate(world, fs, "--checkpoint", str(ckpt(world)), "--zeroshot-data", str(world / "zs"))
+        main, argv = evaluate(world, fs, "--pretrained", str(ckpt(world)), "--zeroshot-data", str(world / "zs"))
         line = one_error(call(main, argv, capfd), folder_case("evaluation", "python -m training.eval", fault))
         assert f"--out {fs}/eval: " in line and files_in(fs) == []
 
@@ -666,7 +668,7 @@ def test_an_eval_that_runs_out_of_room_keeps_the_tasks_it_finished(world, tmp_pa
     """Room for one task's result: the zero-shot task's is written as soon as it is done (with what it is over), the
     retrieval task's fails with one line, and no results.csv pretends to be complete."""
     with small_fs(tmp_path / "fs", free_pages=1) as fs:
-        main, argv = evaluate(world, fs, "--checkpoint", str(ckpt(world)), "--zeroshot-data", str(world / "zs"),
+        main, argv = evaluate(world, fs, "--pretrained", str(ckpt(world)), "--zeroshot-data", str(world / "zs"),
                               "--val-data", str(world / "data" / "{00000..00001}.tar"))
         outcome = call(main, argv, capfd)
         line = one_error(outcome, folder_case("evaluation", "python -m training.eval", "full while writing"))
@@ -704,7 +706,7 @@ def test_a_validation_shard_cut_between_two_members_is_refused(world, tmp_path, 
         boundary = t.getmembers()[6].offset  # the header of the third sample
     shard = tmp_path / "00000.tar"
     shard.write_bytes((world / "data" / "00000.tar").read_bytes()[:boundary])
-    outcome = call(*evaluate(world, tmp_path, "--checkpoint", str(ckpt(world)), "--val-data", str(shard)), capfd)
+    outcome = call(*evaluate(world, tmp_path, "--pretrained", str(ckpt(world)), "--val-data", str(shard)), capfd)
     assert outcome.status == 2 and outcome.errors == [
         f"python -m training.eval: error: --val-data shard {shard} is truncated or not a tar file (ReadError: no "
         f"whole end-of-archive marker after the last member (the file ends at byte {boundary}): cut short): replace "
@@ -726,7 +728,7 @@ def test_legacy_checkpoints_load_and_pickles_that_run_code_do_not(world, tmp_pat
     out = export_clip(legacy, tmp_path / "export")
     assert open_clip.create_model(f"local-dir:{out}").state_dict()["logit_scale"] == \
         torch.load(ckpt(world), weights_only=True)["state_dict"]["module.logit_scale"]
-    assert call(*evaluate(world, tmp_path, "--checkpoint", str(legacy), "--zeroshot-data", str(world / "zs")),
+    assert call(*evaluate(world, tmp_path, "--pretrained", str(legacy), "--zeroshot-data", str(world / "zs")),
                 capfd).status == 0
 
     class RunsCode:
@@ -796,9 +798,10 @@ def test_the_real_commands_print_one_line_and_no_traceback(world, tmp_path):
             (1, ["open_clip_3t.export", str(cut), "--out", str(tmp_path / "export"), "--model", "3T-tiny"],
              f"error: checkpoint {cut} does not load ("),
             (2, ["open_clip_3t.cache", "build", "--train-data", str(tmp_path / "nowhere" / "00000.tar"), "--model",
-                 "3T-tiny", "--out", str(tmp_path / "cache"), "--third-tower-weights", str(world / "h.pth")],
+                 "3T-tiny", "--third-tower-cache", str(tmp_path / "cache"), "--third-tower-weights",
+                 str(world / "h.pth")],
              "python -m open_clip_3t.cache build: error: 1 shard(s) of --train-data do not exist (first: "),
-            (2, ["training.eval", "--checkpoint", str(ckpt(world)), "--val-data", str(empty), "--out",
+            (2, ["training.eval", "--pretrained", str(ckpt(world)), "--val-data", str(empty), "--out",
                  str(tmp_path / "eval"), "--device", "cpu"],
              f"python -m training.eval: error: --val-data shard {empty} is truncated or not a tar file (empty file)")]
     procs = [subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -122,10 +122,10 @@ def test_a_cache_that_covers_none_of_the_shards_under_skip(shards, h_weights, tm
                 split=(0, 1), quiet=True)
     message = stops(base(tmp_path, "--model", "3T-tiny", "--third-tower-weights", h_weights, "--train-data",
                          str(shards / "00001.tar"), "--third-tower-cache", str(tmp_path / "cache"),
-                         "--cache-missing", "skip"), capsys)
+                         "--third-tower-cache-missing", "skip"), capsys)
     assert message == (f"third-tower cache {tmp_path}/cache covers none of the 1 shards of --train-data (first: "
-                       f"{shards}/00001.tar): --cache-missing skip would drop every sample; build the cache for these "
-                       f"shards, or pass --cache-missing online")
+                       f"{shards}/00001.tar): --third-tower-cache-missing skip would drop every sample; build the cache for these "
+                       f"shards, or pass --third-tower-cache-missing online")
     assert not (tmp_path / "logs").exists()
 
 
@@ -135,7 +135,7 @@ def jpeg_bytes_flipped(name, data):
 
 
 def test_shards_replaced_under_a_cache(shards, h_weights, tmp_path):
-    """Items 2 and 8: shards replaced by other data of the same names and sizes. Under --cache-missing skip every
+    """Items 2 and 8: shards replaced by other data of the same names and sizes. Under --third-tower-cache-missing skip every
     sample is dropped (the endless-epoch guard names the cache); under error the data-loader worker's error reaches
     the user as one line, not a DataLoader traceback."""
     data_dir = tmp_path / "data"
@@ -149,12 +149,12 @@ def test_shards_replaced_under_a_cache(shards, h_weights, tmp_path):
     assert shard.stat().st_size == size
 
     args = parse_args(base(tmp_path, "--model", "3T-tiny", "--third-tower-weights", h_weights, "--train-data",
-                           str(shard), "--third-tower-cache", str(tmp_path / "cache"), "--cache-missing", "skip"))
+                           str(shard), "--third-tower-cache", str(tmp_path / "cache"), "--third-tower-cache-missing", "skip"))
     args.world_size, args.rank, args.distributed = 1, 0, False
     _, _, preprocess = open_clip.create_model_and_transforms("3T-tiny", third_tower=False)
     data = get_data(args, (preprocess, preprocess), tokenizer=open_clip.get_tokenizer("3T-tiny"))
     with pytest.raises(TrainingDataError, match=r"gave 0 usable sample\(s\).*and that the third-tower cache covers "
-                                                r"them \(`python -m open_clip_3t.cache verify`\): --cache-missing skip"):
+                                                r"them \(`python -m open_clip_3t.cache verify`\): --third-tower-cache-missing skip"):
         next(iter(data["train"].dataloader))
 
     proc = subprocess.run([sys.executable, "-m", "training.main", *base(tmp_path, "--model", "3T-tiny"),
@@ -187,7 +187,7 @@ def test_weights_of_another_architecture_stop_the_run(shards, h_weights, resnet_
     del state["norm.weight"]
     torch.save(state, partial)
     message = stops(base(tmp_path, "--model", "3T-tiny-timm", "--third-tower-weights", str(partial),
-                         "--init-image-from-third-tower", *data), capsys)
+                         "--third-tower-init-image", *data), capsys)
     assert message.startswith(f"third-tower weights {partial} do not fit timm's test_vit: 1 of its 78 weights are not "
                               f"in the file (e.g. ['norm.weight'])")
     junk = tmp_path / "junk.pth"
@@ -201,8 +201,8 @@ def test_weights_of_another_architecture_stop_the_run(shards, h_weights, resnet_
 
     with pytest.raises(WeightsError, match="do not fit timm's test_vit"):  # the library refuses it too
         open_clip.create_model("3T-tiny", third_tower_weights=resnet_weights)
-    assert cache.main(["build", "--train-data", str(shards / "00000.tar"), "--model", "3T-tiny", "--out",
-                       str(tmp_path / "cache"), "--third-tower-weights", resnet_weights, "--workers", "0"]) == 2
+    assert cache.main(["build", "--train-data", str(shards / "00000.tar"), "--model", "3T-tiny",
+                       "--third-tower-cache", str(tmp_path / "cache"), "--third-tower-weights", resnet_weights, "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m open_clip_3t.cache build: error: third-tower weights") and len(err) == 1
     assert not (tmp_path / "cache").exists()  # no manifest binds the cache to the wrong weights

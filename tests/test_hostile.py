@@ -202,7 +202,7 @@ def test_a_tokenizer_with_its_own_code_is_refused_as_local_dir(config_switch, tm
                 f"refused; {TRUST_FIX}")
     assert eval_stops(["--model", model, "--zeroshot-data", str(data[0])], capsys, tmp_path) == expected
     assert eval_stops(["--model", str(folder), "--zeroshot-data", str(data[0])], capsys, tmp_path) == expected
-    assert eval_stops(["--checkpoint", str(run_3t), "--combine-with", model, "--zeroshot-data", str(data[0])], capsys,
+    assert eval_stops(["--pretrained", str(run_3t), "--combine-with", model, "--zeroshot-data", str(data[0])], capsys,
                       tmp_path) == expected
     assert train_stops(train_argv(tmp_path, "--model", model, "--train-data", data[1], "--train-num-samples", "8"),
                        capsys) == expected
@@ -345,10 +345,10 @@ def test_a_pickle_is_refused_as_every_weights_argument(tmp_path, marker, data, r
               f"{unreadable}")]
     for flags, message in train:
         assert train_stops(train_argv(tmp_path, *flags, "--train-data", data[1]), capsys).startswith(message), flags
-    evals = [(["--checkpoint", evil, "--model", "3T-tiny"], f"--checkpoint {evil} does not load {unreadable}"),
-             (["--checkpoint", str(run_3t), "--combine-with", evil, "--combine-model", "3T-tiny"],
+    evals = [(["--pretrained", evil, "--model", "3T-tiny"], f"--pretrained {evil} does not load {unreadable}"),
+             (["--pretrained", str(run_3t), "--combine-with", evil, "--combine-model", "3T-tiny"],
               f"--combine-with {evil} does not load {unreadable}"),
-             (["--checkpoint", str(run_3t), "--third-tower-pair", "--third-tower-weights", evil],
+             (["--pretrained", str(run_3t), "--third-tower-pair", "--third-tower-weights", evil],
               f"third-tower weights {evil} cannot be read {unreadable}"),
              (["--model", f"local-dir:{folder}"],
               f"--model local-dir:{folder}: weights file {folder}/open_clip_pytorch_model.bin does not load "
@@ -357,8 +357,8 @@ def test_a_pickle_is_refused_as_every_weights_argument(tmp_path, marker, data, r
         assert eval_stops([*flags, *zeroshot], capsys, tmp_path).startswith(message), flags
     assert export_stops([evil, "--out", str(tmp_path / "out"), "--model", "3T-tiny"]).startswith(
         f"checkpoint {evil} does not load {unreadable}")
-    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--out", str(tmp_path / "cache"),
-                        "--third-tower-weights", evil], capsys).startswith(
+    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--third-tower-cache",
+                        str(tmp_path / "cache"), "--third-tower-weights", evil], capsys).startswith(
         f"third-tower weights {evil} cannot be read {unreadable}")
     # a config's own weights key, and OpenCLIP's doors in Python
     cfg = tiny_config("3T-tiny")
@@ -394,14 +394,14 @@ def test_a_lying_safetensors_header_is_one_line_everywhere(tmp_path, marker, dat
                        capsys).startswith(
         f"--model local-dir:{folder}: weights file {folder}/open_clip_model.safetensors does not load {bad}")
     zeroshot = ["--zeroshot-data", str(data[0])]
-    assert eval_stops(["--checkpoint", lying, "--model", "3T-tiny", *zeroshot], capsys, tmp_path).startswith(
-        f"--checkpoint {lying} does not load {bad}")
+    assert eval_stops(["--pretrained", lying, "--model", "3T-tiny", *zeroshot], capsys, tmp_path).startswith(
+        f"--pretrained {lying} does not load {bad}")
     assert eval_stops(["--model", f"local-dir:{folder}", *zeroshot], capsys, tmp_path).startswith(
         f"--model local-dir:{folder}: weights file {folder}/open_clip_model.safetensors does not load {bad}")
     assert export_stops([lying, "--out", str(tmp_path / "out"), "--model", "3T-tiny"]).startswith(
         f"checkpoint {lying} does not load {bad}")
-    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--out", str(tmp_path / "cache"),
-                        "--third-tower-weights", lying], capsys).startswith(
+    assert cache_stops(["build", "--train-data", data[1], "--model", "3T-tiny", "--third-tower-cache",
+                        str(tmp_path / "cache"), "--third-tower-weights", lying], capsys).startswith(
         f"third-tower weights {lying} cannot be read {bad}")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
@@ -422,11 +422,11 @@ def test_timm_kwargs_that_name_a_weights_file_are_refused(key, value, tmp_path, 
                 f"weights around its strictly checked `weights` key: remove it and name the weights file with "
                 f"`weights` (or --third-tower-weights)")
     assert train_stops(train_argv(tmp_path, "--model", model, "--train-data", data[1]), capsys) == expected
-    assert eval_stops(["--checkpoint", str(run_3t), "--model", model, "--zeroshot-data", str(data[0])], capsys,
+    assert eval_stops(["--pretrained", str(run_3t), "--model", model, "--zeroshot-data", str(data[0])], capsys,
                       tmp_path) == expected
     assert export_stops([str(run_3t), "--out", str(tmp_path / "out"), "--model", model]) == expected
-    assert cache_stops(["build", "--train-data", data[1], "--model", model, "--out", str(tmp_path / "cache")],
-                       capsys) == f"model {model!r}: {expected}"
+    assert cache_stops(["build", "--train-data", data[1], "--model", model, "--third-tower-cache",
+                        str(tmp_path / "cache")], capsys) == f"model {model!r}: {expected}"
     with pytest.raises(ValueError) as e:
         open_clip.create_model(model)
     assert str(e.value) == expected

@@ -364,13 +364,13 @@ def test_openclip_create_loss_returns_the_3t_loss_for_3t_models():
 
     import open_clip
     args = Namespace(model="3T-tiny", local_loss=True, gather_with_grad=True, rank=1, world_size=4, horovod=False,
-                     distill=False, siglip=False, three_towers_loss_weights=[1.0, 0.5, 2.0],
-                     three_towers_transfer="l2")
+                     distill=False, siglip=False, third_tower_loss_weights=[1.0, 0.5, 2.0],
+                     third_tower_transfer="l2")
     loss = open_clip.create_loss(args)
     assert isinstance(loss, ThreeTowersLoss)
     assert (loss.weights, loss.transfer, loss.local_loss, loss.rank, loss.world_size) == ((1.0, 0.5, 2.0), "l2", True, 1, 4)
-    defaults = open_clip.create_loss(Namespace(**{**vars(args), "three_towers_loss_weights": None,
-                                                  "three_towers_transfer": None}))
+    defaults = open_clip.create_loss(Namespace(**{**vars(args), "third_tower_loss_weights": None,
+                                                  "third_tower_transfer": None}))
     assert (defaults.weights, defaults.transfer) == ((1.0, 1.0, 1.0), "contrastive")  # from the 3T-tiny config
     plain = open_clip.create_loss(Namespace(**{**vars(args), "model": "ViT-B-32"}))
     assert type(plain) is ClipLoss
@@ -382,7 +382,7 @@ def test_openclip_create_loss_with_siglip_returns_the_sigmoid_3t_loss():
     import open_clip
     args = Namespace(model="3T-tiny-sigmoid", siglip=True, loss_dist_impl="shift", rank=1, world_size=4,
                      local_loss=False, gather_with_grad=False, horovod=False, distill=False,
-                     three_towers_loss_weights=[1.0, 0.0, 2.0], three_towers_transfer=None)
+                     third_tower_loss_weights=[1.0, 0.0, 2.0], third_tower_transfer=None)
     loss = open_clip.create_loss(args)
     assert type(loss) is ThreeTowersSigLipLoss and loss.weights == (1.0, 0.0, 2.0)
     assert (loss.siglip.dist_impl, loss.siglip.rank, loss.siglip.world_size) == ("shift", 1, 4)

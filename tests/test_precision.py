@@ -242,7 +242,7 @@ def test_bf16_cache_build_is_within_tolerance_of_fp32_and_trains(data, h_weights
     built = {}
     for precision in ("fp32", "bf16"):
         out = str(tmp_path / f"cache_{precision}")
-        assert cache.main(["build", "--train-data", data["spec"], "--model", MODEL, "--out", out,
+        assert cache.main(["build", "--train-data", data["spec"], "--model", MODEL, "--third-tower-cache", out,
                            "--third-tower-weights", h_weights, "--precision", precision, "--dtype", "fp32",
                            "--workers", "0", "--batch-size", "8", "--device", "cpu"]) == 0
         built[precision] = [cache.load_sidecar(cache.sidecar_path(out, u)) for u in cache.expand_shards(data["spec"])]

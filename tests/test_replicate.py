@@ -42,7 +42,7 @@ def test_every_run_is_a_valid_training_command(tmp_path):
     finetuning = parse_args(ex.train_command(tmp_path, "ft", "3T", data, ex.SCALES["default"], 0, str(weights),
                                              extra=replicate.RUNS["3T (broad h) finetuning"].flags,
                                              model="3T-mini-timm")[3:])
-    assert finetuning.init_image_from_third_tower
+    assert finetuning.third_tower_init_image
 
 
 def test_the_two_tower_row_reads_each_towers_own_cache(tmp_path):
@@ -158,22 +158,22 @@ def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path, monke
 
 
 def test_terms_at_the_end_are_each_seeds_last_logged_step(tmp_path):
-    """The diagnosis table: a 3T row's three terms (L, undoing the logged w/3) and temperatures at its last step, per
+    """The diagnosis table: a 3T row's three terms (L, as logged) and temperatures at its last step, per
     seed; a CLIP row and the two-tower row are not in it; a term the row drops is left empty, not zero."""
     from tests.test_curves import LINES_3T, write_run
     rep = replicate.Replication(tmp_path, ex.SCALES["tiny"], [0, 1])
     for seed in (0, 1):
         for name, params in (("3T (weak h)", ""), ("3T (weak h) without L(f_h,h_f)",
-                                                   "three_towers_loss_weights: [1.0, 0.0, 1.0]\n"), ("CLIP", "")):
+                                                   "third_tower_loss_weights: [1.0, 0.0, 1.0]\n"), ("CLIP", "")):
             write_run(rep.run_dir(seed, name), LINES_3T, params)
             rep.checkpoint(seed, name).touch()
     terms = rep.terms_table(list(replicate.RUNS))
     assert sorted(set(terms["run"])) == ["3T (weak h)", "3T (weak h) without L(f_h,h_f)"] and len(terms) == 4
-    last = terms[terms["run"] == "3T (weak h)"].iloc[0]  # LINES_3T's last step: 0.5, 0.75, 0.25 logged as w/3 * L
-    assert (last["L(f,g)"], last["L(f_h,h_f)"], last["L(g_h,h_g)"]) == pytest.approx((1.5, 2.25, 0.75))
+    last = terms[terms["run"] == "3T (weak h)"].iloc[0]  # LINES_3T's last step: L = 0.5, 0.75, 0.25
+    assert (last["L(f,g)"], last["L(f_h,h_f)"], last["L(g_h,h_g)"]) == pytest.approx((0.5, 0.75, 0.25))
     assert (last["s of L(f,g)"], last["s of L(f_h,h_f)"], last["s of L(g_h,h_g)"]) == (20.5, 9.75, 30.0)
     table = replicate.mean_std(terms, "run", digits=2).set_index("run")
-    assert table.loc["3T (weak h)", "L(f_h,h_f)"] == "2.25 ± 0.00"
+    assert table.loc["3T (weak h)", "L(f_h,h_f)"] == "0.75 ± 0.00"
     assert table.loc["3T (weak h) without L(f_h,h_f)", "L(f_h,h_f)"] == ""
 
 

@@ -231,7 +231,7 @@ def test_build_cache_sbatch_array_then_verify(slurm_cluster, h_weights, tmp_path
         all_keys += keys
     assert len(all_keys) == len(set(all_keys)) == 20
 
-    verify = ["verify", "--train-data", spec, "--model", "3T-tiny", "--cache", str(out),
+    verify = ["verify", "--train-data", spec, "--model", "3T-tiny", "--third-tower-cache", str(out),
               "--third-tower-weights", h_weights]
     capsys.readouterr()
     assert cache.main(verify) == 0, capsys.readouterr()
@@ -269,7 +269,7 @@ def test_build_cache_sbatch_array_over_two_nodes_then_verify(slurm_cluster, h_we
     assert cache.read_index(str(out))[0] == {sid: [5, 0, size, False, 64] for sid, size in sizes.items()}
 
     capsys.readouterr()
-    assert cache.main(["verify", "--train-data", spec, "--model", "3T-tiny", "--cache", str(out),
+    assert cache.main(["verify", "--train-data", spec, "--model", "3T-tiny", "--third-tower-cache", str(out),
                        "--third-tower-weights", h_weights]) == 0
     assert f"ok: {out} covers 4 shards for 3T-tiny" in capsys.readouterr().out
     assert [os.path.basename(p) for p in glob.glob(f"{out}/index*.json")] == ["index.json"]
@@ -388,7 +388,7 @@ def test_eval_sbatch_evaluates_the_trained_checkpoint(slurm_cluster, trained, da
     assert f"eval.sbatch: job {job_id}, python -m training.eval" in log
     assert (tmp_path / "out" / "results.md").exists()
     table = pd.read_csv(tmp_path / "out" / "results.csv")
-    expected = standalone.main(["--checkpoint", ckpt, "--zeroshot-data", data.folder, "--val-data", data.val,
+    expected = standalone.main(["--pretrained", ckpt, "--zeroshot-data", data.folder, "--val-data", data.val,
                                 "--retrieval-k", "1", "5", "--out", str(tmp_path / "ref"), "--device", "cpu",
                                 "--precision", "fp32", "--workers", "0", "--batch-size", "8"])
     assert list(table.columns) == list(expected.columns), table.columns

@@ -134,11 +134,15 @@ printf '%s\\n' "$@" > "$STUB_DIR/srun_args.txt"
     ("train.sbatch", {"MODEL": "3T-tiny", "THIRD_TOWER_CACHE": "/cache/h"},
      ["--model", "3T-tiny", "--third-tower-cache", "/cache/h", "--train-data"]),
     ("build_cache.sbatch", {"MODEL": "3T-tiny-K2", "TOWER": "resnet", "THIRD_TOWER_WEIGHTS": "/w/resnet.pth",
-                            "OUT": "/cache/resnet"},
-     ["--third-tower-weights", "/w/resnet.pth", "--tower", "resnet"]),
+                            "THIRD_TOWER_CACHE": "/cache/resnet"},
+     ["--train-data", "/data/{0..1}.tar", "--model", "3T-tiny-K2", "--third-tower-cache", "/cache/resnet"]),
+    ("build_cache.sbatch", {"MODEL": "3T-tiny-K2", "TOWER": "resnet", "THIRD_TOWER_WEIGHTS": "/w/resnet.pth",
+                            "OUT": "/cache/resnet"},  # OUT: the variable's name before 0.2
+     ["--third-tower-weights", "/w/resnet.pth", "--third-tower", "resnet"]),
 ])
 def test_launchers_pass_one_cache_and_weights_file_per_tower(script, variables, expected, tmp_path):
-    """The launchers' command lines for several towers (NAME=DIR words, `--tower NAME` for a build) and for one."""
+    """The launchers' command lines for several towers (NAME=DIR words, `--third-tower NAME` for a build) and for
+    one."""
     stub = tmp_path / "bin"
     stub.mkdir()
     for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):

@@ -70,21 +70,24 @@ OVERFIT = ["--train-num-samples", "128", "--batch-size", "16", "--epochs", "1", 
            "--wd", "0"]
 
 
-def check_overfit(steps, terms):
+def check_overfit(steps, terms, weights=None):
+    """8 logged steps, each term and the total falling; the total is the sum of the logged terms (OpenCLIP's
+    losses), or for 3T (`weights`, one per term) their weighted mean: each term is logged as its own value L."""
     assert len(steps) == 8
     for term in terms + ["Loss"]:
         values = [s[term] for s in steps]
         assert all(math.isfinite(v) for v in values), (term, values)
         assert values[-1] < 0.85 * values[0], (term, values)
-    for s in steps:  # the total is the sum of the logged terms (5 significant digits)
-        assert s["Loss"] == pytest.approx(sum(s[t] for t in terms), rel=1e-3)
+    weights = weights or [len(terms)] * len(terms)
+    for s in steps:  # 5 significant digits
+        assert s["Loss"] == pytest.approx(sum(w * s[t] for w, t in zip(weights, terms)) / len(terms), rel=1e-3)
 
 
 def test_3t_trains_logs_its_terms_and_checkpoints(shards, h_weights, tmp_path):
     run_dir = train(tmp_path, "3t", "--model", "3T-tiny", "--third-tower-weights", h_weights,
                     "--train-data", str(shards / "00000.tar"), *OVERFIT)
     steps = step_logs((run_dir / "out.log").read_text())
-    check_overfit(steps, ["Contrastive_loss", "Image_third_loss", "Text_third_loss"])
+    check_overfit(steps, ["Contrastive_loss", "Image_third_loss", "Text_third_loss"], [1, 1, 1])
     scales = ["Logit Scale", "Logit Scale Image Third", "Logit Scale Text Third"]
     assert all(set(scales) <= set(s) for s in steps)
 
@@ -126,7 +129,7 @@ def test_sigmoid_3t_trains_logs_its_terms_and_biases_evaluates_and_exports(shard
                     "--train-data", str(shards / "00000.tar"), *OVERFIT, "--zeroshot-data", folder,
                     "--zeroshot-frequency", "1")
     steps = step_logs((run_dir / "out.log").read_text())
-    check_overfit(steps, SIGMOID_TERMS)
+    check_overfit(steps, SIGMOID_TERMS, [1, 1, 1])
     sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
     check_biases(steps, sd)
     results = [json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
@@ -146,7 +149,7 @@ def test_sigmoid_3t_trains_from_the_cache(shards, h_weights, tmp_path):
                     *OVERFIT)
     log = (run_dir / "out.log").read_text()
     steps = step_logs(log)
-    check_overfit(steps, SIGMOID_TERMS)
+    check_overfit(steps, SIGMOID_TERMS, [1, 1, 1])
     assert re.search(r"Third-tower cache after epoch 0 on rank 0: \d+ joined, 0 missing", log)
     sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
     assert not any(k.startswith("third_tower.") for k in sd)  # h was never built
@@ -228,7 +231,7 @@ def test_lit_trains_on_h_weights(shards, h_weights, tmp_path):
     params = (run_dir / "params.txt").read_text()
     assert "image_mean: [0.5, 0.5, 0.5]\n" in params and "image_std: [0.5, 0.5, 0.5]\n" in params
     _, preprocess, _ = standalone.load_model(standalone.resolve_spec(
-        str(run_dir / "checkpoints" / "epoch_1.pt"), None, "--checkpoint", "--model"), "cpu", "fp32")
+        str(run_dir / "checkpoints" / "epoch_1.pt"), None, "--pretrained", "--model"), "cpu", "fp32")
     assert tuple(preprocess.transforms[-1].mean) == (0.5, 0.5, 0.5)
     sd = torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)["state_dict"]
     h = torch.load(h_weights, map_location="cpu")
@@ -328,8 +331,8 @@ def test_unused_heads_and_temperatures_are_frozen(h_weights):
     from training.main import create_student
     from training.params import parse_args
     args = parse_args(["--model", "3T-tiny", "--third-tower-weights", h_weights,
-                       "--three-towers-loss-weights", "1", "0", "1", "--three-towers-transfer", "l2",
-                       "--three-towers-head", "mlp"])
+                       "--third-tower-loss-weights", "1", "0", "1", "--third-tower-transfer", "l2",
+                       "--third-tower-head", "mlp"])
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("third_tower.")}
     assert frozen == {"f_h.0.weight", "f_h.0.bias", "f_h.2.weight", "f_h.2.bias",
@@ -344,7 +347,7 @@ def test_unused_temperatures_and_biases_are_frozen_under_siglip(h_weights):
     from training.main import create_student
     from training.params import parse_args
     args = parse_args(["--model", "3T-tiny-sigmoid", "--siglip", "--third-tower-weights", h_weights,
-                       "--three-towers-loss-weights", "0", "1", "1", "--three-towers-transfer", "l2"])
+                       "--third-tower-loss-weights", "0", "1", "1", "--third-tower-transfer", "l2"])
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("third_tower.")}
     assert frozen == {"logit_scale", "logit_bias", "logit_scale_image_third", "logit_scale_text_third",
@@ -355,7 +358,7 @@ def test_init_image_from_third_tower(h_weights):
     from training.main import create_student
     from training.params import parse_args
     args = parse_args(["--model", "3T-tiny-timm", "--third-tower-weights", h_weights,
-                       "--init-image-from-third-tower"])
+                       "--third-tower-init-image"])
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     f, h = model.visual.trunk.state_dict(), model.third_tower.model.state_dict()
     assert f.keys() == h.keys() and len(f) > 10
@@ -368,7 +371,7 @@ def test_init_image_from_third_tower(h_weights):
 
 
 def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
-    """--init-image-from-third-tower NAME on a two-tower model (3T-tiny-timm's f and g; towers vit: test_vit like f,
+    """--third-tower-init-image NAME on a two-tower model (3T-tiny-timm's f and g; towers vit: test_vit like f,
     and resnet): f starts from vit's weights; both towers are built and frozen."""
     from training.main import create_student
     from training.params import parse_args
@@ -378,7 +381,7 @@ def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
     cfg["three_towers"] = k2
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     args = parse_args(["--model", f"local-dir:{tmp_path}", "--third-tower-weights", f"vit={h_weights}",
-                       "--init-image-from-third-tower", "vit", "--third-tower-random"])  # resnet: random, by name
+                       "--third-tower-init-image", "vit", "--third-tower-random"])  # resnet: random, by name
     assert args.run_plan.init_image_from == "vit" and args.run_plan.tower("vit").cfg.weights == h_weights
     model = create_student(args, args.model, None, {"output_dict": True})[0]
     f, vit = model.visual.trunk.state_dict(), model.vit_tower.model.state_dict()
@@ -391,21 +394,21 @@ def test_init_image_from_the_named_one_of_two_towers(h_weights, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "3T-tiny-K2", "--init-image-from-third-tower"], "has the third towers ['vit', 'resnet']: name one"),
-    (["--model", "3T-tiny-K2", "--init-image-from-third-tower", "places"], "there is no tower 'places'"),
-    (["--model", "3T-tiny-K2", "--init-image-from-third-tower", "vit"], "is not the architecture of its third tower "
+    (["--model", "3T-tiny-K2", "--third-tower-init-image"], "has the third towers ['vit', 'resnet']: name one"),
+    (["--model", "3T-tiny-K2", "--third-tower-init-image", "places"], "there is no tower 'places'"),
+    (["--model", "3T-tiny-K2", "--third-tower-init-image", "vit"], "is not the architecture of its third tower "
                                                                         "vit (test_vit)"),
-    (["--model", "3T-tiny-K2", "--three-towers-loss-weights", "1", "1", "1"],
+    (["--model", "3T-tiny-K2", "--third-tower-loss-weights", "1", "1", "1"],
      "3 values for 5 loss terms; give one per term, in this order: contrastive_loss, image_vit_loss, text_vit_loss, "
      "image_resnet_loss, text_resnet_loss"),
     (["--model", "3T-tiny-K2", "--third-tower-cache", "/x"], "write NAME=VALUE for each"),
     (["--model", "3T-tiny-K2", "--third-tower-weights", "places=/x"], "'places' is not a third tower of this model"),
     (["--model", "3T-tiny-K2", "--third-tower-weights", "vit=/x", "vit=/y"], "tower vit is given twice"),
-    (["--model", "3T-baseline-CLIP-tiny", "--three-towers-transfer", "l2"], "apply to 3T models only"),
+    (["--model", "3T-baseline-CLIP-tiny", "--third-tower-transfer", "l2"], "apply to 3T models only"),
     (["--model", "3T-tiny", "--third-tower-weights", "/nonexistent.pth"], "--third-tower-weights /nonexistent.pth"),
-    (["--model", "3T-tiny", "--three-towers-loss-weights", "0", "0", "0"], "not all 0"),
-    (["--model", "3T-tiny", "--init-image-from-third-tower"], "is not h's architecture (test_vit)"),
-    (["--model", "3T-tiny", "--cache-missing", "skip"], "needs --third-tower-cache"),
+    (["--model", "3T-tiny", "--third-tower-loss-weights", "0", "0", "0"], "not all 0"),
+    (["--model", "3T-tiny", "--third-tower-init-image"], "is not h's architecture (test_vit)"),
+    (["--model", "3T-tiny", "--third-tower-cache-missing", "skip"], "needs --third-tower-cache"),
     (["--model", "3T-tiny", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "plain CLIP models"),
     (["--model", "3T-baseline-CLIP-tiny", "--image-tower-weights", __file__], "needs a timm image tower"),
     (["--model", "3T-tiny", "--siglip"], "--siglip: 3T-tiny has no init_logit_bias"),
@@ -443,7 +446,7 @@ def test_torchrun_two_cpu_processes(shards, h_weights, tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(tmp_path / "spy.py"), "--", str(tmp_path),  # "--": torchrun would take --logs for its --logs-specs
                 "--logs", str(tmp_path / "logs"), "--name", "ddp", "--model", "3T-tiny",
-                "--third-tower-weights", h_weights, "--three-towers-loss-weights", "1", "0", "1",
+                "--third-tower-weights", h_weights, "--third-tower-loss-weights", "1", "0", "1",
                 "--train-data", str(shards / "{00000..00001}.tar"), "--train-num-samples", "64",
                 "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--device", "cpu",
                 "--dist-backend", "gloo", "--precision", "fp32", "--workers", "0", "--local-loss",
@@ -570,20 +573,20 @@ def tower_tensors(run_dir):
 def test_two_cached_towers_train_without_building_either_and_log_every_term_by_name(shards, k2_caches, tmp_path):
     weights, caches = k2_caches
     run_dir = train(tmp_path, "k2", *k2_flags(shards, weights, caches),
-                    "--three-towers-loss-weights", "1", "1", "0.5", "1", "2")
+                    "--third-tower-loss-weights", "1", "1", "0.5", "1", "2")
     log = (run_dir / "out.log").read_text()
     steps = step_logs(log)
     assert len(steps) == 4 and all(set(K2_TERMS) <= set(s) for s in steps)
-    for s in steps:  # every term is logged under its tower's name, and the total is their sum
+    for s in steps:  # every term is logged under its tower's name, unweighted; the total is their weighted mean
         assert all(math.isfinite(s[t]) and s[t] > 0 for t in K2_TERMS)
-        assert s["Loss"] == pytest.approx(sum(s[t] for t in K2_TERMS), rel=1e-3)
+        assert s["Loss"] == pytest.approx(sum(w * s[t] for w, t in zip((1, 1, 0.5, 1, 2), K2_TERMS)) / 5, rel=1e-3)
     scales = {f"Logit Scale {side} {name}" for side in ("Image", "Text") for name in ("Vit", "Resnet")}
     assert all(scales <= set(s) for s in steps)
     assert int(re.search(r"Third-tower cache after epoch 0 on rank 0: (\d+) joined, 0 missing", log).group(1)) >= 32
     built, state = tower_tensors(run_dir)
     assert built == {"vit": 0, "resnet": 0}  # neither tower was built (a built tower is saved with the model)
     assert {"f_vit.weight", "resnet_g.weight", "logit_scale_text_resnet"} <= set(state)
-    assert "three_towers_loss_weights: [1.0, 1.0, 0.5, 1.0, 2.0]\n" in (run_dir / "params.txt").read_text()
+    assert "third_tower_loss_weights: [1.0, 1.0, 0.5, 1.0, 2.0]\n" in (run_dir / "params.txt").read_text()
 
 
 def test_one_cached_and_one_online_tower_builds_exactly_the_online_one(shards, k2_caches, tmp_path):

@@ -31,6 +31,33 @@ def openclip_parse_args(argv):
     return parse_args(argv)
 
 
+class _Built(Exception):
+    def __init__(self, parser):
+        super().__init__()
+        self.parser = parser
+
+
+def openclip_parser():
+    """OpenCLIP's own ArgumentParser, for one help text with our flags: open_clip_train.params.parse_args builds it
+    and parses at once, so it is taken at its parse_args call (argparse swapped in that module only, for one call)."""
+    import argparse
+
+    from open_clip_train import params
+
+    class Capture(argparse.ArgumentParser):
+        def parse_args(self, args=None, namespace=None):
+            raise _Built(self)
+
+    params.argparse = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": Capture})
+    try:
+        params.parse_args([])
+    except _Built as built:
+        return built.parser
+    finally:
+        params.argparse = argparse
+    raise RuntimeError("open_clip_train.params.parse_args did not parse: OpenCLIP changed (see check_openclip_version)")
+
+
 def launch_rank():
     """This process's global rank as the launcher (torchrun, srun, mpirun) set it, read as OpenCLIP reads it; usable
     before any process group exists."""

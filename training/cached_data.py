@@ -6,10 +6,11 @@ node split: all unchanged) with one stage added right after the tar reader, wher
 (`__url__`) and `__key__`: it attaches every cached tower's embedding (one stage and one read of each cache's sidecar
 per shard, whatever the number of caches). Batches become (images, texts, embeddings of each cached tower).
 
-Each sidecar is read whole once per shard, and refused (CacheError, whatever --cache-missing says) if its bytes do not
-match its own sha256 or an embedding is not finite: corrupt is not missing. Each joined row is checked against a CRC32
+Each sidecar is read whole once per shard, and refused (CacheError, whatever --third-tower-cache-missing says) if its
+bytes do not match its own sha256 or an embedding is not finite: corrupt is not missing. Each joined row is checked against a CRC32
 of the sample's image bytes stored at build time: a sample whose image changed since the build stops the run under
---cache-missing error and counts as missing otherwise. Samples missing from a cache follow --cache-missing:
+--third-tower-cache-missing error and counts as missing otherwise. Samples missing from a cache follow
+--third-tower-cache-missing:
 - error:  stop with an error naming the cache, shard and key (the default; before training, a shard with no sidecar
           at all is already refused);
 - skip:   drop the sample;
@@ -76,7 +77,7 @@ class CacheJoin:
                 raise cache.CacheError(f"third-tower cache {cache_dir} has no sidecar {path} for shard {url} (the "
                                        f"cache's index lists it: removed after the build?): finish the build "
                                        f"(`python -m open_clip_3t.cache build` with the same options), or pass "
-                                       f"--cache-missing skip|online") from None
+                                       f"--third-tower-cache-missing skip|online") from None
             logging.warning(f"third-tower cache {cache_dir}: no sidecar for shard {url} ({path}): its samples are "
                             f"{'dropped' if self.policy == 'skip' else 'computed online'}")
             return None, {}, None, set()
@@ -113,7 +114,8 @@ class CacheJoin:
                                        f"changed shards)")
             elif self.policy == "error":
                 raise cache.CacheError(f"sample {key!r} of shard {url} is not in the third-tower cache {cache_dir}: "
-                                       f"rebuild the cache for this data, or pass --cache-missing skip|online")
+                                       f"rebuild the cache for this data, or pass --third-tower-cache-missing "
+                                       f"skip|online")
             else:
                 missing = True
                 sample[field(tower)] = torch.full((dim,), float("nan"), dtype=dtype)
@@ -142,14 +144,15 @@ class CacheJoin:
 def cache_plan(args):
     """The run's plan (`args.run_plan`, built and validated by training/params.py), or, for a caller that built
     `args` by hand, one resolved from args.model, args.third_tower_weights, args.third_tower_cache and
-    args.cache_missing, its caches validated against args.train_data (CacheError, one line, on a mismatch)."""
+    args.third_tower_cache_missing, its caches validated against args.train_data (CacheError, one line, on a
+    mismatch)."""
     plan = getattr(args, "run_plan", None)
     if plan is not None:
         return plan
     try:
         plan = resolve_plan(args.model, third_tower_weights=getattr(args, "third_tower_weights", None),
-                            third_tower_cache=args.third_tower_cache, cache_missing=getattr(args, "cache_missing", "error"),
-                            cli=True)
+                            third_tower_cache=args.third_tower_cache,
+                            cache_missing=getattr(args, "third_tower_cache_missing", "error"), cli=True)
     except ValueError as e:
         raise cache.CacheError(str(e)) from None
     return plan.with_cache_facts(cache.validate_plan(plan, args.train_data))
@@ -159,8 +162,8 @@ def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False,
     """OpenCLIP's get_wds_dataset with each cached tower's embeddings joined: batches (images, texts, embeddings of
     each cached tower, in the order of the plan's `cached` towers).
 
-    The run's plan (see `cache_plan`) says which towers are cached, where, and under which --cache-missing policy.
-    Validation data (is_train=False) is OpenCLIP's, unchanged. The returned DataInfo has `cached_towers` (tower
+    The run's plan (see `cache_plan`) says which towers are cached, where, and under which --third-tower-cache-missing
+    policy. Validation data (is_train=False) is OpenCLIP's, unchanged. The returned DataInfo has `cached_towers` (tower
     names) and `cache_stats` (JoinStats).
     """
     if not is_train:
@@ -170,8 +173,9 @@ def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False,
     for tower in cached:
         facts = tower.cache_facts
         logging.info(f"third-tower cache {tower.cache} (tower {tower.name}): {facts['samples']} embeddings for "
-                     f"{facts['shards']} shards ({len(facts['missing_shards'])} shards missing, --cache-missing "
-                     f"{plan.cache_missing}; {facts['skipped']} corrupt samples skipped at build)")
+                     f"{facts['shards']} shards ({len(facts['missing_shards'])} shards missing, "
+                     f"--third-tower-cache-missing {plan.cache_missing}; {facts['skipped']} corrupt samples skipped "
+                     f"at build)")
 
     stats = JoinStats()
     join = CacheJoin({tower.name: (tower.cache, tower.cfg.embed_dim,
@@ -185,8 +189,8 @@ def get_cached_wds_dataset(args, preprocess_img, is_train, epoch=0, floor=False,
 
 
 def fill_missing_third(model, images, third):
-    """--cache-missing online: NaN rows of a tower's embeddings in `third` ({tower: embeddings}; samples missing from
-    that tower's cache) get that tower's embedding computed online from the training images (f's view, resized to the
+    """--third-tower-cache-missing online: NaN rows of a tower's embeddings in `third` ({tower: embeddings};
+    samples missing from that tower's cache) get that tower's embedding computed online from the training images (f's view, resized to the
     tower's input). Returns (third, number of rows filled)."""
     model = model.module if hasattr(model, "module") else model
     filled, total = {}, 0
@@ -196,8 +200,8 @@ def fill_missing_third(model, images, third):
         if n:
             if model.third_towers[name] is None:
                 raise RuntimeError(f"{n} sample(s) of this batch are missing from the cache of third tower {name} and "
-                                   f"the model was built without it: build the model with it for --cache-missing "
-                                   f"online")
+                                   f"the model was built without it: build the model with it for "
+                                   f"--third-tower-cache-missing online")
             embeddings = embeddings.clone()
             embeddings[missing] = model.encode_third(images[missing], name).to(embeddings.dtype)
         filled[name], total = embeddings, total + n

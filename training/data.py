@@ -54,7 +54,7 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         hint = "check that the shards of --train-data exist and hold images with captions"
         if plan is not None and plan.cached and plan.cache_missing == "skip":
             hint += (", and that the third-tower cache covers them (`python -m open_clip_3t.cache verify`): "
-                     "--cache-missing skip drops the samples it lacks")
+                     "--third-tower-cache-missing skip drops the samples it lacks")
         train = data["train"]
         rank = getattr(args, "rank", 0)
         stream = ResumableStream(args.seed, rank, train.shared_epoch, args.dataset_resampled,

@@ -1,11 +1,11 @@
 """Standalone evaluator: a training checkpoint or an exported folder, alone or in one of the paper's ensembles.
 
-    python -m training.eval --model 3T-ViT-B-16 --checkpoint logs/RUN/checkpoints/epoch_32.pt \\
+    python -m training.eval --model 3T-ViT-B-16 --pretrained logs/RUN/checkpoints/epoch_32.pt \\
         --zeroshot-data data/places365_val data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/3t
     python -m training.eval --model local-dir:released/ --zeroshot-data data/pets_test --out results/released
-    python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --combine-with logs/LiT/checkpoints/epoch_32.pt \\
+    python -m training.eval --pretrained logs/3T/checkpoints/epoch_32.pt --combine-with logs/LiT/checkpoints/epoch_32.pt \\
         --alphas 0 0.25 0.5 0.75 1 --zeroshot-data data/pets_test --val-data 'data/val/{00000..00009}.tar' --out results/mix
-    python -m training.eval --checkpoint logs/3T/checkpoints/epoch_32.pt --third-tower-pair --third-tower-weights h.pth \
+    python -m training.eval --pretrained logs/3T/checkpoints/epoch_32.pt --third-tower-pair --third-tower-weights h.pth \
         --zeroshot-data data/pets_test --out results/3t+h
 
 Writes OUT/tasks/TASK.json as each task ends (its rows and what they are over: images and classes, or pairs), then
@@ -27,10 +27,12 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from open_clip_3t._openclip import trusting_remote_code
 from open_clip_3t.files import unwritable, write_atomic
+from open_clip_3t.flags import HelpFormatter, add_renamed
+from open_clip_3t.progress import tracked
 
 from .eval_models import ModelSpec, check_fits, eval_plan, load_model, resolve_spec  # noqa: F401  (ModelSpec: API)
-from .eval_sets import (ZeroShotTask, add_eval_args, check_eval_args, class_folders, folder_dataloader, one_line,
-                        pair_batches, val_shards)
+from .eval_sets import (ZeroShotTask, add_eval_args, check_eval_args, class_folders, count_pairs, folder_dataloader,
+                        one_line, pair_batches, val_shards)
 from .metrics import (ThirdTowerPair, build_classifier, encode_pairs, logit_scale_of, mix_log_probs,
                       retrieval_metrics, topk_correct, zero_shot_batches)
 
@@ -45,12 +47,16 @@ RETRIEVAL = "retrieval"  # the name of the --val-data task (a zero-shot task is 
 def task_scores(model, preprocess, tokenizer, task, shards, args):
     """One model's raw scores on one task: {"zeroshot": {prefix: (scores (N, C), targets (N,))}} for a zero-shot
     task, {"retrieval": (N, N) scores} for the --val-data shards (task RETRIEVAL)."""
+    quiet = "lines" if args.quiet else False
     if task == RETRIEVAL:
-        batches = pair_batches(shards, preprocess, tokenizer, args.batch_size, args.val_num_samples)
+        pairs = min(count_pairs(shards), args.val_num_samples or float("inf"))
+        batches = tracked(pair_batches(shards, preprocess, tokenizer, args.batch_size, args.val_num_samples),
+                          -(-pairs // args.batch_size), RETRIEVAL, quiet=quiet, emit=logging.info)
         image, text, _ = encode_pairs(model, batches, args.device, args.precision)
         return {"zeroshot": {}, "retrieval": logit_scale_of(model) * image @ text.t()}
     classifier = build_classifier(model, tokenizer, task.classnames, task.templates, args.device, args.precision)
     loader = folder_dataloader(task.root, preprocess, args.batch_size, args.workers)
+    loader = tracked(loader, len(loader), task.prefix, quiet=quiet, emit=logging.info)
     batches = list(zero_shot_batches(model, classifier, loader, args.device, args.precision))
     return {"zeroshot": {task.prefix: (torch.cat([s for s, _ in batches]), torch.cat([t for _, t in batches]))},
             "retrieval": None}
@@ -142,11 +148,14 @@ def write_results(df: pd.DataFrame, out_dir):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="OpenCLIP/3T model name of --checkpoint (default: read from the run's params.txt), or "
+                        help="OpenCLIP/3T model name of --pretrained (default: read from the run's params.txt), or "
                              "local-dir:DIR for an exported folder, or hf-hub:ORG/REPO.")
-    parser.add_argument("--checkpoint", default=None, metavar="FILE", help="Training checkpoint (epoch_N.pt).")
+    add_renamed(parser, "training.eval", parser.add_argument(
+        "--pretrained", default=None, metavar="FILE",
+        help="The weights to evaluate, as OpenCLIP's --pretrained: a training checkpoint (epoch_N.pt) of --model, or "
+             "an exported folder."))
     parser.add_argument("--combine-with", default=None, metavar="SPEC",
                         help="Second model (the paper's LiT) for the convex combination: a checkpoint file, an "
                              "exported folder, local-dir:DIR or hf-hub:ORG/REPO.")
@@ -169,10 +178,16 @@ def parse_args(argv=None):
     parser.add_argument("--val-data", default=None, metavar="SHARDS",
                         help="LAION-style webdataset shards (jpg/png/webp + txt) for image<->text retrieval.")
     parser.add_argument("--val-num-samples", type=int, default=None, help="Use only the first N pairs.")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="Images (or pairs) per forward pass.")
     parser.add_argument("--workers", type=int, default=4, help="Dataloader workers for the zero-shot folders.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Default: cuda when a GPU is visible, else cpu.")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 by default: the figures then equal the training-time evaluation's of an fp32 run "
+                             "on any device; on GPUs amp is faster (scripts/slurm/eval.sbatch uses it).")
+    parser.add_argument("--quiet", action="store_true",
+                        help="No progress bars: one progress line per 10%% of each task instead, as when stderr is "
+                             "not a terminal (SLURM logs).")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="Writes DIR/results.csv and DIR/results.md, and DIR/tasks/TASK.json as each task ends.")
     parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
@@ -188,12 +203,12 @@ def check_args(args):
     if reason:
         raise ValueError(f"--out {args.out}: cannot write there ({reason}): free space on that file system, or pass "
                          f"an --out folder on a writable one")
-    if args.checkpoint is not None:
-        spec = resolve_spec(args.checkpoint, args.model, "--checkpoint", "--model")
+    if args.pretrained is not None:
+        spec = resolve_spec(args.pretrained, args.model, "--pretrained", "--model")
     elif args.model is not None and (args.model.startswith(("local-dir:", "hf-hub:")) or os.path.isdir(args.model)):
         spec = resolve_spec(args.model, None, "--model", "--model")
     else:
-        raise ValueError("nothing to evaluate: pass --checkpoint FILE (with --model NAME unless the run's params.txt "
+        raise ValueError("nothing to evaluate: pass --pretrained FILE (with --model NAME unless the run's params.txt "
                          "names it), --model local-dir:DIR or --model hf-hub:ORG/REPO")
     combine_spec = None
     if args.combine_with is not None and args.third_tower_pair:
@@ -206,7 +221,7 @@ def check_args(args):
     elif args.combine_model is not None:
         raise ValueError("--combine-model names the --combine-with checkpoint's model: pass --combine-with too")
     plan = eval_plan(spec, args.third_tower_weights, args.third_tower_pair)
-    check_fits(spec, plan, "--checkpoint" if args.checkpoint is not None else "--model")
+    check_fits(spec, plan, "--pretrained" if args.pretrained is not None else "--model")
     if combine_spec is not None:
         check_fits(combine_spec, eval_plan(combine_spec), "--combine-with")
     if combine_spec is not None or plan.built:

@@ -62,7 +62,7 @@ def eval_plan(spec: ModelSpec, third_tower_weights=None, pair=None):
     if spec.checkpoint is None:
         if pair:
             raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
-                             f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
+                             f"pass --pretrained logs/RUN/checkpoints/epoch_N.pt of a 3T run")
         return resolve_plan(spec.name, build_by_default=False)
     held, head_type = checkpoint_layout(checkpoint_keys(spec.checkpoint))
     plan = resolve_plan(spec.name, third_tower=False, checkpoint_head_type=head_type, build_by_default=False)
@@ -70,7 +70,7 @@ def eval_plan(spec: ModelSpec, third_tower_weights=None, pair=None):
         return plan
     if plan.family != "3t":
         raise ValueError(f"--third-tower-pair needs a 3T training checkpoint (with its heads), not {spec.label}: "
-                         f"pass --checkpoint logs/RUN/checkpoints/epoch_N.pt of a 3T run")
+                         f"pass --pretrained logs/RUN/checkpoints/epoch_N.pt of a 3T run")
     try:
         name = plan.section.tower(None if pair is True else pair).name
     except ValueError as e:

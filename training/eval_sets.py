@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from open_clip_3t.shards import IMAGE_EXTS, expand_shards, iter_samples, tar_damage
+from open_clip_3t.shards import IMAGE_EXTS, expand_shards, iter_samples, sample_extensions, tar_damage
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
@@ -258,6 +258,12 @@ def read_pairs(shards):
         if not pairs:
             raise EvalDataError(f"--val-data shard {shard} holds no sample with an image and a caption (.txt): pass "
                                 f"LAION-style shards, or leave it out of --val-data")
+
+
+def count_pairs(shards):
+    """How many (image, caption) pairs `read_pairs` will yield from `shards`, from their tar headers alone."""
+    return sum(1 for shard in shards for exts in sample_extensions(shard)
+               if "txt" in exts and any(e in exts for e in IMAGE_EXTS))
 
 
 def pair_batches(shards, preprocess, tokenizer, batch_size, num_samples=None):

@@ -68,13 +68,13 @@ def init_image_from_third_tower(model, tower):
     trunk = getattr(model.visual, "trunk", None)
     h = model.third_towers[tower].model
     if trunk is None:
-        raise ValueError("--init-image-from-third-tower: f is not a timm tower; use a 3T config whose "
+        raise ValueError("--third-tower-init-image: f is not a timm tower; use a 3T config whose "
                          "vision_cfg.timm_model_name is h's timm model")
     h_state, f_state = h.state_dict(), trunk.state_dict()
     differ = sorted(k for k in set(h_state) | set(f_state)
                     if k not in h_state or k not in f_state or h_state[k].shape != f_state[k].shape)
     if differ:
-        raise ValueError(f"--init-image-from-third-tower: f and h have different weights ({len(differ)} keys, "
+        raise ValueError(f"--third-tower-init-image: f and h have different weights ({len(differ)} keys, "
                          f"e.g. {differ[:3]}); f must be built exactly like h (same timm model and image size)")
     trunk.load_state_dict(h_state)
     logging.info(f"3T finetuning: f's trunk initialised from third tower {tower} ({len(h_state)} tensors)")

@@ -7,6 +7,7 @@ to OpenCLIP's own parser, which keeps its defaults and rejects unknown flags. Ev
 training/eval_sets.py (`add_eval_args`).
 """
 import argparse
+import importlib
 import os
 import sys
 
@@ -24,66 +25,7 @@ from open_clip_3t.weights import (WeightsError, check_model_weights, checkpoint_
 
 from ._open_clip_train import launch_rank, openclip_is_webdataset, openclip_parse_args
 from .eval_sets import add_eval_args, check_eval_args
-
-
-def add_three_towers_args(parser):
-    group = parser.add_argument_group("Three Towers (3T)")
-    group.add_argument("--third-tower-weights", type=str, nargs="+", default=None, metavar="[NAME=]FILE",
-                       help="Local weights file of a third tower h (timm's pretrained_cfg_overlay file door): FILE for "
-                            "a model with one tower, NAME=FILE per tower for several; default: the config's weights, "
-                            "else timm's hub.")
-    group.add_argument("--three-towers-loss-weights", type=float, nargs="+", default=None, metavar="W",
-                       help="Weight of each loss term: L(f,g), then L(f_h,h_f) and L(g_h,h_g) of each third tower in "
-                            "the config's order (1 + 2K values; 3 for one tower); a weight of 0 drops that term (its "
-                            "heads and temperature are frozen). Default: the config's three_towers.loss_weights (all "
-                            "1: the mean of the terms).")
-    group.add_argument("--three-towers-transfer", choices=["contrastive", "l2"], default=None,
-                       help="Loss of the transfer terms: contrastive (the paper) or l2 regression (ablation).")
-    group.add_argument("--three-towers-head", choices=["linear", "mlp"], default=None,
-                       help="Type of the 3T heads f_h, g_h, h_f, h_g (of every tower). Default: the config's "
-                            "head_type.")
-    group.add_argument("--init-image-from-third-tower", nargs="?", const=True, default=False, metavar="NAME",
-                       help="3T finetuning: copy the weights of third tower NAME (optional with one tower) into f "
-                            "before training (f must be a timm tower of its architecture, i.e. "
-                            "vision_cfg.timm_model_name = that tower's timm model).")
-    group.add_argument("--third-tower-cache", type=str, nargs="+", default=None, metavar="[NAME=]DIR",
-                       help="Read a third tower's embeddings from its precomputed cache (python -m open_clip_3t.cache "
-                            "build) instead of running it: that tower is not built at all. DIR for a model with one "
-                            "tower, NAME=DIR per cached tower for several; a tower without a cache runs online.")
-    group.add_argument("--third-tower-random", action="store_true",
-                       help="Train against a third tower with random frozen weights, when its config names no "
-                            "pretrained weights (timm_model_pretrained false) and no --third-tower-weights, cache or 3T "
-                            "--pretrained checkpoint gives them (tests, ablations). Without it such a run stops.")
-    group.add_argument("--cache-missing", choices=["error", "skip", "online"], default="error",
-                       help="With --third-tower-cache: what to do with a sample missing from a cache "
-                            "(online builds that tower and computes it).")
-    group = parser.add_argument_group("Models you did not train")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="Run code that comes with the model's tokenizer or Hugging Face text tower (an auto_map, "
-                            "a config's tokenizer_kwargs.trust_remote_code), refused by default: only for models you "
-                            "trust. See docs/untrusted_models.md.")
-    group = parser.add_argument_group("Distributed")
-    group.add_argument("--rendezvous-timeout", type=float, default=600, metavar="SECONDS",
-                       help="How long the ranks of an env:// rendezvous (srun: MASTER_ADDR, MASTER_PORT) wait for each "
-                            "other before stopping with an error naming the address; torch would wait 30 minutes.")
-    group = parser.add_argument_group("LiT baseline")
-    group.add_argument("--image-tower-weights", type=str, default=None, metavar="FILE",
-                       help="Local timm weights for a timm image tower (e.g. the file h uses), loaded through timm's "
-                            "pretrained_cfg_overlay file door; the local-file twin of --pretrained-image.")
-    group = parser.add_argument_group("Long runs (step checkpoints, preemption, divergence)")
-    group.add_argument("--save-every-n-steps", type=int, default=0, metavar="N",
-                       help="Write a step checkpoint (checkpoints/epoch_E_step_K.pt) every N optimizer steps, from "
-                            "which --resume latest goes on exactly where it stopped. Default 0: by the clock only.")
-    group.add_argument("--save-every-minutes", type=float, default=30, metavar="M",
-                       help="Write a step checkpoint when M minutes have passed since the last one (0: never). "
-                            "SIGUSR1 and SIGTERM also write one, at the next step boundary, then stop the run.")
-    group.add_argument("--keep-step-checkpoints", type=int, default=2, metavar="K",
-                       help="Keep the newest K step checkpoints (older ones are removed once a newer one is "
-                            "complete); OpenCLIP's epoch checkpoints are kept as --save-frequency says.")
-    group.add_argument("--skip-nonfinite-steps", type=int, default=0, metavar="K",
-                       help="Skip an update whose loss or gradients are not finite, at most K in a row (each logged); "
-                            "default 0: the run stops at the first one.")
-    return parser
+from .flags import add_three_towers_args, print_help
 
 
 def parse_args(argv):
@@ -91,14 +33,31 @@ def parse_args(argv):
     add_three_towers_args(parser)
     add_eval_args(parser)
     if "-h" in argv or "--help" in argv:
-        print(parser.format_help())
-        print("OpenCLIP's flags (open_clip_train):")
+        print_help()
+        raise SystemExit(0)
     ours, rest = parser.parse_known_args(argv)
     args = openclip_parse_args(rest)
     for name, value in vars(ours).items():
         setattr(args, name, value)
     args.run_plan = plan_run(args)
     return args
+
+
+# --report-to NAME -> the module OpenCLIP's trainer imports for it, and the extra that installs it.
+LOGGING_BACKENDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_report_to(args):
+    """A logging back-end that is not installed stops the run here, before its folder exists (OpenCLIP would stop
+    with an AssertionError after creating it, so that the same --name is then refused)."""
+    asked = [name for name in LOGGING_BACKENDS if name in args.report_to or "all" in args.report_to]
+    for name in asked:
+        module, extra = LOGGING_BACKENDS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            fail(f"--report-to {args.report_to}: {name} is not installed ({type(e).__name__}: {e}): pip install "
+                 f"'open_clip_3t[{extra}]' (or pip install {extra}), or drop {name} from --report-to")
 
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip.loss.SigLipLoss's dist_impl values
@@ -203,9 +162,9 @@ def plan_run(args):
     try:
         plan = resolve_plan(
             args.model, third_tower_weights=args.third_tower_weights, third_tower_cache=args.third_tower_cache,
-            cache_missing=args.cache_missing, loss_weights=args.three_towers_loss_weights,
-            transfer=args.three_towers_transfer, head_type=args.three_towers_head or head_type,
-            init_image_from=args.init_image_from_third_tower, siglip=args.siglip, lock_image=args.lock_image,
+            cache_missing=args.third_tower_cache_missing, loss_weights=args.third_tower_loss_weights,
+            transfer=args.third_tower_transfer, head_type=args.third_tower_head or head_type,
+            init_image_from=args.third_tower_init_image, siglip=args.siglip, lock_image=args.lock_image,
             image_tower_weights=args.image_tower_weights, precision=args.precision, checkpoint_towers=held, cli=True)
     except ValueError as e:
         fail(str(e))
@@ -213,10 +172,10 @@ def plan_run(args):
     if not three_towers:
         used = [flag for flag, value in (
             ("--third-tower-weights", args.third_tower_weights),
-            ("--three-towers-loss-weights", args.three_towers_loss_weights),
-            ("--three-towers-transfer", args.three_towers_transfer),
-            ("--three-towers-head", args.three_towers_head),
-            ("--init-image-from-third-tower", args.init_image_from_third_tower),
+            ("--third-tower-loss-weights", args.third_tower_loss_weights),
+            ("--third-tower-transfer", args.third_tower_transfer),
+            ("--third-tower-head", args.third_tower_head),
+            ("--third-tower-init-image", args.third_tower_init_image),
             ("--third-tower-cache", args.third_tower_cache),
             ("--third-tower-random", args.third_tower_random)) if value]
         if used:
@@ -227,9 +186,9 @@ def plan_run(args):
             ("--image-tower-weights", plan.image_tower_weights)]:
         if path is not None and not os.path.isfile(path):
             fail(f"{flag} {path}: no such file; pass an existing timm weights file")
-    if args.three_towers_loss_weights is not None:
-        if any(w < 0 for w in args.three_towers_loss_weights) or not any(args.three_towers_loss_weights):
-            fail(f"--three-towers-loss-weights {args.three_towers_loss_weights}: weights must be >= 0, not all 0")
+    if args.third_tower_loss_weights is not None:
+        if any(w < 0 for w in args.third_tower_loss_weights) or not any(args.third_tower_loss_weights):
+            fail(f"--third-tower-loss-weights {args.third_tower_loss_weights}: weights must be >= 0, not all 0")
     for flag, value in (("--save-every-n-steps", args.save_every_n_steps),
                         ("--save-every-minutes", args.save_every_minutes),
                         ("--skip-nonfinite-steps", args.skip_nonfinite_steps)):
@@ -260,8 +219,8 @@ def plan_run(args):
         fail(str(e))
     if plan.cached:
         plan = check_caches(args, plan)
-    elif args.cache_missing != "error":
-        fail(f"--cache-missing {args.cache_missing} needs --third-tower-cache DIR")
+    elif args.third_tower_cache_missing != "error":
+        fail(f"--third-tower-cache-missing {args.third_tower_cache_missing} needs --third-tower-cache DIR")
     if plan.image_tower_weights is not None:
         if not model_cfg.get("vision_cfg", {}).get("timm_model_name"):
             fail(f"--image-tower-weights needs a timm image tower, but --model {args.model} has none: use a model "
@@ -270,6 +229,7 @@ def plan_run(args):
             fail("--image-tower-weights and --pretrained-image both load the image tower: pass one of them")
     if three_towers:
         check_random_towers(args, plan)
+    check_report_to(args)
     if launch_rank() == 0:
         check_weights(plan)
         check_checkpoint_files(args, plan)
@@ -358,7 +318,7 @@ def check_three_towers(args, plan):
         f_arch = (cfg["vision_cfg"].get("timm_model_name") or "").split(".")[0]
         h = "h's architecture" if len(plan.towers) == 1 else f"the architecture of its third tower {name}"
         if f_arch != h_arch:
-            fail(f"--init-image-from-third-tower: {args.model}'s image tower f "
+            fail(f"--third-tower-init-image: {args.model}'s image tower f "
                  f"({f_arch or 'an OpenCLIP ViT'}) is not {h} ({h_arch}); use a 3T config whose "
                  f"vision_cfg.timm_model_name is {h_arch}")
 
@@ -369,8 +329,9 @@ def check_caches(args, plan):
     built) and its totals attached. Every rank reads a few files whatever the number of shards."""
     for tower in plan.towers:
         if tower.source == "cache" and not os.path.isdir(tower.cache):
+            named = "" if tower.name == DEFAULT_TOWER else " --third-tower " + tower.name
             fail(f"--third-tower-cache {tower.cache}: no such directory; build it with "
-                 f"`python -m open_clip_3t.cache build`{'' if tower.name == DEFAULT_TOWER else ' --tower ' + tower.name}")
+                 f"`python -m open_clip_3t.cache build`{named}")
     if not args.train_data or args.dataset_type not in ("webdataset", "auto"):
         fail("--third-tower-cache joins embeddings to webdataset shards: pass --train-data SHARDS "
              "(and --dataset-type webdataset or auto)")

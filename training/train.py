@@ -7,7 +7,8 @@ accumulation, scaler, clipping, logging keys):
   third tower, passed to the model as `third_embeddings={tower name: embeddings}`;
 - OpenCLIP clamps only `logit_scale`: 3T has a temperature per loss term;
 - OpenCLIP logs one temperature: we log every term's (and, under --siglip, its bias) and every loss term, named after
-  its tower (image_third_loss, text_third_loss for one tower; image_in21k_loss, ... for a tower named in21k);
+  its tower (image_third_loss, text_third_loss for one tower; image_in21k_loss, ... for a tower named in21k), each
+  as its own unweighted value L and the weighted total as `loss` (so curves of CLIP and 3T runs overlay);
 - OpenCLIP's gradient accumulation concatenates every model output except `logit_scale`/`logit_bias`, so 3T's
   extra temperatures and biases crash it: we keep every temperature and bias out of the concatenation;
 - the global RNGs are re-seeded from (seed, rank, epoch) at the start of each epoch, so a run resumed at epoch N
@@ -27,6 +28,8 @@ import numpy as np
 import open_clip
 import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, get_input_dtype, get_tokenizer
+
+from open_clip_3t.progress import tracked
 
 from ._open_clip_train import openclip_autocast
 from .cached_data import fill_missing_third
@@ -134,15 +137,23 @@ def clamp_scales(model):
             m.logit_scale.clamp_(0, math.log(100))
 
 
+def logged_losses(loss, losses):
+    """What the logs show of a step's losses: each term as its own value L, unweighted (a 3T term enters the loss as
+    w/(1 + 2K) * L, but is logged as L, so that CLIP's and 3T's contrastive_loss mean the same), and the weighted
+    total, the loss the step minimised, as `loss`."""
+    factors = getattr(loss, "term_factors", {})
+    return {name: val.item() / factors.get(name, 1.0) for name, val in losses.items()}
+
+
 def log_step(args, epoch, i_accum, num_batches_per_epoch, dataloader, losses, losses_m, model_out, optimizer,
              batch_time_m, data_time_m, batch_size, step, tb_writer):
-    """OpenCLIP's step line and scalars, with every temperature, bias and loss term."""
+    """OpenCLIP's step line and scalars, with every temperature, bias and loss term (`losses`: logged_losses)."""
     batch_count = i_accum + 1
     sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
     num_samples = batch_count * batch_size * args.accum_freq * args.world_size
     percent_complete = 100.0 * batch_count / num_batches_per_epoch
     for key, val in losses.items():
-        losses_m.setdefault(key, AverageMeter()).update(val.item(), batch_size)
+        losses_m.setdefault(key, AverageMeter()).update(val, batch_size)
     scales = {key[len("logit_"):]: val.item() for key, val in model_out.items() if key.startswith(SCALE_PREFIXES)}
     samples_per_second = args.accum_freq * args.batch_size * args.world_size / batch_time_m.val
     samples_per_second_per_gpu = args.accum_freq * args.batch_size / batch_time_m.val
@@ -211,7 +222,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
             scheduler(step)
 
         images, texts, third = unpack(batch, device, input_dtype, cached_towers)
-        if third is not None:  # NaN rows: samples missing from a cache under --cache-missing online
+        if third is not None:  # NaN rows: samples missing from a cache under --third-tower-cache-missing online
             third, _ = fill_missing_third(model, images, third)
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
@@ -277,8 +288,8 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         batch_time_m.update(time.time() - end)
         end = time.time()
         if args.rank == 0 and (i_accum % args.log_every_n_steps == 0 or i_accum + 1 == num_batches_per_epoch):
-            log_step(args, epoch, i_accum, num_batches_per_epoch, dataloader, losses, losses_m, model_out, optimizer,
-                     batch_time_m, data_time_m, len(images), step, tb_writer)
+            log_step(args, epoch, i_accum, num_batches_per_epoch, dataloader, logged_losses(loss, losses), losses_m,
+                     model_out, optimizer, batch_time_m, data_time_m, len(images), step, tb_writer)
             batch_time_m, data_time_m = AverageMeter(), AverageMeter()  # per log window, as OpenCLIP
 
     # Every rank says how far it went (ranks that disagree point at uneven data).
@@ -286,7 +297,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     cache_stats = getattr(data["train"], "cache_stats", None)
     if cache_stats is not None:  # counted by the loader's workers, including samples read ahead into the shuffle buffer
         logging.info(f"Third-tower cache after epoch {epoch} on rank {args.rank}: {cache_stats.joined} joined, "
-                     f"{cache_stats.missing} missing (--cache-missing {args.cache_missing}), "
+                     f"{cache_stats.missing} missing (--third-tower-cache-missing {args.third_tower_cache_missing}), "
                      f"{cache_stats.corrupt} corrupt samples skipped")
 
     # open_clip_train.main evaluates after an epoch only when it sees one of its own eval sets; evaluation sets
@@ -304,6 +315,14 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 def _due(epoch, frequency, epochs):
     """OpenCLIP's schedule: every `frequency` epochs and after the last one; never when frequency is 0."""
     return bool(frequency) and (epoch % frequency == 0 or epoch == epochs)
+
+
+def with_progress(dataloader, task, args):
+    """The batches of one evaluation task, counted (done/total, rate, ETA): a bar on a terminal, else (and with
+    --quiet) one log line per 10%."""
+    total = getattr(dataloader, "num_batches", None) or (len(dataloader) if hasattr(dataloader, "__len__") else None)
+    return tracked(dataloader, total, f"Eval {task}", quiet="lines" if getattr(args, "quiet", False) else False,
+                   emit=logging.info)
 
 
 def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None) -> dict:
@@ -331,19 +350,22 @@ def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None) -> dict:
             classifier = build_classifier(model, tokenizer, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
                                           device, precision)
             for key in imagenet:
-                top1, top5 = zero_shot_accuracy(model, classifier, data[key].dataloader, device, precision)
                 prefix = "imagenet-zeroshot-val" if key == "imagenet-val" else "imagenetv2-zeroshot-val"
+                top1, top5 = zero_shot_accuracy(model, classifier, with_progress(data[key].dataloader, prefix, args),
+                                                device, precision)
                 metrics[f"{prefix}-top1"], metrics[f"{prefix}-top5"] = top1, top5
         for key in sorted(k for k in zeroshot if k.startswith("zeroshot/")):
             name = key.split("/", 1)[1]
             logging.info(f"Starting zero-shot {name}.")
             entry = data[key]
             classifier = build_classifier(model, tokenizer, entry.classnames, entry.templates, device, precision)
-            top1, top5 = zero_shot_accuracy(model, classifier, entry.dataloader, device, precision)
+            batches = with_progress(entry.dataloader, f"{name}-zeroshot", args)
+            top1, top5 = zero_shot_accuracy(model, classifier, batches, device, precision)
             metrics[f"{name}-zeroshot-top1"], metrics[f"{name}-zeroshot-top5"] = top1, top5
 
     if "val" in data and _due(epoch, getattr(args, "val_frequency", 1), epochs):
-        image, text, loss = encode_pairs(model, data["val"].dataloader, device, precision)
+        image, text, loss = encode_pairs(model, with_progress(data["val"].dataloader, "retrieval", args), device,
+                                         precision)
         scores = logit_scale_of(model) * image @ text.t()
         ks = getattr(args, "retrieval_k", None) or DEFAULT_RETRIEVAL_K
         metrics.update(retrieval_metrics(scores, ks=ks))

@@ -1,11 +1,13 @@
 """Precomputed third-tower embeddings: h is frozen, so its embedding of each training image is computed once.
 
-    python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --out DIR [--third-tower-weights FILE]
-    python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --cache DIR [--third-tower-weights FILE]
-    python -m open_clip_3t.cache merge  PART... --out DIR
-    python -m open_clip_3t.cache info   --cache DIR
+    python -m open_clip_3t.cache build  --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR \
+        [--third-tower-weights FILE]
+    python -m open_clip_3t.cache verify --train-data SHARDS --model 3T-ViT-B-16 --third-tower-cache DIR \
+        [--third-tower-weights FILE]
+    python -m open_clip_3t.cache merge  PART... --third-tower-cache DIR
+    python -m open_clip_3t.cache info   --third-tower-cache DIR
 
-A cache holds one tower's embeddings: for a model with several third towers, `--tower NAME` says which (one cache
+A cache holds one tower's embeddings: for a model with several third towers, `--third-tower NAME` says which (one cache
 per tower; training takes `--third-tower-cache NAME=DIR ...`).
 
 Layout (docs/cache.md specifies it byte for byte):

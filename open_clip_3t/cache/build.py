@@ -2,6 +2,7 @@
 workers), run h on h's own eval view, write one sidecar per shard (temporary name, then rename)."""
 import glob
 import io
+import json
 import os
 import sys
 import time
@@ -9,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..files import unwritable, write_atomic
+from ..progress import progress
 from ..shards import IMAGE_EXTS, iter_samples, local_path
 from .format import (DTYPES, PRECISIONS, CacheError, cached_tower, check_shard_ids, encode_sidecar, ensure_manifest,
                      expand_shards, file_sha256, image_crc32, log, make_manifest, shard_id, sidecar_info, sidecar_path)
@@ -124,7 +125,7 @@ def _check_sidecar_is_for(path, url):
     if os.path.getsize(file) != info["shard_size"] or file_sha256(file) != info["shard_sha256"]:
         raise CacheError(f"{path} was built from another shard ({info['shard']}, {info['shard_size']} bytes), not "
                          f"{url}: if two sources share a folder name, give one another name (a symlink will do); "
-                         f"if the shard changed, delete the sidecar; or use another --out")
+                         f"if the shard changed, delete the sidecar; or use another --third-tower-cache")
     return info
 
 
@@ -139,18 +140,37 @@ def write_part(out, index, count, entries):
     write_index(out, {**previous, **entries}, os.path.basename(path))
 
 
-def progress_bar(label, total_shards, quiet):
-    """tqdm's line on stderr: samples, samples/s (mean since the start), shards done, samples skipped. Redrawn
-    twice a second on a terminal, every 30 s otherwise (SLURM logs)."""
-    return tqdm(desc=label, unit=" samples", postfix=f"shards 0/{total_shards}, skipped 0", file=sys.stderr,
-                disable=quiet, smoothing=0, mininterval=0.5 if sys.stderr.isatty() else 30)
+def shard_sizes(urls):
+    """The number of samples of each shard from the sizes.json beside it (the file OpenCLIP reads for an epoch's
+    length: {"00000.tar": 10000, ...}), or None when a shard is not listed in one."""
+    sizes, listed = {}, {}
+    for url in urls:
+        path = local_path(url)
+        folder = os.path.dirname(path) if path is not None else None
+        if folder not in listed:
+            try:
+                with open(os.path.join(folder, "sizes.json")) as f:
+                    listed[folder] = {k: int(v) for k, v in json.load(f).items()}
+            except (OSError, TypeError, ValueError, AttributeError):
+                listed[folder] = {}
+        sizes[url] = listed[folder].get(os.path.basename(path)) if path is not None else None
+    return None if None in sizes.values() else sizes
+
+
+def progress_bar(label, todo, quiet):
+    """Samples embedded out of the total (from sizes.json; else estimated from the shards done so far, `~` in the
+    postfix), rate and ETA, shards done, samples skipped: a bar on a terminal, else one line per 10% (SLURM logs)."""
+    sizes = shard_sizes([url for _, url in todo])
+    bar = progress(sum(sizes.values()) if sizes else None, label, " samples", quiet=quiet, emit=log)
+    bar.set_postfix_str(f"shards 0/{len(todo)}, skipped 0", refresh=False)
+    return bar, sizes is not None
 
 
 def build(train_data, model, out, third_tower_weights=None, batch_size=256, workers=4, device="cpu",
           precision="fp32", dtype="fp16", split=None, three_towers=None, quiet=False, tower=None):
     """Embed every sample of every shard of `train_data` assigned to this process with `model`'s tower `tower`
     (default: the only one); returns a summary dict."""
-    say = (lambda m: None) if quiet else log
+    say = (lambda m: None) if quiet is True else log
     # Everything that can be wrong is checked before h is loaded or a shard is read.
     if dtype not in DTYPES:
         raise CacheError(f"--dtype {dtype}: use one of {sorted(DTYPES)}")
@@ -178,8 +198,8 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
     label = f"cache build{'' if tower is None else ' ' + tower} [{index + 1}/{count}]"
     reason = unwritable(out) if todo else None
     if reason:
-        raise CacheError(f"--out {out}: cannot write there ({reason}): free space on that file system, or pass an "
-                         f"--out folder on a writable one")
+        raise CacheError(f"--third-tower-cache {out}: cannot write there ({reason}): free space on that file system, or "
+                         f"pass a --third-tower-cache folder on a writable one")
     from ..third_tower import ThirdTower
     h = ThirdTower(cfg) if todo else None  # h's weights load strictly before the manifest binds them to `out`
     ensure_manifest(out, make_manifest(model, cfg, dtype, precision))
@@ -213,7 +233,7 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
         return shard_id(url), entry({**info, "rows": len(emb), "dim": emb.shape[1]})
 
     start, first, embedded = time.monotonic(), None, 0
-    progress = progress_bar(label, len(todo), quiet)
+    progress, exact = progress_bar(label, todo, quiet)
     try:
         with torch.inference_mode():
             for batches, item in enumerate(loader, 1):
@@ -246,14 +266,16 @@ def build(train_data, model, out, third_tower_weights=None, batch_size=256, work
                     summary["truncated"] += stats["truncated"] is not None
                     if stats["truncated"] or not stats["samples"]:
                         summary["damaged"].append((url, stats["truncated"] or "no sample with an image and a caption"))
-                    if (stats["skipped"] or stats["truncated"]) and not quiet:
+                    if not exact:  # the total so far: the mean of the shards done, times the shards
+                        progress.total = max(progress.n, round(summary["samples"] / summary["built"] * len(todo)))
+                    if (stats["skipped"] or stats["truncated"]) and quiet is not True:
                         reasons = "; ".join(f"{k}: {r}" for k, r in stats["skipped"][:3])
                         progress.write(f"{label}: {url}: {len(stats['skipped'])} sample(s) skipped"
                                        + (f" ({reasons}{', ...' if len(stats['skipped']) > 3 else ''})" if reasons else "")
                                        + (f"; truncated tar ({stats['truncated']}), kept the {stats['samples']} samples "
                                           f"before it" if stats["truncated"] else ""), file=sys.stderr)
-                    progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}",
-                                             refresh=False)
+                    progress.set_postfix_str(f"shards {summary['built']}/{len(todo)}, skipped {summary['skipped']}"
+                                             + ("" if exact else ", total estimated"), refresh=False)
         indexed.update(f.result() for f in written)
         writer.shutdown()
         write_part(out, index, count, indexed)

@@ -3,6 +3,7 @@ one-line refusal), `info` (totals)."""
 import glob
 import os
 
+from ..config import DEFAULT_TOWER
 from ..shards import local_path
 from .format import (DIGEST, MANIFEST, SUFFIX, CacheError, cached_tower, check_shard_ids, expand_shards, file_sha256,
                      fingerprint, fingerprint_diffs, load_sidecar, log, read_manifest, rebuild_hint, shard_id,
@@ -138,7 +139,7 @@ def indexed_shards(cache_dir, urls, ids, dim, primary, warn):
     if infos and primary:
         warn(f"third-tower cache {cache_dir}: {len(infos)} of the {len(urls)} shards of --train-data are not in its "
              f"index, so their sidecars' headers were read (one file each, at every start-up): run `python -m "
-             f"open_clip_3t.cache verify --cache {cache_dir} ...` once to bring the index up to date")
+             f"open_clip_3t.cache verify --third-tower-cache {cache_dir} ...` once to bring the index up to date")
     samples += sum(i["rows"] for i in infos.values())
     dropped += sum(len(i["skipped"]) for i in infos.values())
     return missing, mismatched + more, samples, dropped
@@ -156,11 +157,12 @@ def validate(cache_dir, train_data, cfg, policy="error", primary=True, warn=log)
     manifest = read_manifest(cache_dir)
     diffs = fingerprint_diffs(manifest["fingerprint"], fingerprint(cfg)) if primary else []
     if diffs:
-        raise CacheError(f"third-tower cache {cache_dir} was built for another third tower than {cfg.name} "
-                         f"({'; '.join(diffs)}): pass the same --model/--third-tower-weights as the build, or build a "
-                         f"cache for this one")
+        which = "this run's third tower" + ("" if cfg.name == DEFAULT_TOWER else f" {cfg.name}")
+        raise CacheError(f"third-tower cache {cache_dir} was built with a different third tower than {which} "
+                         f"({'; '.join(diffs).replace('model has', 'this run has')}): pass the --model and "
+                         f"--third-tower-weights the cache was built with, or build a cache for this tower")
     missing, mismatched, samples, skipped = indexed_shards(cache_dir, urls, ids, cfg.embed_dim, primary, warn)
-    verify_hint = f"run `python -m open_clip_3t.cache verify --cache {cache_dir} ...` for the full list"
+    verify_hint = f"run `python -m open_clip_3t.cache verify --third-tower-cache {cache_dir} ...` for the full list"
     if mismatched:
         raise CacheError(f"third-tower cache {cache_dir} does not match --train-data: {len(mismatched)} shard(s) "
                          f"differ (first: {mismatched[0]}); {verify_hint}")
@@ -168,11 +170,11 @@ def validate(cache_dir, train_data, cfg, policy="error", primary=True, warn=log)
     if missing and (policy == "error" or hint and len(missing) == len(urls)):
         raise CacheError(f"third-tower cache {cache_dir} lacks {len(missing)} of {len(urls)} shards (first: "
                          f"{missing[0]}, no {sidecar_path(cache_dir, missing[0])}): "
-                         f"{hint or 'finish the build, or pass --cache-missing skip|online'}")
+                         f"{hint or 'finish the build, or pass --third-tower-cache-missing skip|online'}")
     if len(missing) == len(urls) and policy == "skip":
         raise CacheError(f"third-tower cache {cache_dir} covers none of the {len(urls)} shards of --train-data (first: "
-                         f"{missing[0]}): --cache-missing skip would drop every sample; build the cache for these "
-                         f"shards, or pass --cache-missing online")
+                         f"{missing[0]}): --third-tower-cache-missing skip would drop every sample; build the cache "
+                         f"for these shards, or pass --third-tower-cache-missing online")
     return {"shards": len(urls), "missing_shards": missing, "dtype": manifest["dtype"], "samples": samples,
             "skipped": skipped}
 
@@ -182,12 +184,12 @@ POLICIES = ("error", "skip", "online")
 
 def validate_plan(plan, train_data, primary=True):
     """Check the cache of each cached tower of a run's plan against `train_data` and that tower, under the plan's
-    --cache-missing policy (see `validate`; `primary`: this process checks for the whole job). Raises CacheError
-    (one line) on a mismatch, naming the tower a cache holds when it was given for another; reads the manifest and the
+    --third-tower-cache-missing policy (see `validate`; `primary`: this process checks for the whole job). Raises
+    CacheError (one line) on a mismatch, naming the tower a cache holds when it was given for another; reads the manifest and the
     index of each cache, and on the primary the weights files' bytes (sha256); builds nothing. Returns
     {tower name: the cache's totals (shards, samples, missing shards, skipped samples, dtype, embed_dim)}."""
     if plan.cache_missing not in POLICIES:
-        raise CacheError(f"--cache-missing {plan.cache_missing}: use one of {', '.join(POLICIES)}")
+        raise CacheError(f"--third-tower-cache-missing {plan.cache_missing}: use one of {', '.join(POLICIES)}")
     facts = {}
     for tower in plan.towers:
         if tower.source != "cache":

@@ -138,10 +138,11 @@ def cached_tower(model, third_tower_weights=None, three_towers=None, tower=None)
     if plan.family != "3t":
         raise CacheError(f"model {model!r} has no three_towers section: pass a 3T model (e.g. 3T-ViT-B-16, 3T-tiny)")
     if tower is None and len(plan.towers) > 1:
-        raise CacheError(f"model {model!r} has the third towers {list(plan.tower_names)}: say which one with --tower "
-                         f"NAME (a cache holds one tower's embeddings)")
+        raise CacheError(f"model {model!r} has the third towers {list(plan.tower_names)}: say which one with "
+                         f"--third-tower NAME (a cache holds one tower's embeddings)")
     if tower is not None and tower not in plan.tower_names:
-        raise CacheError(f"model {model!r} has no third tower {tower!r}: pass --tower one of {list(plan.tower_names)}")
+        raise CacheError(f"model {model!r} has no third tower {tower!r}: pass --third-tower one of "
+                         f"{list(plan.tower_names)}")
     cfg = plan.tower(tower).cfg
     return cfg if third_tower_weights is None else dataclasses.replace(cfg, weights=third_tower_weights)
 
@@ -199,13 +200,13 @@ def make_manifest(model, cfg, dtype, precision):
 def read_manifest(cache_dir):
     path = os.path.join(cache_dir, MANIFEST)
     again = (f"copy it again from where the cache came from, or build the cache again into a new folder "
-             f"(`python -m open_clip_3t.cache build --out NEW_DIR ...`)")
+             f"(`python -m open_clip_3t.cache build --third-tower-cache NEW_DIR ...`)")
     try:
         with open(path, "rb") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
         raise CacheError(f"{cache_dir} is not a third-tower cache (no {MANIFEST}): build one with "
-                         f"`python -m open_clip_3t.cache build --out {cache_dir} ...`") from None
+                         f"`python -m open_clip_3t.cache build --third-tower-cache {cache_dir} ...`") from None
     except ValueError as e:  # not JSON, not UTF-8
         raise CacheError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]}): it is cut short or "
                          f"damaged; {again}") from None
@@ -231,7 +232,8 @@ def ensure_manifest(cache_dir, manifest):
     diffs += [f"{k}: cache has {found.get(k)!r}, this build has {manifest[k]!r}"
               for k in ("dtype", "precision") if found.get(k) != manifest[k]]
     if diffs:
-        raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --out or the same options")
+        raise CacheError(f"{path} was built differently ({'; '.join(diffs)}): use another --third-tower-cache or the "
+                         f"same options")
     for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by a killed rank (not one still writing its own)
         if abandoned(stale):
             try:

@@ -1,5 +1,6 @@
-"""`python -m open_clip_3t.cache merge PART... --out DIR`: one cache from caches built in separate folders (one per
-node or array task, e.g. on node-local scratch), each a complete cache (manifest and sidecars) of some shards.
+"""`python -m open_clip_3t.cache merge PART... --third-tower-cache DIR`: one cache from caches built in separate
+folders (one per node or array task, e.g. on node-local scratch), each a complete cache (manifest and sidecars) of
+some shards.
 
 Refused, one line each, before anything is written: parts built differently (fingerprint, dtype, precision), and a
 shard present in two parts. The merged cache is assembled in a temporary folder beside DIR (sidecars hard-linked
@@ -79,9 +80,9 @@ def merge(parts, out, quiet=False):
     """Merge the cache folders `parts` into the new cache folder `out`; returns {"parts", "shards", "samples"}."""
     out = os.path.normpath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise CacheError(f"--out {out} exists and is not an empty folder: merge into a new folder")
+        raise CacheError(f"--third-tower-cache {out} exists and is not an empty folder: merge into a new folder")
     if os.path.abspath(out) in {os.path.abspath(p) for p in parts}:
-        raise CacheError(f"--out {out} is one of the parts: merge into a new folder")
+        raise CacheError(f"--third-tower-cache {out} is one of the parts: merge into a new folder")
     manifest, owner = _check_parts(parts)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)

@@ -17,7 +17,8 @@ from ..files import write_atomic
 
 TRAIN_STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) ")
 VALUE = r"([-+\d.eE]+)"
-# The 3T loss terms as training/train.py logs them (the weighted term w/3 * L) and their temperatures (exp(scale)).
+# The 3T loss terms as training/train.py logs them (each term's own value L, unweighted) and their temperatures
+# (exp(scale)).
 LOSS_TERMS = {"Contrastive_loss": "L(f,g)", "Image_third_loss": "L(f_h,h_f)", "Text_third_loss": "L(g_h,h_g)"}
 SCALES = {"Logit Scale": "s of L(f,g)", "Logit Scale Image Third": "s of L(f_h,h_f)",
           "Logit Scale Text Third": "s of L(g_h,h_g)"}
@@ -26,15 +27,16 @@ EVAL_SERIES = {"shape-zeroshot-top1": "shape top-1", "colour-zeroshot-top1": "co
 
 
 def loss_weights(run_dir):
-    """The run's 3T loss weights from its params.txt (1, 1, 1 unless --three-towers-loss-weights was given)."""
+    """The run's 3T loss weights from its params.txt (1, 1, 1 unless --third-tower-loss-weights was given; runs before
+    0.2 wrote three_towers_loss_weights)."""
     params = Path(run_dir) / "params.txt"
     text = params.read_text() if params.exists() else ""
-    match = re.search(r"^three_towers_loss_weights: \[([^\]]*)\]", text, flags=re.M)
+    match = re.search(r"^(?:third_tower|three_towers)_loss_weights: \[([^\]]*)\]", text, flags=re.M)
     return [float(w) for w in match.group(1).split(",")] if match else [1.0, 1.0, 1.0]
 
 
 def read_training_log(run_dir):
-    """One row per logged step: samples seen, each logged loss term L (undoing 3T's w/3 weighting) and temperature."""
+    """One row per logged step: samples seen, each logged loss term L and temperature (a term of weight 0 is none)."""
     run_dir = Path(run_dir)
     weights = dict(zip(LOSS_TERMS, loss_weights(run_dir)))
     rows = []
@@ -47,10 +49,9 @@ def read_training_log(run_dir):
         for key, name in SCALES.items():
             if match := re.search(rf"{key}: {VALUE}(?: |$)", line):
                 row[name] = float(match.group(1))
-        is_3t = "Logit Scale Image Third" in line  # 3T logs w/3 * L; a CLIP logs L(f,g) under the same name
         for key, name in LOSS_TERMS.items():
             if (match := re.search(rf"{key}: {VALUE} \(", line)) and weights[key]:
-                row[name] = float(match.group(1)) * (3 / weights[key] if is_3t else 1)
+                row[name] = float(match.group(1))
         rows.append(row)
     return pd.DataFrame(rows)
 

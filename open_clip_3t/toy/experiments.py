@@ -194,8 +194,8 @@ def build_cache(root, data, weights, name):
     if log.exists() and out.exists() and "build complete" in log.read_text():
         return str(out), None
     seconds = run([sys.executable, "-m", "open_clip_3t.cache", "build", "--train-data", data["train_spec"],
-                   "--model", MODELS["3T"], "--out", out, "--third-tower-weights", weights, "--workers", "1",
-                   "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})",
+                   "--model", MODELS["3T"], "--third-tower-cache", out, "--third-tower-weights", weights,
+                   "--workers", "1", "--batch-size", "256", "--device", "cpu"], log, f"cache build ({name})",
                   on_line=lambda line: say(f"    {line.strip()}") if "samples/s" in line else None)
     with open(log, "a") as f:
         f.write("build complete\n")
@@ -251,7 +251,7 @@ def evaluate(out, checkpoint, model, data, combine_with=None, combine_model=None
     """python -m training.eval on the zero-shot folders and the validation shards; returns its table. With
     combine_with (the paper's 3T + LiT) or third_tower_weights (the 3T model + its own third-tower pair), one row
     per alpha."""
-    cmd = [sys.executable, "-m", "training.eval", "--checkpoint", checkpoint, "--model", model,
+    cmd = [sys.executable, "-m", "training.eval", "--pretrained", checkpoint, "--model", model,
            "--zeroshot-data", *data["zeroshot"], "--val-data", data["val_spec"], "--retrieval-k", "1", "5", "10",
            "--workers", "0", "--device", "cpu", "--batch-size", batch_size, "--out", out]
     if combine_with is not None:

@@ -43,14 +43,16 @@ def run_params(run):
 
 
 def checkpoint_position(checkpoint):
-    """(epochs completed, optimizer steps or None): OpenCLIP's checkpoint dict says `epoch`; read through a memory
-    map, so a large checkpoint is not read whole."""
+    """(epochs completed, batches into the next epoch or None): OpenCLIP's checkpoint dict says `epoch`, a step
+    checkpoint (epoch_E_step_K.pt) also `resume.batches`; read through a memory map, so a large checkpoint is not
+    read whole."""
     try:
         held = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a bare state dict in the legacy format, ...
         held = {}
     epoch = held.get("epoch") if isinstance(held, dict) else None
-    step = held.get("step") if isinstance(held, dict) else None
+    resume = held.get("resume") if isinstance(held, dict) else None
+    step = resume.get("batches") if isinstance(resume, dict) else None
     if epoch is None and (match := re.fullmatch(r"epoch_(\d+)\.pt", Path(checkpoint).name)):
         epoch = int(match.group(1))
     return epoch, step
@@ -106,6 +108,11 @@ def provenance(checkpoint, model_name, plan, exported_class, hub_id=None):
     params = run_params(run) if run else {}
     epochs, step = checkpoint_position(checkpoint)
     seen, seen_from = samples_seen(run, params, epochs) if run else (None, None)
+    batch, ranks = params.get("batch_size"), params.get("world_size", 1)
+    if step and (seen is not None or not epochs) and isinstance(batch, int) and isinstance(ranks, int):
+        seen = (seen or 0) + step * batch * ranks  # a step checkpoint: the batches of its unfinished epoch
+        seen_from = (f"{seen_from + ' + ' if seen_from else ''}the step checkpoint's {step} batches x {batch} x "
+                     f"{ranks} ranks")
     given = params.get("third_tower_weights") or []
     towers = []
     for tower in (plan.section.towers if plan.section else ()):
@@ -131,7 +138,8 @@ def provenance(checkpoint, model_name, plan, exported_class, hub_id=None):
             or (plan.section.transfer if plan.section else None)},
         "data": {"train_data": params.get("train_data"), "train_num_samples": params.get("train_num_samples"),
                  "dataset_type": params.get("dataset_type"), "third_tower_cache": params.get("third_tower_cache")},
-        "training": {"epochs_completed": epochs, "epochs_planned": params.get("epochs"), "step": step,
+        "training": {"epochs_completed": epochs, "epochs_planned": params.get("epochs"),
+                     "batches_into_next_epoch": step,
                      "samples_seen": seen, "samples_seen_from": seen_from, "batch_size": params.get("batch_size"),
                      "world_size": params.get("world_size"), "precision": params.get("precision"),
                      "lr": params.get("lr"), "seed": params.get("seed")},

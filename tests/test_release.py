@@ -15,7 +15,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 from open_clip_3t import export_clip
 from open_clip_3t.publish import PublishError, publish
-from open_clip_3t.release import PLACEHOLDER
+from open_clip_3t.plan import resolve_plan
+from open_clip_3t.release import PLACEHOLDER, provenance
 from tests.conftest import run_python
 from tests.test_export import trained_checkpoint
 from tests.test_hostile import write_hub_cache
@@ -71,6 +72,21 @@ def test_the_export_carries_a_model_card_and_its_provenance(released, h_weights)
                 "| acc1 | 0.7500 |", f"| source checkpoint | epoch_1.pt ({sha256(ckpt)}) |",
                 "| training data | /data/shapes/{00000..00003}.tar |", "| batch size x ranks | 8 x 2 |"):
         assert row in card, row
+
+
+def test_a_step_checkpoints_provenance_counts_the_batches_of_its_unfinished_epoch(released):
+    """epoch_1_step_3.pt (training/long_run.py): one epoch done (48 samples by out.log) + 3 batches x 8 x 2 ranks."""
+    _, ckpt, _ = released
+    step = ckpt.parent / "epoch_1_step_3.pt"
+    held = torch.load(ckpt, map_location="cpu", weights_only=True)
+    torch.save({**held, "epoch": 1, "resume": {"epoch": 1, "batches": 3}}, step)
+    try:
+        record = provenance(step, "3T-tiny", resolve_plan("3T-tiny", build_by_default=False), "CLIP")
+    finally:
+        step.unlink()
+    assert (record["training"]["epochs_completed"], record["training"]["batches_into_next_epoch"]) == (1, 3)
+    assert (record["training"]["samples_seen"], record["training"]["samples_seen_from"]) == (
+        48 + 3 * 8 * 2, "out.log (every rank's epoch ends) + the step checkpoint's 3 batches x 8 x 2 ranks")
 
 
 class Recorded(HfApi):

@@ -66,7 +66,8 @@ def test_tiny_cpu_check_writes_a_complete_report(tiny_run):
         assert run["steps"] == 4 and run["world_size"] == 1
         assert run["samples_per_s"] == pytest.approx(8 / run["median_step_s"])
     assert f["train_3t"]["checkpoint_bytes"] > 0
-    assert f["export"]["files"] == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert f["export"]["files"] == ["README.md", "open_clip_3t_provenance.json", "open_clip_config.json",
+                                    "open_clip_model.safetensors"]  # the model card and provenance (docs/release.md)
     assert f["export"]["third_tower_built"] is False  # trained from the cache: h is not in the checkpoint
     assert (f["reload"]["class"], f["reload"]["plugin_imported"], f["reload"]["equal"]) == ("CLIP", False, True)
 

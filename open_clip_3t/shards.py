@@ -160,6 +160,43 @@ def sample_extensions(path):
     return samples
 
 
+class _Member:
+    """A tar member's place, standing for its bytes while samples are grouped (read only if its sample is wanted)."""
+    __slots__ = ("info",)
+
+    def __init__(self, info):
+        self.info = info
+
+
+def read_samples_at(url, wanted, group):
+    """{number: sample} of the samples numbered `wanted` (their order in the shard) of a local, uncompressed shard,
+    exactly as OpenCLIP's tar reader yields them: the members webdataset keeps (regular files, no `__meta__` names),
+    grouped by `group` (OpenCLIP's group_by_keys_nothrow), reading every tar header but only the wanted samples' data
+    (the rest is skipped by seeking). None when that cannot be done (a remote or compressed shard, a damaged tar): the
+    caller reads the shard as a stream instead."""
+    path = local_path(url)
+    if path is None or not wanted:
+        return None
+    found, last = {}, max(wanted)
+    try:
+        with tarfile.open(path, "r:") as tar:  # random access: the headers are read, the data is seeked over
+            def members():
+                for info in tar:
+                    name = info.name
+                    meta = "/" not in name and name.startswith("__") and name.endswith("__")
+                    if info.isreg() and not meta and not _SKIP_META.match(name):
+                        yield {"fname": name, "data": _Member(info), "__url__": url}
+            for number, sample in enumerate(group(members())):
+                if number in wanted:
+                    found[number] = {k: tar.extractfile(v.info).read() if isinstance(v, _Member) else v
+                                     for k, v in sample.items()}
+                if number >= last:
+                    break
+    except (OSError, EOFError, tarfile.TarError):
+        return None
+    return found if len(found) == len(wanted) else None
+
+
 def iter_samples(url, stats=None):
     """Samples {__key__, ext: bytes, ...} of a shard grouped as OpenCLIP's training pipeline groups them
     (open_clip_train.data.group_by_keys_nothrow: a new sample starts when the key changes or an extension repeats;

@@ -8,8 +8,9 @@ and of step checkpoints.
    and a 3T-tiny run (python -m training.main, --workers data workers, OpenCLIP's own sample-shuffle buffer) trains
    until it has saved step checkpoints at 10% and at 90% of its epoch. From each, a fresh run resumes (--resume
    latest) and is stopped at its first trained step. Printed per point: launch -> first step after the resume
-   (seconds, median of --rounds), the batches skipped, and the shards the resumed data workers open (every open
-   recorded by a wrapper of OpenCLIP's tar reader). Target: time at 90% <= 1.3 x time at 10%.
+   (seconds, median of --rounds), the shards the resumed data workers read as a stream (OpenCLIP's tar reader,
+   wrapped) and the consumed shards they read only the shuffle buffer's samples of, by seeking (first round).
+   Target: time at 90% <= 1.3 x time at 10%.
 2. Step costs at --model size (default 3T-ViT-B-16, h with random weights, --device): one training step (forward,
    loss, backward, AdamW) timed with and without the divergence check (every loss term's finiteness, the gradient
    norm, the verdict); and one step checkpoint (model + optimizer state, written atomically to --out). Printed as
@@ -30,12 +31,17 @@ sys.path.insert(0, REPO)
 OPEN_RECORDER = """
 import os, sys
 import open_clip_train.data as data
-reader, log = data.tarfile_to_samples_nothrow, os.environ["OPENED_LOG"]
-def recording(src):
+import open_clip_3t.shards as shards
+reader, read_at, log = data.tarfile_to_samples_nothrow, shards.read_samples_at, os.environ["OPENED_LOG"]
+def recording(src):  # a shard read as a stream, from its start
     with open(log, "a") as f:
-        f.write(src[0]["url"] + "\\n")
+        f.write(f"stream {src[0]['url']} 0\\n")
     return reader(src)
-data.tarfile_to_samples_nothrow = recording
+def recording_at(url, wanted, group):  # a consumed shard: only the samples the shuffle buffer held, by seeking
+    with open(log, "a") as f:
+        f.write(f"seek {url} {len(wanted)}\\n")
+    return read_at(url, wanted, group)
+data.tarfile_to_samples_nothrow, shards.read_samples_at = recording, recording_at
 from training.main import main
 main(sys.argv[1:])
 """
@@ -109,14 +115,18 @@ def resume_costs(args):
             times[label].append(until_line(train_command(args, logs, name, "--resume", "latest"),
                                            os.path.join(logs, name, "out.log"),
                                            lambda text: "Train Epoch: 0 [" in text, {**env, "OPENED_LOG": record}))
-            opened[label].append(len(open(record).read().split()) if os.path.exists(record) else 0)
-    rows = [(label, step, statistics.median(times[label]), statistics.median(opened[label])) for label, step in points]
+            lines = [line.split() for line in open(record)] if os.path.exists(record) else []
+            opened[label].append((sum(kind == "stream" for kind, _, _ in lines),
+                                  sum(kind == "seek" for kind, _, _ in lines),
+                                  sum(int(n) for kind, _, n in lines if kind == "seek")))
+    rows = [(label, step, statistics.median(times[label]), opened[label][0]) for label, step in points]
     print(f"\nresume of a 3T-tiny run, {args.shards} shards x {args.samples_per_shard} samples, {args.workers} data "
           f"workers, batch {args.batch_size}, {steps} steps per epoch; median of {args.rounds} rounds")
-    print("| resumed at | step | launch -> first step after the resume (s) | shards opened by the data workers |")
-    print("|---|---|---|---|")
-    for label, step, seconds, shards in rows:
-        print(f"| {label} | {step} | {seconds:.2f} | {shards:.0f} of {args.shards} |")
+    print("| resumed at | step | launch -> first step after the resume (s) | shards read as a stream (from their start) "
+          "| consumed shards read by seeking to the buffered samples (samples) |")
+    print("|---|---|---|---|---|")
+    for label, step, seconds, (streamed, seeked, samples) in rows:
+        print(f"| {label} | {step} | {seconds:.2f} | {streamed} of {args.shards} | {seeked} ({samples}) |")
     print(f"ratio 90% / 10%: {rows[1][2] / rows[0][2]:.3f} (target <= 1.3)")
 
 

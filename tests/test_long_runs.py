@@ -333,16 +333,22 @@ def test_a_full_disk_ends_with_one_line_and_the_run_resumes_where_there_is_room(
 
 # --- the stream itself: the same batches from any resume point, without reading what was consumed -----------------
 
-def stream(shards, resume=None, workers=0, resampled=False, opened=None, monkeypatch=None):
+def stream(shards, resume=None, workers=0, resampled=False, opened=None, seeked=None, monkeypatch=None):
     """Every batch of epoch 0 of OpenCLIP's train pipeline made resumable (training/data.py get_data), with a small
-    sample-shuffle buffer (20, first yield at 5) so that 160 samples outrun it; `opened` collects the shards read."""
+    sample-shuffle buffer (20, first yield at 5) so that 160 samples outrun it; `opened` collects the shards read as
+    a stream (from their start), `seeked` the (shard, samples) read by seeking to them."""
     import open_clip_train.data as oc_data
+    from open_clip_3t import shards as shards_module
     from training.data import get_data
     monkeypatch.setattr(oc_data, "_SAMPLE_SHUFFLE_SIZE", 20)
     monkeypatch.setattr(oc_data, "_SAMPLE_SHUFFLE_INITIAL", 5)
     if opened is not None:
         monkeypatch.setattr(oc_data, "tarfile_to_samples_nothrow",
                             lambda src: (opened.append(src[0]["url"]), READ_SHARD(src))[1])
+    if seeked is not None:
+        read_at = shards_module.read_samples_at
+        monkeypatch.setattr(shards_module, "read_samples_at", lambda url, wanted, group: (
+            seeked.append((url, len(wanted))), read_at(url, wanted, group))[1])
     _, preprocess_train, preprocess_val = open_clip.create_model_and_transforms("3T-baseline-CLIP-tiny")
     args = Namespace(train_data=shards, val_data=None, dataset_type="webdataset", dataset_resampled=resampled,
                      train_num_samples=160, train_data_upsampling_factors=None, seed=0, workers=workers, world_size=1,
@@ -376,18 +382,27 @@ def test_the_stream_resumes_at_any_batch_with_the_same_batches(workers, resample
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # same images (augmented alike), same texts
 
 
-def test_resuming_late_in_an_epoch_opens_only_the_shards_it_needs(tmp_path, monkeypatch):
-    """At 90% of an epoch of 20 shards, the resumed stream opens the shards its shuffle buffer drew from and the one
-    it was in, not the 17 it had consumed."""
+def test_resuming_late_in_an_epoch_reads_only_the_buffered_samples_and_the_shard_it_was_in(tmp_path, monkeypatch):
+    """At 90% of an epoch of 20 shards, the resumed stream reads as a stream only the shard it was inside (and those
+    after it); of the consumed shards it reads just the samples its shuffle buffer held, seeking to them, and opens
+    none of the others."""
     write_shards(str(tmp_path), num_samples=160, samples_per_shard=8, seed=0, image_size=32)
     shards = f"{tmp_path}/{{00000..00019}}.tar"
-    early, late = [], []
+    early, late, seeked = [], [], []
     full = stream(shards, opened=early, monkeypatch=monkeypatch)
     point = resume_point(full, 36, 0)
-    needed = {int(s) for s, _ in point["positions"][0][0]["buffer"].tolist()} | \
-        {int(point["positions"][0][0]["cursor"][0])}
-    stream(shards, point, opened=late, monkeypatch=monkeypatch)
-    assert len(early) == 20 and len(late) == len(needed) <= 6, (len(late), needed)
+    position = point["positions"][0][0]
+    cursor = int(position["cursor"][0])
+    held = {}
+    for shard, _ in position["buffer"].tolist():
+        held[int(shard)] = held.get(int(shard), 0) + 1
+    before = {s: n for s, n in held.items() if s < cursor}
+    resumed = stream(shards, point, opened=late, seeked=seeked, monkeypatch=monkeypatch)
+    order = [url for url in early]  # the pass's shard order (shard numbers are places in it)
+    assert len(early) == 20 and late == order[cursor:], (late, cursor)
+    assert sorted(seeked) == sorted((order[s], n) for s, n in before.items()) and len(before) >= 2, (seeked, before)
+    for a, b in zip(full[36:], resumed[36:]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 SIGNAL_AT_START = """

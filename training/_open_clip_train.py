@@ -270,7 +270,7 @@ def wds_make_resumable(data_info, stream, seed, rank, worker_init_fn=None):
     `worker_init_fn`."""
     import functools
 
-    from open_clip_train.data import tarfile_to_samples_nothrow
+    from open_clip_train.data import group_by_keys_nothrow, tarfile_to_samples_nothrow
     from webdataset.filters import FilterFunction, _map_dict, _shuffle, default_collation_fn
 
     from .resumable_data import mix
@@ -280,14 +280,15 @@ def wds_make_resumable(data_info, stream, seed, rank, worker_init_fn=None):
     maps = [i for i, s in enumerate(stages) if isinstance(s, FilterFunction) and s.f is _map_dict]
     if len(shuffles) != 1 or len(maps) != 1 or not tar < shuffles[0] < maps[0] < to_tuple:
         raise RuntimeError(f"OpenCLIP's webdataset pipeline is not the one open_clip_3t's resumable stream was written "
-                           f"for (open_clip_torch 3.3, webdataset<=0.2.86): found open_clip_torch {open_clip.__version__}")
+                           f"for (open_clip_torch 3.3, webdataset<=0.2.86): found open_clip_torch "
+                           f"{open_clip.__version__}")
     shuffle, batcher = stages[shuffles[0]], stages[batched]
     (batchsize,), partial = batcher.args, batcher.kw.get("partial", True)
     stages[batched] = functools.partial(stream.batch, batchsize=batchsize, partial=partial,
                                         collation_fn=batcher.kw.get("collation_fn", default_collation_fn))
     stages.insert(maps[0], stream.seed_samples)
     stages[shuffles[0]] = functools.partial(stream.shuffle, **shuffle.kw)
-    stages[tar] = functools.partial(stream.read, read_shard=tarfile_to_samples_nothrow)
+    stages[tar] = functools.partial(stream.read, read_shard=tarfile_to_samples_nothrow, group=group_by_keys_nothrow)
     loader = data_info.dataloader.pipeline[0]
     loader.generator = torch.Generator().manual_seed(mix(seed, rank))
     loader.worker_init_fn = worker_init_fn

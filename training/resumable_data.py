@@ -8,21 +8,24 @@ until the epoch's batches are drawn. `ResumableStream` replaces four of its stag
            number in that shard);
 - shuffle: webdataset's sample shuffle (the same buffer, the same picks), seeded from (seed, epoch, rank, worker,
            pass) instead of the clock;
-- seed_samples: before OpenCLIP's augmentation, the RNGs are seeded from the sample's place, so a sample's random crop does
-           not depend on what the worker did before it;
+- seed_samples: before OpenCLIP's augmentation, the RNGs are seeded from the sample's place, so a sample's random
+           crop does not depend on what the worker did before it;
 - batch:   OpenCLIP's batches (webdataset's collation, without its one-sample look-ahead), each carrying the worker's
            position after it: the shuffle buffer's members as places, the shuffle's random state and the reader's
            cursor. It also stops an epoch that could never end (a pass with no batch; with resampling, shards drawn
            in a row without one usable sample).
 A step checkpoint stores, per worker, the position of the last batch the step consumed. Resumed from it, a worker
 first yields a placeholder (SKIPPED) for each batch already consumed, reading nothing; then it reads only the samples
-its shuffle buffer held (from the few shards they came from, shards before them are not opened) and goes on from its
-cursor: the same batches, in the same order, with the same augmentations, as if the run had never stopped.
+its shuffle buffer held (seeking to them in the shards they came from; a consumed shard none of them came from is not
+opened) and goes on from its cursor, reading the shard it was inside from its start: the same batches, in the same
+order, with the same augmentations, as if the run had never stopped.
 """
 import random
 
 import numpy as np
 import torch
+
+from open_clip_3t import shards
 
 SKIPPED = "open_clip_3t: a batch consumed before the run resumed"
 
@@ -100,10 +103,12 @@ class ResumableStream:
 
     # --- the stages -----------------------------------------------------------------------------------------
 
-    def read(self, urls, read_shard):
+    def read(self, urls, read_shard, group=None):
         """urls ({"url": ...} dicts) -> samples tagged __pos__ = (shard number in the pass, sample number in it).
-        `read_shard`: OpenCLIP's tar reader (a list of url dicts -> samples). On resume, shards consumed before the
-        cursor are opened only for the samples the shuffle buffer held, and read only up to the last of them."""
+        `read_shard`: OpenCLIP's tar reader (a list of url dicts -> samples); `group`: its grouping of tar members
+        into samples. On resume, a shard consumed before the cursor is opened only for the samples the shuffle buffer
+        held: those alone are read (its tar headers are read, the rest of its data seeked over; a remote or damaged
+        shard is read as a stream up to the last of them). The shard the cursor is in is read from its start."""
         needed, cursor = {}, (-1, -1)
         if self._restore is not None:
             for shard, pos in np.asarray(self._restore["buffer"]).tolist():
@@ -119,6 +124,12 @@ class ResumableStream:
                 raise TrainingDataError(f"training data: {self._where()} drew {self.max_urls} shards in a row "
                                         f"(--dataset-resampled) without one usable sample, so the epoch could never "
                                         f"end: {self.hint}")
+            found = shards.read_samples_at(src["url"], keep, group) if before and group is not None else None
+            if found is not None:
+                for pos in sorted(found):
+                    found[pos]["__pos__"] = (index, pos)
+                    yield found[pos]
+                continue
             last = max(keep) if before else None
             for pos, sample in enumerate(read_shard([src])):
                 if last is not None and pos > last:

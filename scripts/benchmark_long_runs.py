@@ -112,6 +112,8 @@ def resume_costs(args):
             os.makedirs(os.path.join(logs, name, "checkpoints"))
             shutil.copy(os.path.join(folder, f"epoch_0_step_{step}.pt"), os.path.join(logs, name, "checkpoints"))
             record = os.path.join(args.out, f"{name}.opened")
+            if os.path.exists(record):  # from an earlier benchmark in this folder
+                os.remove(record)
             times[label].append(until_line(train_command(args, logs, name, "--resume", "latest"),
                                            os.path.join(logs, name, "out.log"),
                                            lambda text: "Train Epoch: 0 [" in text, {**env, "OPENED_LOG": record}))

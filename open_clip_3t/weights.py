@@ -73,7 +73,9 @@ def create_timm_model(name, weights=None, pretrained=True, what="weights", **kwa
         raise WeightsError(f"{what} {source} cannot be read ({unreadable}): pass a state dict saved with "
                            f"torch.save(model.state_dict(), FILE) or a .safetensors file")
     records = []
-    overlay = dict(file=weights) if weights else None
+    # custom_load: the hub config's weights format (e.g. augreg's JAX .npz); a local file is in its own format. timm
+    # >= 1.0.31 resets it for a given file, earlier 1.0 releases keep it and read a .pth as .npz.
+    overlay = dict(file=weights, custom_load=str(weights).endswith(".npz")) if weights else None
     with _recording_timm_loads(records, what, source, name):
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
     if pretrained and records:  # no record: a custom loader (e.g. .npz) that loads every weight or raises

@@ -183,7 +183,8 @@ class Watch:
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
         due = bool(self.minutes) and args.rank == 0 and time.monotonic() - self.last_save >= 60 * self.minutes
-        flags = torch.stack([~finite, torch.tensor(stop_requested()), torch.tensor(due)]).to(self.device, torch.int32)
+        flags = torch.stack([~finite.to(self.device), torch.tensor(stop_requested(), device=self.device),
+                             torch.tensor(due, device=self.device)]).to(torch.int32)  # on the loss's device (NCCL)
         if args.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         bad, stop, due = (bool(x) for x in flags.tolist())

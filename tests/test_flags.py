@@ -3,9 +3,7 @@
 release with one warning line, `--help` shows defaults in one usage block."""
 import contextlib
 import io
-import os
 import re
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from open_clip_3t.flags import RENAMED
 from tests.conftest import REPO
 from tests.docs_blocks import blocks, commands, pages
 from tests.test_docs import prose, split_commands
-from tests.test_slurm_stub import RECORD_SRUN, SCONTROL
+from tests.test_slurm_stub import run_launcher
 
 
 @lru_cache(maxsize=None)
@@ -143,16 +141,7 @@ def test_help_shows_defaults_in_one_usage_block():
 def test_the_launchers_command_lines_parse_without_an_old_spelling(script, module, variables, tmp_path, capsys):
     """Each launcher, run with a stub srun that records its command line: the command's own parser takes every word
     of it, and no old spelling is among them."""
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
-        (stub / name).write_text(text)
-        (stub / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
-    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
-                "SLURM_JOB_NODELIST": "localhost", "REPO_DIR": REPO, "TRAIN_DATA": "/data/{0..1}.tar", **variables})
-    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", script)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60)
+    proc = run_launcher(script, tmp_path, {"SLURM_JOB_NODELIST": "localhost", **variables})
     assert proc.returncode == 0, proc.stderr
     words = (tmp_path / "srun_args.txt").read_text().splitlines()
     args = words[words.index(module) + 1:]

@@ -126,6 +126,22 @@ printf '%s\\n' "$@" > "$STUB_DIR/srun_args.txt"
 """
 
 
+def run_launcher(script, tmp_path, variables):
+    """scripts/slurm/SCRIPT run by bash as SLURM would start it (job 7), with stub `srun` (records its command line in
+    srun_args.txt, one word per line) and `scontrol` on PATH, and no SLURM_/SBATCH_/MASTER_/THIRD_TOWER variable of
+    this process; `variables` are set on top."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
+    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+                "REPO_DIR": REPO, "TRAIN_DATA": "/data/{0..1}.tar", **variables})
+    return subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", script)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=60)
+
+
 @pytest.mark.parametrize("script, variables, expected", [
     ("train.sbatch", {"MODEL": "3T-tiny-K2", "THIRD_TOWER_WEIGHTS": "vit=/w/vit.pth resnet=/w/resnet.pth",
                       "THIRD_TOWER_CACHE": "vit=/cache/vit resnet=/cache/resnet"},
@@ -143,16 +159,7 @@ printf '%s\\n' "$@" > "$STUB_DIR/srun_args.txt"
 def test_launchers_pass_one_cache_and_weights_file_per_tower(script, variables, expected, tmp_path):
     """The launchers' command lines for several towers (NAME=DIR words, `--third-tower NAME` for a build) and for
     one."""
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
-        (stub / name).write_text(text)
-        (stub / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
-    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
-                "SLURM_JOB_NODELIST": "localhost", "REPO_DIR": REPO, "TRAIN_DATA": "/data/{0..1}.tar", **variables})
-    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", script)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60)
+    proc = run_launcher(script, tmp_path, {"SLURM_JOB_NODELIST": "localhost", **variables})
     assert proc.returncode == 0, proc.stderr
     words = (tmp_path / "srun_args.txt").read_text().splitlines()
     start = words.index(expected[0])
@@ -174,19 +181,9 @@ def test_scontrol_stub_expands_host_lists(tmp_path):
 def test_train_sbatch_meets_at_the_first_nodes_address(node_addr, expected, tmp_path):
     """MASTER_ADDR is the first node's NodeAddr (names like gpu001 need not resolve); a name that does not resolve
     stops the launcher at once with one line, before srun (instead of ranks retrying it for 30 minutes)."""
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    for name, text in (("srun", RECORD_SRUN), ("scontrol", SCONTROL)):
-        (stub / name).write_text(text)
-        (stub / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_", "THIRD_TOWER"))}
-    env.update({"PATH": f"{stub}{os.pathsep}{env['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
-                "SLURM_JOB_NODELIST": "oc3t-gpu[001-004]", "SLURM_NNODES": "4", "REPO_DIR": REPO,
-                "TRAIN_DATA": "/data/{0..1}.tar", "RENDEZVOUS_TIMEOUT": "90"})
-    if node_addr:
-        env["STUB_NODEADDR"] = node_addr
-    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "slurm", "train.sbatch")], capture_output=True,
-                          text=True, cwd=tmp_path, env=env, timeout=60)
+    proc = run_launcher("train.sbatch", tmp_path, {"SLURM_JOB_NODELIST": "oc3t-gpu[001-004]", "SLURM_NNODES": "4",
+                                                   "RENDEZVOUS_TIMEOUT": "90",
+                                                   **({"STUB_NODEADDR": node_addr} if node_addr else {})})
     asked = (tmp_path / "scontrol_args.txt").read_text().splitlines()
     assert asked == ["show hostnames oc3t-gpu[001-004]", "show node -o oc3t-gpu001"], proc.stderr + proc.stdout
     if expected:
